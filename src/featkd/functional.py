@@ -1,0 +1,7 @@
+"""The function form of every featkd loss: stateless, no owned parameters.
+
+Each function here is what the corresponding module calls; use it when the projection or head
+is managed elsewhere.
+"""
+
+__all__: list[str] = []
