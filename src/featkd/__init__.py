@@ -20,6 +20,7 @@ from featkd.diagnostics import (
     orthogonality_error,
 )
 from featkd.hooks import FeatureTap, UnknownModuleError
+from featkd.kd import KDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "DeviceError",
     "FeatkdInputError",
     "FeatureTap",
+    "KDLoss",
     "NonFiniteError",
     "ShapeError",
     "UnknownModuleError",

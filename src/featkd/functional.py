@@ -4,4 +4,6 @@ Each function here is what the corresponding module calls; use it when the proje
 is managed elsewhere.
 """
 
-__all__: list[str] = []
+from featkd.kd import kd_loss
+
+__all__ = ["kd_loss"]
