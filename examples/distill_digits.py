@@ -1,0 +1,395 @@
+"""Distil a CNN teacher into a much smaller CNN student on scikit-learn's handwritten digits.
+
+Every featkd method runs under the same budget, seeds and optimiser; the student sees labels for
+only a small fraction of the training images (default 10%) while the distillation term sees all
+training images (their labels unused). Prints a table, saves ``results.json`` and a bar chart.
+
+    python examples/distill_digits.py             # full run, a few minutes on 2 CPU cores
+    python examples/distill_digits.py --quick     # smoke run, seconds
+    python examples/distill_digits.py --device cuda
+
+The data ships inside scikit-learn (1,797 8x8 images): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import featkd
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Digits:
+    train_x: torch.Tensor  # (N_train, 1, 8, 8) in [0, 1]
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    labelled: torch.Tensor  # indices into train with usable labels
+
+
+def load_digits(label_fraction: float, split_seed: int = 0) -> Digits:
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = sklearn_digits(return_X_y=True)
+    images = images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=0.3, stratify=labels, random_state=split_seed
+    )
+    # a fixed, class-stratified labelled subset, the same for every method and seed
+    labelled, _ = train_test_split(
+        np.arange(len(train_y)),
+        train_size=label_fraction,
+        stratify=train_y,
+        random_state=split_seed,
+    )
+    return Digits(
+        torch.from_numpy(train_x),
+        torch.from_numpy(train_y).long(),
+        torch.from_numpy(test_x),
+        torch.from_numpy(test_y).long(),
+        torch.from_numpy(np.sort(labelled)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# networks: four stages each (the last ends in logits), so FCFD can cross between them
+
+
+def conv_block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class StagedCNN(nn.Module):
+    """conv(8x8) -> conv + pool(4x4) -> conv(4x4) -> GAP + linear."""
+
+    def __init__(self, widths: tuple[int, int, int], num_classes: int = 10) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.stage1 = conv_block(1, w1)
+        self.stage2 = conv_block(w1, w2, pool=True)
+        self.stage3 = conv_block(w2, w3)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes))
+        self.feature_dim = w3
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.stage1, self.stage2, self.stage3, self.head]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[-1]
+
+
+def make_teacher() -> StagedCNN:
+    return StagedCNN((64, 128, 256))  # about 370k parameters
+
+
+def make_student() -> StagedCNN:
+    return StagedCNN((8, 16, 32))  # about 6k parameters, feature width 32 vs 256
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to one pixel (zero padding): cheap augmentation for the teacher."""
+    padded = F.pad(x, (1, 1, 1, 1))
+    dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
+    return padded[:, :, dy : dy + 8, dx : dx + 8]
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def train_teacher(data: Digits, epochs: int, device: torch.device, seed: int = 0) -> StagedCNN:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    teacher = make_teacher().to(device)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=1e-4)
+    x, y = data.train_x.to(device), data.train_y.to(device)
+    steps = epochs * math.ceil(len(x) / 64)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=steps)
+    teacher.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator).to(device)
+        for start in range(0, len(x), 64):
+            idx = order[start : start + 64]
+            loss = F.cross_entropy(teacher(random_shift(x[idx], generator)), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# methods: each builds a distillation term from the per-stage outputs of both networks
+
+
+@dataclass
+class Batch:
+    student_stages: list[torch.Tensor]  # outputs of the four student stages (last = logits)
+    teacher_stages: list[torch.Tensor]  # same for the frozen teacher (computed without grad)
+
+
+def tokens_with_pooled_prefix(feature_map: torch.Tensor) -> torch.Tensor:
+    """A CNN map as a token sequence: its global average first (playing the CLS role), then
+    the grid positions. ``(B, C, H, W) -> (B, 1 + H*W, C)``."""
+    pooled = featkd.pool(feature_map, "gap").unsqueeze(1)
+    return torch.cat([pooled, featkd.to_tokens(feature_map)], dim=1)
+
+
+@dataclass
+class Method:
+    name: str
+    build: Callable[[StagedCNN, StagedCNN, Digits], nn.Module | None]
+    term: Callable[[nn.Module | None, Batch], torch.Tensor] | None
+    weight: float = 1.0
+    notes: str = ""
+
+
+def _kd_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
+    return loss_fn(batch.student_stages[-1], batch.teacher_stages[-1])
+
+
+METHODS: list[Method] = [
+    Method("student alone", lambda s, t, d: None, None, notes="cross-entropy on the labelled 10%"),
+    Method("Hinton KD", lambda s, t, d: featkd.KDLoss(4.0), _kd_term, notes="logits, T=4"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+@dataclass
+class RunResult:
+    accuracy: float
+    cosine_spearman: float
+    cka: float
+    seconds: float
+    final_parts: dict[str, float] = field(default_factory=dict)
+
+
+def penultimate(model: StagedCNN, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return featkd.pool(model.forward_stages(x)[2], "gap")
+
+
+def train_student(
+    method: Method,
+    teacher: StagedCNN,
+    data: Digits,
+    *,
+    seed: int,
+    steps: int,
+    device: torch.device,
+) -> RunResult:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    student = make_student().to(device)
+    loss_fn = method.build(student, teacher, data)
+    params = list(student.parameters())
+    if loss_fn is not None:
+        loss_fn = loss_fn.to(device)
+        params += list(loss_fn.parameters())  # heads, projectors and bridges train too
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    labelled = data.labelled.to(device)
+    # the teacher is frozen and the distillation images are not augmented: run it once
+    with torch.no_grad():
+        teacher_all = teacher.forward_stages(train_x) if method.term is not None else []
+
+    start = time.perf_counter()
+    student.train()
+    for _ in range(steps):
+        lab = labelled[torch.randint(len(labelled), (32,), generator=generator).to(device)]
+        loss = F.cross_entropy(student(train_x[lab]), train_y[lab])
+        if method.term is not None:
+            idx = torch.randint(len(train_x), (128,), generator=generator).to(device)
+            batch = Batch(student.forward_stages(train_x[idx]), [t[idx] for t in teacher_all])
+            loss = loss + method.weight * method.term(loss_fn, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    seconds = time.perf_counter() - start
+
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    s_feat, t_feat = penultimate(student, test_x), penultimate(teacher, test_x)
+    parts = getattr(loss_fn, "last_parts", {}) if loss_fn is not None else {}
+    return RunResult(
+        accuracy=accuracy(student, test_x, test_y),
+        cosine_spearman=featkd.cosine_preservation(t_feat, s_feat).spearman,
+        cka=float(featkd.linear_cka(t_feat, s_feat)),
+        seconds=seconds,
+        final_parts={k: float(v) for k, v in parts.items()},
+    )
+
+
+def summarise(runs: list[RunResult]) -> dict[str, float]:
+    def stats(values: list[float]) -> tuple[float, float]:
+        arr = np.asarray(values, dtype=np.float64)
+        return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+    acc_mean, acc_std = stats([r.accuracy for r in runs])
+    cos_mean, cos_std = stats([r.cosine_spearman for r in runs])
+    cka_mean, cka_std = stats([r.cka for r in runs])
+    return {
+        "accuracy_mean": acc_mean,
+        "accuracy_std": acc_std,
+        "cosine_spearman_mean": cos_mean,
+        "cosine_spearman_std": cos_std,
+        "cka_mean": cka_mean,
+        "cka_std": cka_std,
+        "seconds_mean": float(np.mean([r.seconds for r in runs])),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'method':<24} {'test acc (%)':>14} {'cos-pres (rho)':>15} {'linear CKA':>11} "
+        f"{'time (s)':>9}  vs alone"
+    )
+    lines = [header, "-" * len(header)]
+    alone = next((r for r in rows if r["method"] == "student alone"), None)
+    for r in rows:
+        verdict = ""
+        if alone is not None and r["method"] not in ("student alone", "teacher"):
+            gap = r["accuracy_mean"] - alone["accuracy_mean"]
+            noise = r["accuracy_std"] + alone["accuracy_std"]
+            verdict = "better" if gap > noise else ("worse" if gap < -noise else "no clear gain")
+        lines.append(
+            f"{r['method']:<24} {100 * r['accuracy_mean']:>8.2f} ± {100 * r['accuracy_std']:<4.2f}"
+            f" {r['cosine_spearman_mean']:>8.3f} ± {r['cosine_spearman_std']:<5.3f}"
+            f" {r['cka_mean']:>11.3f} {r['seconds_mean']:>9.1f}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    means = [100 * r["accuracy_mean"] for r in rows]
+    stds = [100 * r["accuracy_std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours = ["#888888" if n in ("student alone", "teacher") else "#3b75af" for n in names]
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colours)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+    low = min(m - s for m, s in zip(means, stds, strict=True))
+    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("digits: student trained with 10% of the labels, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budget: a smoke run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300, help="student optimiser steps")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--label-fraction", type=float, default=0.1)
+    parser.add_argument("--methods", nargs="*", help="run only these methods (names as listed)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.teacher_epochs = 1, 25, 3
+
+    from tqdm.auto import tqdm
+
+    device = torch.device(args.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = load_digits(args.label_fraction)
+    methods = [m for m in METHODS if not args.methods or m.name in args.methods]
+    print(
+        f"digits: {len(data.train_x)} train ({len(data.labelled)} labelled), "
+        f"{len(data.test_x)} test; device {device}"
+    )
+
+    start = time.perf_counter()
+    teacher = train_teacher(data, args.teacher_epochs, device)
+    teacher_seconds = time.perf_counter() - start
+    teacher_acc = accuracy(teacher, data.test_x.to(device), data.test_y.to(device))
+    print(f"teacher: {teacher_acc:.2%} test accuracy ({teacher_seconds:.1f} s)")
+
+    rows = []
+    progress = tqdm(total=len(methods) * args.seeds, disable=args.no_progress, desc="distilling")
+    for method in methods:
+        runs = []
+        for seed in range(args.seeds):
+            progress.set_postfix_str(f"{method.name} seed {seed}")
+            runs.append(
+                train_student(method, teacher, data, seed=seed, steps=args.steps, device=device)
+            )
+            progress.update()
+        rows.append({"method": method.name, "notes": method.notes, **summarise(runs)})
+        rows[-1]["runs"] = [r.__dict__ for r in runs]
+    progress.close()
+    rows.append(
+        {
+            "method": "teacher",
+            "notes": "trained on all labels",
+            "accuracy_mean": teacher_acc,
+            "accuracy_std": 0.0,
+            "cosine_spearman_mean": 1.0,
+            "cosine_spearman_std": 0.0,
+            "cka_mean": 1.0,
+            "cka_std": 0.0,
+            "seconds_mean": teacher_seconds,
+        }
+    )
+
+    print()
+    print(format_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "teacher_accuracy": teacher_acc,
+        "rows": rows,
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    plot(rows, args.out / "results.png")
+    print(f"\nsaved {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The main example runs end to end in its quick mode and reports every row."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_distill_digits_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    example = load_example("distill_digits")
+    result = example.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    names = [row["method"] for row in result["rows"]]
+    assert names == [m.name for m in example.METHODS] + ["teacher"]
+    for row in result["rows"]:
+        assert 0.0 <= row["accuracy_mean"] <= 1.0
+        assert -1.0 <= row["cosine_spearman_mean"] <= 1.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["method"] == "student alone"
+    assert (tmp_path / "results.png").stat().st_size > 1000

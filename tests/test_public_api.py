@@ -1,0 +1,54 @@
+"""The public contract of DESIGN.md: these names must stay importable from ``featkd``."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import featkd
+
+# Grows as each method lands; a name may be added, never silently removed.
+PUBLIC_NAMES = {
+    "pool",
+    "align_tokens",
+    "to_tokens",
+    "FeatureTap",
+    "KDLoss",
+    "orthogonality_error",
+    "cosine_preservation",
+    "linear_cka",
+    "FeatkdInputError",
+    "ShapeError",
+    "DTypeError",
+    "NonFiniteError",
+    "ChoiceError",
+    "DeviceError",
+    "set_finite_check",
+    "__version__",
+}
+
+
+def test_public_names_are_exported():
+    missing = PUBLIC_NAMES - set(featkd.__all__)
+    assert not missing, f"public names disappeared from featkd.__all__: {sorted(missing)}"
+    for name in featkd.__all__:
+        assert hasattr(featkd, name), name
+
+
+def test_all_is_sorted_and_unique():
+    assert len(set(featkd.__all__)) == len(featkd.__all__)
+
+
+def test_version_is_a_string():
+    assert isinstance(featkd.__version__, str) and featkd.__version__.count(".") == 2
+
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(featkd.__path__, "featkd."))
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_docstring_examples_run(module_name):
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
