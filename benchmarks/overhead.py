@@ -1,0 +1,182 @@
+"""Overhead of each featkd loss relative to one training step of a realistic student.
+
+For every loss: forward + backward time of the loss alone (features given, as in training),
+divided by the time of one full training step (forward, backward, optimiser) of a ViT student at
+the same batch. On CUDA the student is ViT-Ti sized (width 192, depth 12, 197 tokens) at batch
+256; on CPU a reduced ViT (width 192, depth 4, 65 tokens) at batch 32 keeps the run short.
+FCFD is excluded: its cost is running the networks' later stages, not a loss on features.
+
+    python benchmarks/overhead.py [--device cuda] [--quick]
+
+Writes benchmarks/results/overhead-<device>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import featkd
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class TinyViT(nn.Module):
+    """A plain pre-norm ViT on ready-made patch embeddings: enough to time a training step."""
+
+    def __init__(self, width: int, depth: int, heads: int, tokens: int, classes: int = 1000):
+        super().__init__()
+        self.patch = nn.Linear(48, width)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, width))
+        layer = nn.TransformerEncoderLayer(
+            width,
+            heads,
+            4 * width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.norm(self.blocks(self.patch(patches) + self.pos))
+        return tokens, self.head(tokens[:, 0])
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def loss_builders(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module], str]]:
+    """name -> (factory, input kind): 'tokens' (B, N, D), 'pooled' (B, D), 'logits'."""
+    return {
+        "KDLoss": (lambda: featkd.KDLoss(4.0), "logits"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        batch, depth, tokens, repeats = 256, 12, 197, 20
+    else:
+        batch, depth, tokens, repeats = 32, 4, 65, 5
+    if args.quick:
+        batch, depth, repeats = 8, 1, 2
+    d_s, d_t, classes = 192, 384, 1000
+    torch.manual_seed(0)
+
+    student = TinyViT(d_s, depth, 3, tokens, classes).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    patches = torch.randn(batch, tokens, 48, device=device)
+    labels = torch.randint(classes, (batch,), device=device)
+
+    def student_step() -> None:
+        _, logits = student(patches)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step_seconds = timed(student_step, device, repeats, warmup=2)
+    print(
+        f"student step: {1000 * step_seconds:.1f} ms (batch {batch}, depth {depth}, {tokens} tokens)"
+    )
+
+    inputs = {
+        "tokens": (torch.randn(batch, tokens, d_s), torch.randn(batch, tokens, d_t)),
+        "pooled": (torch.randn(batch, d_s), torch.randn(batch, d_t)),
+        "logits": (torch.randn(batch, classes), torch.randn(batch, classes)),
+    }
+    class_labels = torch.randint(10, (batch,), device=device)
+    rows = []
+    for name, (factory, kind) in loss_builders(d_s, d_t).items():
+        loss_fn = factory().to(device)
+        s0, t0 = (x.to(device) for x in inputs[kind])
+        s = s0.clone().requires_grad_(True)
+
+        def loss_step(loss_fn=loss_fn, s=s, t0=t0) -> None:
+            loss_fn(s, t0, labels=class_labels).backward()
+
+        seconds = timed(loss_step, device, repeats, warmup=2)
+        rows.append(
+            {"loss": name, "input": kind, "ms": 1000 * seconds, "fraction": seconds / step_seconds}
+        )
+        print(
+            f"{name:<36} {1000 * seconds:9.2f} ms  {100 * seconds / step_seconds:6.2f}% of a step"
+        )
+
+    if args.quick:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"overhead-{device.type}"
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch": batch,
+        "depth": depth,
+        "tokens": tokens,
+        "student_step_ms": 1000 * step_seconds,
+    }
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"Student step: {meta['student_step_ms']:.1f} ms (ViT width {d_s}, depth {depth}, "
+        f"{tokens} tokens, batch {batch}, {device.type}, {meta['threads']} threads).",
+        "",
+        "| loss | input | loss fwd+bwd (ms) | fraction of a student step |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['loss']} | {r['input']} | {r['ms']:.2f} | {100 * r['fraction']:.2f}% |" for r in rows
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+    ax.barh([r["loss"] for r in rows], [100 * r["fraction"] for r in rows], color="#3b75af")
+    ax.axvline(5, color="k", ls="--", lw=1, label="5% target (CUDA)")
+    ax.set_xlabel("loss forward+backward, % of one student training step")
+    ax.invert_yaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    print(f"saved {stem}.json/.md/.png")
+
+
+if __name__ == "__main__":
+    main()
