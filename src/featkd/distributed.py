@@ -38,7 +38,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from featkd._checks import FeatkdInputError, ShapeError, check_choice, describe_shape
+from featkd._checks import (
+    FeatkdInputError,
+    ShapeError,
+    check_choice,
+    check_same_device,
+    describe_shape,
+)
 
 __all__ = ["GRAD_MODES", "GlobalBatch", "gather_with_grad", "is_distributed"]
 
@@ -379,6 +385,8 @@ class GlobalBatch(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rank = _group_rank(self.group)
         named = [("student", student), ("teacher", teacher), ("labels", labels)]
+        # Checked before any collective: a process-local mistake, made alike on every rank.
+        check_same_device({n: x for n, x in named if isinstance(x, torch.Tensor)})
         table = _exchange_shapes(named, self.group, world, self.equal_shards)
         if table[0][1][0] == _ABSENT or table[0][0][0] == _ABSENT:
             which = "student" if table[0][0][0] == _ABSENT else "teacher"
