@@ -153,7 +153,7 @@ def _exchange_shapes(
 
 
 def _validate_table(names: Sequence[str], table: list[list[list[int]]]) -> None:
-    """The same argument must have the same kind, rank, dtype and trailing shape on every rank;
+    """The same argument must have the same kind, ndim, dtype and trailing shape on every rank;
     arguments paired per sample (student, teacher, labels) the same batch size per rank."""
     for i, name in enumerate(names):
         rows = [ranks[i] for ranks in table]
@@ -172,9 +172,9 @@ def _validate_table(names: Sequence[str], table: list[list[list[int]]]) -> None:
         for rank, row in enumerate(rows[1:], start=1):
             if row[0] != first[0] or row[1:3] != first[1:3] or row[4:] != first[4:]:
                 raise ShapeError(
-                    f"{name}: expected the same rank, dtype and trailing shape on every process "
-                    f"(only the batch size may differ), got {_describe(first)} on rank 0 and "
-                    f"{_describe(row)} on rank {rank}"
+                    f"{name}: expected the same number of dimensions, dtype and trailing "
+                    f"shape on every process (only the batch size may differ), "
+                    f"got {_describe(first)} on rank 0 and {_describe(row)} on rank {rank}"
                 )
     for rank, ranks in enumerate(table):
         present = [(names[i], row) for i, row in enumerate(ranks) if row[0] == _TENSOR]
