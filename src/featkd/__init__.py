@@ -19,6 +19,7 @@ from featkd.diagnostics import (
     linear_cka,
     orthogonality_error,
 )
+from featkd.distributed import GlobalBatch, gather_with_grad
 from featkd.hooks import FeatureTap, UnknownModuleError
 from featkd.kd import KDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
@@ -32,6 +33,7 @@ __all__ = [
     "DeviceError",
     "FeatkdInputError",
     "FeatureTap",
+    "GlobalBatch",
     "KDLoss",
     "NonFiniteError",
     "ShapeError",
@@ -39,6 +41,7 @@ __all__ = [
     "__version__",
     "align_tokens",
     "cosine_preservation",
+    "gather_with_grad",
     "linear_cka",
     "orthogonality_error",
     "pool",

@@ -4,6 +4,7 @@ Each function here is what the corresponding module calls; use it when the proje
 is managed elsewhere.
 """
 
+from featkd.distributed import gather_with_grad
 from featkd.kd import kd_loss
 
-__all__ = ["kd_loss"]
+__all__ = ["gather_with_grad", "kd_loss"]

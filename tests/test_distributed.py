@@ -1,0 +1,528 @@
+"""Global-batch gathering under torch.distributed: a real 2-process gloo run on CPU.
+
+One spawn runs every multi-process scenario (spawning costs seconds; the scenarios
+milliseconds). Each scenario's results, or its traceback, go to a file per rank; the tests
+compare them with a single-process computation on the concatenated batch done here, in the
+parent, without any distributed code. The process group rendezvous through a FileStore in
+``tmp_path``: no network, not even loopback ports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import tolerance
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from featkd import ChoiceError, FeatkdInputError, GlobalBatch, KDLoss, ShapeError
+from featkd.distributed import gather_with_grad, is_distributed
+
+WORLD = 2
+EQUAL = (4, 4)
+UNEQUAL = (3, 6)
+D_IN, D_S, D_T, CLASSES = 5, 4, 6, 3
+LR = 0.1
+JOIN_TIMEOUT_S = 120.0
+TOL = tolerance(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# A batch-level toy loss, written here so these tests depend on no other featkd loss.
+# --------------------------------------------------------------------------------------------
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+class BatchSimilarityLoss(nn.Module):
+    """Three terms, each depending on the whole batch:
+
+    - ``kl``: mean over rows of KL(softmax(C_t / tau) || softmax(C_s / tau)), C the cosine
+      similarity matrix over the batch with the diagonal removed; student only.
+    - ``gram``: mean squared difference of the cosine Gram matrices of ``head(teacher)`` and the
+      student; head and student.
+    - ``class``: mean over samples of ||s_i - mean_{j: y_j = y_i} head(t_j)||^2 (labels only).
+    """
+
+    def __init__(self, tau: float = 0.5) -> None:
+        super().__init__()
+        self.tau = tau
+        self.head = nn.Linear(D_T, D_S)
+        self.last_parts: dict[str, torch.Tensor] = {}
+
+    def forward(self, student, teacher, *, labels=None):
+        teacher = teacher.detach()
+        n = student.shape[0]
+        off_diagonal = ~torch.eye(n, dtype=torch.bool)
+        c_s = (_unit(student) @ _unit(student).T)[off_diagonal].view(n, n - 1)
+        c_t = (_unit(teacher) @ _unit(teacher).T)[off_diagonal].view(n, n - 1)
+        log_p = F.log_softmax(c_t / self.tau, dim=1)
+        log_q = F.log_softmax(c_s / self.tau, dim=1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+        compressed = self.head(teacher)
+        gram = (
+            (_unit(compressed) @ _unit(compressed).T - _unit(student) @ _unit(student).T) ** 2
+        ).mean()
+        parts = {"kl": kl, "gram": gram}
+        if labels is not None:
+            same = (labels[:, None] == labels[None, :]).to(compressed.dtype)
+            class_means = (same @ compressed) / same.sum(dim=1, keepdim=True)
+            parts["class"] = ((student - class_means) ** 2).sum(dim=1).mean()
+        self.last_parts = {k: v.detach() for k, v in parts.items()}
+        return sum(parts.values())
+
+
+class Trainee(nn.Module):
+    """A student (Linear features + classifier) with a global-batch distillation loss inside,
+    so one DDP wraps the student and the loss's head together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(D_IN, D_S)
+        self.classifier = nn.Linear(D_S, CLASSES)
+        self.distill = GlobalBatch(BatchSimilarityLoss())  # grad_mode="ddp"
+
+    def forward(self, x, teacher, labels, task_scale=None):
+        s = self.features(x)
+        logits = self.classifier(s)
+        if task_scale is None:
+            task = F.cross_entropy(logits, labels)  # a local mean, as usual under DDP
+        else:  # unequal shards: the sum over the shard, times R / B, averages to the global mean
+            task = F.cross_entropy(logits, labels, reduction="sum") * task_scale
+        return task + self.distill(s, teacher, labels=labels)
+
+
+class Student(nn.Module):
+    """The student part of a :class:`Trainee`, for a DDP of its own."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x):
+        s = self.features(x)
+        return s, self.classifier(s)
+
+
+def _trainee(seed: int = 3) -> Trainee:
+    torch.manual_seed(seed)
+    return Trainee().double()
+
+
+def _data(sizes, seed: int = 1):
+    """Full batch (student features, inputs, teacher, labels); every class appears twice."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    student = torch.randn(n, D_S, generator=g, dtype=torch.float64)
+    x = torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    teacher = torch.randn(n, D_T, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    labels[: 2 * CLASSES] = torch.arange(CLASSES).repeat(2)
+    return student, x, teacher, labels
+
+
+def _shard(t: torch.Tensor, sizes, rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return t[start : start + sizes[rank]].clone()
+
+
+# --------------------------------------------------------------------------------------------
+# What each rank runs. Every scenario returns a dict of tensors / strings.
+# --------------------------------------------------------------------------------------------
+def _loss_and_grads(rank: int, sizes, grad_mode: str, equal_shards: bool = False) -> dict:
+    torch.manual_seed(0)
+    loss_fn = GlobalBatch(
+        BatchSimilarityLoss().double(), grad_mode=grad_mode, equal_shards=equal_shards
+    )
+    student, _, teacher, labels = _data(sizes)
+    s = _shard(student, sizes, rank).requires_grad_()
+    t = _shard(teacher, sizes, rank).requires_grad_()  # must receive no gradient
+    loss = loss_fn(s, t, labels=_shard(labels, sizes, rank))
+    loss.backward()
+    head = loss_fn.loss_fn.head
+    return {
+        "loss": loss.detach(),
+        "parts": dict(loss_fn.last_parts),
+        "student_grad": s.grad,
+        "teacher_grad_is_none": t.grad is None,
+        "head_weight_grad": head.weight.grad,
+        "head_bias_grad": head.bias.grad,
+    }
+
+
+def _scenario_exact(rank):
+    return _loss_and_grads(rank, EQUAL, "exact")
+
+
+def _scenario_ddp_scale(rank):
+    return _loss_and_grads(rank, EQUAL, "ddp")
+
+
+def _scenario_unequal(rank):
+    return _loss_and_grads(rank, UNEQUAL, "exact")
+
+
+def _scenario_equal_shards_flag(rank):
+    return _loss_and_grads(rank, EQUAL, "exact", equal_shards=True)
+
+
+def _scenario_all_reduce(rank):
+    # Ranks compute different losses from the gathered batch: rank r's loss is (r + 1) L.
+    torch.manual_seed(0)
+    loss_fn = BatchSimilarityLoss().double()
+    student, _, teacher, labels = _data(UNEQUAL)
+    s = _shard(student, UNEQUAL, rank).requires_grad_()
+    gathered = gather_with_grad(s, grad_mode="all_reduce", name="student")
+    t = gather_with_grad(_shard(teacher, UNEQUAL, rank))
+    y = gather_with_grad(_shard(labels, UNEQUAL, rank))
+    ((rank + 1) * loss_fn(gathered, t, labels=y)).backward()
+    return {"student_grad": s.grad, "gathered_shape": torch.tensor(gathered.shape)}
+
+
+def _ddp_step(rank, trainee, params: nn.Module, sizes=EQUAL, **kwargs) -> dict:
+    _, x, teacher, labels = _data(sizes)
+    optimizer = torch.optim.SGD(params.parameters(), lr=LR)
+    loss = trainee(*(_shard(t, sizes, rank) for t in (x, teacher, labels)), **kwargs)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in params.state_dict().items()}
+
+
+def _scenario_ddp_joint(rank):
+    # One DDP over student and loss head. Every parameter gets gradient each step, so
+    # find_unused_parameters stays False.
+    plain = _trainee()
+    ddp = DistributedDataParallel(plain)
+    return _ddp_step(rank, ddp, plain)
+
+
+def _scenario_ddp_unequal(rank):
+    # Unequal shards: the global-batch term stays exact; the task loss is weighted so the
+    # average over ranks of the local terms is the global mean.
+    plain = _trainee()
+    ddp = DistributedDataParallel(plain)
+    return _ddp_step(rank, ddp, plain, UNEQUAL, task_scale=WORLD / sum(UNEQUAL))
+
+
+def _scenario_ddp_separate(rank):
+    # The student in one DDP, the global-batch loss (its head) in a DDP of its own.
+    plain = _trainee()
+    student_ddp = DistributedDataParallel(Student(plain.features, plain.classifier))
+    loss_ddp = DistributedDataParallel(plain.distill)
+
+    def trainee(x, teacher, labels):
+        s, logits = student_ddp(x)
+        return F.cross_entropy(logits, labels) + loss_ddp(s, teacher, labels=labels)
+
+    return _ddp_step(rank, trainee, plain)
+
+
+def _scenario_width_mismatch(rank):
+    s = torch.randn(4, D_S + rank)
+    try:
+        gather_with_grad(s, name="student")
+    except ShapeError as error:
+        return {"error_class": type(error).__name__, "message": str(error)}
+    return {"message": "no error"}
+
+
+def _scenario_pairing_mismatch(rank):
+    loss_fn = GlobalBatch(BatchSimilarityLoss())
+    s, t = torch.randn(4, D_S), torch.randn(4 - rank, D_T)
+    try:
+        loss_fn(s, t)
+    except ShapeError as error:
+        return {"error_class": type(error).__name__, "message": str(error)}
+    return {"message": "no error"}
+
+
+def _scenario_labels_on_one_rank(rank):
+    loss_fn = GlobalBatch(BatchSimilarityLoss())
+    labels = torch.zeros(4, dtype=torch.int64) if rank == 0 else None
+    try:
+        loss_fn(torch.randn(4, D_S), torch.randn(4, D_T), labels=labels)
+    except ShapeError as error:
+        return {"error_class": type(error).__name__, "message": str(error)}
+    return {"message": "no error"}
+
+
+def _scenario_teacher_not_a_tensor(rank):
+    loss_fn = GlobalBatch(BatchSimilarityLoss())
+    teacher = torch.randn(4, D_T) if rank == 0 else [[0.0] * D_T] * 4
+    try:
+        loss_fn(torch.randn(4, D_S), teacher)
+    except FeatkdInputError as error:
+        return {"error_class": type(error).__name__, "message": str(error)}
+    return {"message": "no error"}
+
+
+def _scenario_single_rank_group(rank):
+    groups = [dist.new_group([0]), dist.new_group([1])]  # every rank creates every group
+    x = torch.randn(3, 2, requires_grad=True)
+    same = gather_with_grad(x, group=groups[rank]) is x
+    return {"identity": torch.tensor(same), "is_distributed": torch.tensor(is_distributed())}
+
+
+SCENARIOS = {
+    "exact": _scenario_exact,
+    "ddp_scale": _scenario_ddp_scale,
+    "unequal": _scenario_unequal,
+    "equal_shards_flag": _scenario_equal_shards_flag,
+    "all_reduce": _scenario_all_reduce,
+    "ddp_joint": _scenario_ddp_joint,
+    "ddp_separate": _scenario_ddp_separate,
+    "ddp_unequal": _scenario_ddp_unequal,
+    "width_mismatch": _scenario_width_mismatch,
+    "pairing_mismatch": _scenario_pairing_mismatch,
+    "labels_on_one_rank": _scenario_labels_on_one_rank,
+    "teacher_not_a_tensor": _scenario_teacher_not_a_tensor,
+    "single_rank_group": _scenario_single_rank_group,
+}
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    results = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                results[name] = scenario(rank)
+            except Exception:
+                results[name] = {"traceback": traceback.format_exc()}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Spawn the 2 processes once; every rank's results, by scenario."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    context = mp.start_processes(
+        _worker,
+        args=(str(tmp / "store"), str(tmp)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} spawned processes did not finish in {JOIN_TIMEOUT_S} s")
+    except mp.ProcessRaisedException as error:  # the child's traceback is in the message
+        pytest.fail(f"a spawned process failed:\n{error}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _result(ranks, scenario: str, rank: int) -> dict:
+    result = ranks[rank][scenario]
+    if "traceback" in result:
+        pytest.fail(f"scenario {scenario!r} failed on rank {rank}:\n{result['traceback']}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Single-process references, computed here without any distributed code.
+# --------------------------------------------------------------------------------------------
+def _reference(sizes) -> dict:
+    torch.manual_seed(0)
+    loss_fn = BatchSimilarityLoss().double()
+    student, _, teacher, labels = _data(sizes)
+    s = student.clone().requires_grad_()
+    loss = loss_fn(s, teacher, labels=labels)
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "parts": dict(loss_fn.last_parts),
+        "student_grad": s.grad,
+        "head_weight_grad": loss_fn.head.weight.grad,
+        "head_bias_grad": loss_fn.head.bias.grad,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# (1) + (2): loss equals the single-process loss; each rank's shard gradient is the slice.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("scenario", "sizes"),
+    [("exact", EQUAL), ("unequal", UNEQUAL), ("equal_shards_flag", EQUAL), ("ddp_scale", EQUAL)],
+)
+def test_global_loss_equals_single_process_loss(ranks, scenario, sizes):
+    reference = _reference(sizes)
+    for rank in range(WORLD):
+        result = _result(ranks, scenario, rank)
+        torch.testing.assert_close(result["loss"], reference["loss"], **TOL)
+        assert set(result["parts"]) == {"kl", "gram", "class"}
+        for key, value in reference["parts"].items():
+            torch.testing.assert_close(result["parts"][key], value, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "sizes"), [("exact", EQUAL), ("unequal", UNEQUAL), ("equal_shards_flag", EQUAL)]
+)
+def test_exact_mode_gives_each_rank_its_slice_of_the_gradient(ranks, scenario, sizes):
+    reference = _reference(sizes)
+    for rank in range(WORLD):
+        result = _result(ranks, scenario, rank)
+        expected = _shard(reference["student_grad"], sizes, rank)
+        assert result["student_grad"].shape == (sizes[rank], D_S)
+        torch.testing.assert_close(result["student_grad"], expected, **TOL)
+        # the head is applied after the gather: the full gradient on every rank
+        torch.testing.assert_close(result["head_weight_grad"], reference["head_weight_grad"], **TOL)
+        torch.testing.assert_close(result["head_bias_grad"], reference["head_bias_grad"], **TOL)
+        assert result["teacher_grad_is_none"]
+
+
+def test_ddp_mode_scales_the_shard_gradient_by_world_size(ranks):
+    reference = _reference(EQUAL)
+    for rank in range(WORLD):
+        result = _result(ranks, "ddp_scale", rank)
+        expected = WORLD * _shard(reference["student_grad"], EQUAL, rank)
+        torch.testing.assert_close(result["student_grad"], expected, **TOL)
+        torch.testing.assert_close(result["head_weight_grad"], reference["head_weight_grad"], **TOL)
+
+
+def test_all_reduce_mode_sums_what_every_rank_sends_to_a_shard(ranks):
+    reference = _reference(UNEQUAL)
+    weight = sum(r + 1 for r in range(WORLD))  # rank r's loss is (r + 1) L
+    for rank in range(WORLD):
+        result = _result(ranks, "all_reduce", rank)
+        assert result["gathered_shape"].tolist() == [sum(UNEQUAL), D_S]
+        expected = weight * _shard(reference["student_grad"], UNEQUAL, rank)
+        torch.testing.assert_close(result["student_grad"], expected, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# (3): a DDP step equals a single-process step on the full batch.
+# --------------------------------------------------------------------------------------------
+def _single_process_step(sizes=EQUAL) -> dict:
+    trainee = _trainee()
+    _, x, teacher, labels = _data(sizes)
+    optimizer = torch.optim.SGD(trainee.parameters(), lr=LR)
+    loss = trainee(x, teacher, labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in trainee.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("scenario", "sizes"),
+    [("ddp_joint", EQUAL), ("ddp_separate", EQUAL), ("ddp_unequal", UNEQUAL)],
+)
+def test_ddp_step_equals_single_process_step(ranks, scenario, sizes):
+    expected = _single_process_step(sizes)
+    initial = _trainee()
+    for rank in range(WORLD):
+        result = _result(ranks, scenario, rank)
+        assert set(result) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(result[name], value, **TOL, msg=f"{scenario}: {name}")
+    # the step moved every parameter (so the comparison is not vacuous)
+    for name, value in initial.state_dict().items():
+        assert not torch.allclose(expected[name], value), name
+
+
+# --------------------------------------------------------------------------------------------
+# Errors are raised on every rank (no rank left hanging in a collective).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("scenario", "error_class", "fragments"),
+    [
+        ("width_mismatch", "ShapeError", ["student", "(4, 4)", "(4, 5)", "rank 1"]),
+        ("pairing_mismatch", "ShapeError", ["teacher", "batch size 4 on rank 1", "got 3"]),
+        ("labels_on_one_rank", "ShapeError", ["labels", "None", "rank 1"]),
+        ("teacher_not_a_tensor", "FeatkdInputError", ["teacher", "torch.Tensor", "rank 1"]),
+    ],
+)
+def test_mismatches_raise_on_every_rank(ranks, scenario, error_class, fragments):
+    for rank in range(WORLD):
+        result = _result(ranks, scenario, rank)
+        assert result.get("error_class") == error_class, result["message"]
+        for fragment in fragments:
+            assert fragment in result["message"], (fragment, result["message"])
+
+
+def test_group_of_one_process_is_the_identity(ranks):
+    for rank in range(WORLD):
+        result = _result(ranks, "single_rank_group", rank)
+        assert bool(result["identity"])
+        assert bool(result["is_distributed"])
+
+
+# --------------------------------------------------------------------------------------------
+# (5): without an initialised process group, everything is the identity.
+# --------------------------------------------------------------------------------------------
+def test_gather_is_the_identity_without_a_process_group():
+    assert not dist.is_initialized()
+    assert not is_distributed()
+    x = torch.randn(4, 3, requires_grad=True)
+    assert gather_with_grad(x) is x
+    assert gather_with_grad(x, grad_mode="exact") is x
+
+
+def test_global_batch_is_the_wrapped_loss_without_a_process_group():
+    torch.manual_seed(0)
+    inner = BatchSimilarityLoss().double()
+    wrapped = GlobalBatch(inner)
+    student, _, teacher, labels = _data(EQUAL)
+    s = student.clone().requires_grad_()
+    loss = wrapped(s, teacher, labels=labels)
+    reference = _reference(EQUAL)
+    torch.testing.assert_close(loss.detach(), reference["loss"], **TOL)
+    assert wrapped.last_parts is inner.last_parts
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in inner.parameters()]
+    loss.backward()
+    torch.testing.assert_close(s.grad, reference["student_grad"], **TOL)
+
+
+def test_global_batch_passes_labels_only_when_given():
+    seen = {}
+
+    def loss_without_labels(student, teacher):
+        seen["called"] = True
+        return (student - teacher).pow(2).mean()
+
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    assert torch.equal(GlobalBatch(loss_without_labels)(s, t), (s - t).pow(2).mean())
+    assert seen["called"]
+    assert GlobalBatch(loss_without_labels).last_parts == {}
+    assert list(GlobalBatch(loss_without_labels).parameters()) == []
+
+
+def test_global_batch_of_a_per_sample_loss_matches_it():
+    s, t = torch.randn(8, 10), torch.randn(8, 10)
+    wrapped = GlobalBatch(KDLoss(temperature=2.0))
+    assert torch.equal(wrapped(s, t), KDLoss(temperature=2.0)(s, t))
+    assert "grad_mode='ddp'" in repr(wrapped)
+
+
+def test_bad_options_are_reported():
+    with pytest.raises(ChoiceError, match="grad_mode: expected one of 'ddp', 'exact'"):
+        gather_with_grad(torch.randn(2, 2), grad_mode="mean")
+    with pytest.raises(ChoiceError, match="grad_mode.*got 'sum'"):
+        GlobalBatch(KDLoss(), grad_mode="sum")
+    with pytest.raises(FeatkdInputError, match="loss_fn: expected a callable.*got int"):
+        GlobalBatch(3)
