@@ -13,12 +13,14 @@ from featkd._checks import (
     ShapeError,
     set_finite_check,
 )
+from featkd.bridges import FeatureSpec, build_bridge
 from featkd.diagnostics import (
     CosinePreservation,
     cosine_preservation,
     linear_cka,
     orthogonality_error,
 )
+from featkd.fcfd import FCFDLoss
 from featkd.hooks import FeatureTap, UnknownModuleError
 from featkd.kd import KDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
@@ -30,7 +32,9 @@ __all__ = [
     "CosinePreservation",
     "DTypeError",
     "DeviceError",
+    "FCFDLoss",
     "FeatkdInputError",
+    "FeatureSpec",
     "FeatureTap",
     "KDLoss",
     "NonFiniteError",
@@ -38,6 +42,7 @@ __all__ = [
     "UnknownModuleError",
     "__version__",
     "align_tokens",
+    "build_bridge",
     "cosine_preservation",
     "linear_cka",
     "orthogonality_error",
