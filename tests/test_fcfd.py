@@ -4,6 +4,7 @@ path sampling, a ViT student with a CNN teacher, training, autocast and input er
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 from pathlib import Path
 
@@ -312,10 +313,12 @@ def _all_nonzero(grads):
 
 
 def test_teacher_gets_no_gradient_and_keeps_its_statistics(device):
-    """Worst case: the teacher was left trainable and in train mode."""
+    """Worst case: the teacher was left trainable, its features carry a graph (no
+    ``torch.no_grad``) and it is in train mode when the loss runs."""
     student, teacher, images = make_pair(device)
     teacher.requires_grad_(True)
-    t_feats = teacher_features(teacher.eval(), images)
+    t_feats = run(teacher.eval(), images)
+    assert t_feats[0].requires_grad
     teacher.train()
     buffers = {n: b.clone() for n, b in teacher.named_buffers()}
     params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
@@ -391,6 +394,18 @@ def test_student_later_stages_train_without_touching_running_statistics(device):
     student[1](fcfd.t2s["stage1"](t_feats[0]))
     moved = [n for n, b in student.named_buffers() if not torch.equal(b, after_own_forward[n])]
     assert "1.1.running_mean" in moved
+
+
+def test_module_round_trips():
+    student, teacher, images = make_pair("cpu")
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths="all")
+    clone = pickle.loads(pickle.dumps(fcfd))
+    clone.load_state_dict(fcfd.state_dict())
+    s_feats, t_feats = run(student, images), teacher_features(teacher, images)
+    fcfd.eval()
+    clone.eval()
+    torch.testing.assert_close(fcfd(s_feats, t_feats), clone(s_feats, t_feats))
+    assert "paths=[s2t@1, s2t@2, t2s@1, t2s@2]" in repr(fcfd)
 
 
 def test_bridges_are_the_only_parameters():
@@ -598,7 +613,7 @@ def test_under_autocast_cuda_float16():
     assert loss.dtype == torch.float16
     loss.float().backward()
     assert all(torch.isfinite(g).all() for g in _grads([*student]) if g is not None)
-    torch.testing.assert_close(loss.float(), reference, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(loss.float(), reference, rtol=0.1, atol=0.05)
 
 
 # ------------------------------------------------------------------ errors
@@ -635,6 +650,8 @@ def test_example_input_errors():
         )
     with pytest.raises(FeatkdInputError, match=r"must return"):
         FCFDLoss(student, teacher, example_input=lambda: run(student, images))
+    with pytest.raises(FeatkdInputError, match=r"\(student features\): expected a list of 4"):
+        FCFDLoss(student, teacher, example_input=lambda: (images, run(teacher, images)))
     other = cnn((6, 10, 16), (2, 1, 1), classes=CLASSES + 1)
     with pytest.raises(ShapeError, match=r"logits .* of one width"):
         FCFDLoss(student, other, example_input=(images, images))

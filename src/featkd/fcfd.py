@@ -18,6 +18,7 @@ vectors ``(B, D)``; the last stage's output is logits ``(B, num_classes)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -419,7 +420,7 @@ class FCFDLoss(nn.Module):
                         "example_input: the callable must return (student_feats, teacher_feats), "
                         f"two lists of {self.num_stages} stage outputs; got {type(result).__name__}"
                     )
-                student_probe, teacher_probe = list(result[0]), list(result[1])
+                student_probe, teacher_probe = result
             elif isinstance(example_input, (tuple, list)) and len(example_input) == 2:
                 student_probe = self._run_stages(self._student_stages, example_input[0], "student")
                 teacher_probe = self._run_stages(self._teacher_stages, example_input[1], "teacher")
@@ -431,6 +432,7 @@ class FCFDLoss(nn.Module):
                 )
         self._check_feature_list(student_probe, "example_input (student features)", None)
         self._check_feature_list(teacher_probe, "example_input (teacher features)", None)
+        student_probe, teacher_probe = list(student_probe), list(teacher_probe)
         batch = {x.shape[0] for x in student_probe + teacher_probe}
         if len(batch) != 1:
             raise ShapeError(
@@ -553,12 +555,10 @@ class FCFDLoss(nn.Module):
                 mode = "gap"
             else:
                 mode = "cls" if spec.num_prefix_tokens > 0 else "mean"
-        prefix = spec.num_prefix_tokens
-
-        def pool_features(x: torch.Tensor) -> torch.Tensor:
-            return pool(x, mode, num_prefix_tokens=prefix, name="last features")
-
-        return pool_features
+        # a partial, not a closure: the loss module stays picklable
+        return functools.partial(
+            pool, mode=mode, num_prefix_tokens=spec.num_prefix_tokens, name="last features"
+        )
 
     # ---------------------------------------------------------------- warm-up and sampling
     @property
@@ -683,6 +683,17 @@ class FCFDLoss(nn.Module):
             - student: ``K`` tensors ``(B, ...)`` as probed; the last ``(B, num_classes)``
             - teacher: ``K`` tensors ``(B, ...)`` as probed; the last ``(B, num_classes)``
             - output: scalar
+
+        Example:
+            >>> head = lambda c: nn.Sequential(nn.Flatten(), nn.Linear(c * 16, 3))
+            >>> student = [nn.Conv2d(3, 4, 3, padding=1), head(4)]
+            >>> teacher = [nn.Conv2d(3, 6, 3, padding=1), head(6)]
+            >>> x = torch.randn(4, 3, 4, 4)
+            >>> fcfd = FCFDLoss(student, teacher, example_input=(x, x))
+            >>> s1, t1 = student[0](x), teacher[0](x).detach()
+            >>> loss = fcfd([s1, student[1](s1)], [t1, teacher[1](t1).detach()])
+            >>> loss.shape, fcfd.last_paths
+            (torch.Size([]), ['s2t@1', 't2s@1'])
         """
         self._validate(student, teacher)
         k_total = self.num_stages
