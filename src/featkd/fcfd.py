@@ -125,7 +125,8 @@ class FCFDLoss(nn.Module):
     Defaults follow the official CIFAR runs: ``T = 4``, ``kl_weight = 1`` (beta),
     ``mse_weight = 5`` with a linear warm-up over 20 epochs (:meth:`set_epoch`), crossings after
     stages ``1..K-2`` (never right before the last stage), 2 of the ``2 (K - 2)`` paths sampled
-    uniformly per call. All terms (sampled paths only) are in ``last_parts``.
+    uniformly per call. All terms (sampled paths only) are in ``last_parts``. The ``warmup``
+    factor starts at 1 (no warm-up) until :meth:`set_epoch` or an assignment changes it.
 
     Gradients: the teacher's stages run in eval mode with detached parameters, so the gradient
     of the function and KL terms flows *through* them into the bridges and the student while
