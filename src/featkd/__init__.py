@@ -13,6 +13,7 @@ from featkd._checks import (
     ShapeError,
     set_finite_check,
 )
+from featkd.bridges import FeatureSpec, build_bridge
 from featkd.diagnostics import (
     CosinePreservation,
     cosine_preservation,
@@ -20,6 +21,7 @@ from featkd.diagnostics import (
     orthogonality_error,
 )
 from featkd.distributed import GlobalBatch, gather_with_grad
+from featkd.fcfd import FCFDLoss
 from featkd.hooks import FeatureTap, UnknownModuleError
 from featkd.kd import KDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
@@ -31,7 +33,9 @@ __all__ = [
     "CosinePreservation",
     "DTypeError",
     "DeviceError",
+    "FCFDLoss",
     "FeatkdInputError",
+    "FeatureSpec",
     "FeatureTap",
     "GlobalBatch",
     "KDLoss",
@@ -40,6 +44,7 @@ __all__ = [
     "UnknownModuleError",
     "__version__",
     "align_tokens",
+    "build_bridge",
     "cosine_preservation",
     "gather_with_grad",
     "linear_cka",

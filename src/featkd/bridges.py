@@ -1,0 +1,502 @@
+"""Bridges: small learned maps that carry one network's stage output into another's feature space.
+
+FCFD feeds each network's features to the other network's later stages, so a bridge must
+produce exactly the layout, width and spatial size the receiving stage expects. Bridges are
+built from shapes seen once (a probing forward) and described by :class:`FeatureSpec`.
+
+Layouts are named, not guessed (a ``(B, C, L)`` 1-d map and a ``(B, N, D)`` token sequence
+have the same rank):
+
+* ``"map"``: a conv feature map ``(B, C, H, W)``;
+* ``"tokens"``: a token sequence ``(B, P + h*w, D)``, ``P`` prefix tokens (CLS, register,
+  distillation) first, then the patches of an ``h x w`` grid in row-major order;
+* ``"vector"``: pooled features ``(B, D)``.
+
+What a bridge is made of (``source -> target``):
+
+========================  =========================================================================
+map -> map                resample + conv3x3 + BatchNorm2d (+ LeakyReLU(0.1))
+tokens -> map             LayerNorm, patch grid as a map (prefix tokens dropped), then as map -> map
+map -> tokens             as map -> map onto the token grid, flattened to tokens, prefix tokens
+                          = mean of the patch tokens + a learned offset per prefix token
+tokens -> tokens          grid resampled (bilinear) if the patch grids differ, prefix tokens
+                          adapted, LayerNorm + Linear per token (+ LeakyReLU(0.1))
+map / tokens -> vector    pooled (GAP; CLS or token mean), LayerNorm + Linear (+ LeakyReLU(0.1))
+vector -> vector          LayerNorm + Linear (+ LeakyReLU(0.1))
+vector -> map / tokens    not supported (a pooled vector has no spatial layout): error
+========================  =========================================================================
+
+Spatial resampling between grids (``resample``):
+
+* ``"conv"`` (default, as in FCFD's official runs): equal sizes use a stride-1 conv3x3; when every
+  axis of the source is an integer multiple ``f`` of the target (``f`` may differ per axis) a
+  strided conv (stride ``f``, padding 1, kernel 3 for ``f <= 2`` and ``f + 2`` beyond, so every
+  input pixel is read) downsamples;
+  when every axis of the target is an integer multiple of the source a transposed conv
+  (stride ``f``, kernel ``2f`` for even ``f``, ``f + 2`` for odd ``f``) upsamples. Anything else
+  (``7 -> 4``, or one axis up and the other down) raises :class:`~featkd.ShapeError`.
+* ``"interpolate"``: bilinear resize to the target grid (antialiased when shrinking), then a
+  stride-1 conv3x3. Any pair of sizes works.
+* ``"auto"``: ``"conv"`` when it applies, ``"interpolate"`` otherwise.
+
+Axis legend: ``b`` batch, ``n`` tokens, ``d``/``c`` width, ``h, w`` grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from featkd._checks import (
+    ChoiceError,
+    FeatkdInputError,
+    ShapeError,
+    check_choice,
+    check_rank,
+    describe_shape,
+)
+from featkd.pooling import align_tokens, pool
+
+__all__ = [
+    "LAYOUTS",
+    "RESAMPLE_MODES",
+    "Bridge",
+    "FeatureSpec",
+    "MapToTokens",
+    "PoolFeatures",
+    "Resize",
+    "TokensToMap",
+    "build_bridge",
+]
+
+LAYOUTS = ("map", "tokens", "vector")
+RESAMPLE_MODES = ("conv", "interpolate", "auto")
+_RANK_OF = {"map": 4, "tokens": 3, "vector": 2}
+_LAYOUT_OF_RANK = {4: "map", 3: "tokens", 2: "vector"}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The layout of one stage output, without the batch axis.
+
+    Attributes:
+        layout: ``"map"``, ``"tokens"`` or ``"vector"``.
+        channels: ``C`` of a map, ``D`` of tokens or a vector.
+        grid: ``(H, W)`` of a map, the patch grid ``(h, w)`` of tokens, ``None`` for a vector.
+        num_prefix_tokens: leading non-patch tokens (tokens only; 0 otherwise).
+
+    Example:
+        >>> FeatureSpec.of(torch.zeros(2, 1 + 16, 32), num_prefix_tokens=1)
+        FeatureSpec(layout='tokens', channels=32, grid=(4, 4), num_prefix_tokens=1)
+        >>> FeatureSpec.of(torch.zeros(2, 8, 6, 6)).shape
+        (8, 6, 6)
+    """
+
+    layout: str
+    channels: int
+    grid: tuple[int, int] | None = None
+    num_prefix_tokens: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        x: torch.Tensor,
+        layout: str | None = None,
+        *,
+        num_prefix_tokens: int = 0,
+        grid: tuple[int, int] | None = None,
+        name: str = "x",
+    ) -> FeatureSpec:
+        """Describe ``x``. ``layout=None`` reads it from the rank (4 map, 3 tokens, 2 vector).
+
+        For tokens, ``num_prefix_tokens`` leading tokens are not patches and the patch grid is
+        ``grid`` or, when not given, the square grid the patch count forms.
+        """
+        if layout is not None:
+            check_choice(layout, "layout", LAYOUTS)
+            check_rank(x, name, {_RANK_OF[layout]: _describe_layout(layout)})
+        else:
+            check_rank(x, name, {r: _describe_layout(lay) for r, lay in _LAYOUT_OF_RANK.items()})
+            layout = _LAYOUT_OF_RANK[x.ndim]
+        if layout == "map":
+            return cls("map", int(x.shape[1]), (int(x.shape[2]), int(x.shape[3])))
+        if layout == "vector":
+            return cls("vector", int(x.shape[1]))
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ChoiceError(
+                f"num_prefix_tokens: expected an integer >= 0, got {num_prefix_tokens!r}"
+            )
+        patches = int(x.shape[1]) - num_prefix_tokens
+        if patches < 1:
+            raise ShapeError(
+                f"{name}: expected patch tokens after {num_prefix_tokens} prefix tokens, "
+                f"got {describe_shape(x.shape)}"
+            )
+        if grid is None:
+            side = math.isqrt(patches)
+            if side * side != patches:
+                raise ShapeError(
+                    f"{name}: {patches} patch tokens (after {num_prefix_tokens} prefix tokens) "
+                    f"do not form a square grid, got {describe_shape(x.shape)}; give the grid "
+                    "explicitly (a FeatureSpec) or check num_prefix_tokens"
+                )
+            grid = (side, side)
+        grid = (int(grid[0]), int(grid[1]))
+        if grid[0] * grid[1] != patches:
+            raise ShapeError(
+                f"{name}: grid {grid} holds {grid[0] * grid[1]} patches, got {patches} "
+                f"(shape {describe_shape(x.shape)}, {num_prefix_tokens} prefix tokens)"
+            )
+        return cls("tokens", int(x.shape[2]), grid, num_prefix_tokens)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor shape without the batch axis."""
+        if self.layout == "map":
+            return (self.channels, *self.grid)
+        if self.layout == "tokens":
+            return (self.num_prefix_tokens + self.grid[0] * self.grid[1], self.channels)
+        return (self.channels,)
+
+    def describe(self) -> str:
+        """``(B, 64, 8, 8)``-style text for messages."""
+        return "(B, " + ", ".join(str(d) for d in self.shape) + ")"
+
+
+def _describe_layout(layout: str) -> str:
+    return {"map": "(B, C, H, W)", "tokens": "(B, N, D)", "vector": "(B, D)"}[layout]
+
+
+class Bridge(nn.Sequential):
+    """A sequence of layers mapping features laid out as ``source`` to ``target``.
+
+    Built by :func:`build_bridge`; a plain ``nn.Sequential`` that also remembers the two
+    :class:`FeatureSpec` it connects.
+    """
+
+    def __init__(self, source: FeatureSpec, target: FeatureSpec, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.source = source
+        self.target = target
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        if isinstance(idx, slice):  # a slice is a plain Sequential: it no longer joins the specs
+            return nn.Sequential(*list(self)[idx])
+        return super().__getitem__(idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.source.describe()} -> {self.target.describe()}"
+
+
+class TokensToMap(nn.Module):
+    """Drop the prefix tokens and lay the patch tokens out on their grid.
+
+    Shape:
+        - input: ``(B, P + h*w, D)``
+        - output: ``(B, D, h, w)``
+
+    Example:
+        >>> TokensToMap(1, (2, 3))(torch.zeros(4, 7, 5)).shape
+        torch.Size([4, 5, 2, 3])
+    """
+
+    def __init__(self, num_prefix_tokens: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid = tuple(grid)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.num_prefix_tokens :]
+        return rearrange(patches, "b (h w) d -> b d h w", h=self.grid[0], w=self.grid[1])
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}, grid={self.grid}"
+
+
+class MapToTokens(nn.Module):
+    """Flatten a map to patch tokens (row-major) and prepend ``P`` prefix tokens.
+
+    A conv map has no CLS token; each prefix token is the mean of the patch tokens plus a
+    learned offset (zero at initialisation), so the receiving transformer gets a summary token
+    it can tell apart from the patches.
+
+    Shape:
+        - input: ``(B, D, h, w)``
+        - output: ``(B, P + h*w, D)``
+
+    Example:
+        >>> MapToTokens(8, 1)(torch.zeros(2, 8, 3, 3)).shape
+        torch.Size([2, 10, 8])
+    """
+
+    def __init__(self, channels: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.prefix_offset = nn.Parameter(torch.zeros(num_prefix_tokens, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = rearrange(x, "b d h w -> b (h w) d")
+        if self.num_prefix_tokens == 0:
+            return patches
+        summary = patches.mean(dim=1, keepdim=True)
+        prefix = summary + self.prefix_offset.to(summary.dtype)
+        return torch.cat([prefix, patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+class Resize(nn.Module):
+    """Bilinear resize of a map to a fixed grid (antialiased when shrinking), in float32 at least.
+
+    Shape:
+        - input: ``(B, C, H, W)``
+        - output: ``(B, C, *size)``
+
+    Example:
+        >>> Resize((4, 4))(torch.zeros(1, 2, 7, 7)).shape
+        torch.Size([1, 2, 4, 4])
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shrink = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
+        # half-precision interpolation is missing on some backends; the resize is cheap in fp32
+        work = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.interpolate(
+                x.to(work), size=self.size, mode="bilinear", align_corners=False, antialias=shrink
+            )
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class PoolFeatures(nn.Module):
+    """:func:`featkd.pool` as a layer (used by bridges onto pooled vectors).
+
+    Example:
+        >>> PoolFeatures("gap")(torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, mode: str, num_prefix_tokens: int = 0) -> None:
+        super().__init__()
+        self.mode = mode
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool(x, self.mode, num_prefix_tokens=self.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
+class _AdaptPrefix(nn.Module):
+    """Token sequences with different prefix counts: drop the source prefix (target has none)
+    or create the target's prefix tokens from the mean of the patches (source has none)."""
+
+    def __init__(self, source_prefix: int, target_prefix: int) -> None:
+        super().__init__()
+        self.source_prefix = source_prefix
+        self.target_prefix = target_prefix
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.source_prefix :]
+        if self.target_prefix == 0:
+            return patches
+        summary = patches.mean(dim=1, keepdim=True).expand(-1, self.target_prefix, -1)
+        return torch.cat([summary, patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{self.source_prefix} -> {self.target_prefix} prefix tokens"
+
+
+class _AlignGrid(nn.Module):
+    """Bilinear resampling of the patch grid of a token sequence (prefix tokens kept)."""
+
+    def __init__(self, num_prefix_tokens: int, source: tuple[int, int], target: tuple[int, int]):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.source = tuple(source)
+        self.target = tuple(target)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return align_tokens(
+            tokens, self.target, num_prefix_tokens=self.num_prefix_tokens, input_size=self.source
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.source} -> {self.target}"
+
+
+def _integer_factors(big: tuple[int, int], small: tuple[int, int]) -> tuple[int, int] | None:
+    """Per-axis integer factors ``big = f * small``, or ``None`` if some axis is not a multiple."""
+    if all(b % s == 0 for b, s in zip(big, small, strict=True)):
+        return (big[0] // small[0], big[1] // small[1])
+    return None
+
+
+def _down_conv(in_ch: int, out_ch: int, factors: tuple[int, int]) -> nn.Conv2d:
+    # padding 1, kernel 3 (f <= 2) or f + 2: output floor((f*H + 2 - k) / f) + 1 = H, and the
+    # windows overlap or touch (k - 1 >= f), so every input pixel is read
+    kernel = tuple(3 if f <= 2 else f + 2 for f in factors)
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=factors, padding=1, bias=False)
+
+
+def _up_conv(in_ch: int, out_ch: int, factors: tuple[int, int]) -> nn.ConvTranspose2d:
+    # output = (H - 1) * f - 2p + k; k - 2p = f gives f * H (k = 2f for even f, f + 2 for odd)
+    kernel = tuple(2 * f if f % 2 == 0 else f + 2 for f in factors)
+    padding = tuple((k - f) // 2 for k, f in zip(kernel, factors, strict=True))
+    return nn.ConvTranspose2d(in_ch, out_ch, kernel, stride=factors, padding=padding, bias=False)
+
+
+def _map_layers(
+    in_ch: int,
+    out_ch: int,
+    source: tuple[int, int],
+    target: tuple[int, int],
+    resample: str,
+    where: str,
+) -> list[nn.Module]:
+    """conv (strided / transposed / after a resize) + BatchNorm2d onto ``out_ch x target``."""
+    if source == target:
+        conv: nn.Module = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        return [conv, nn.BatchNorm2d(out_ch)]
+    down = _integer_factors(source, target)
+    up = _integer_factors(target, source)
+    if resample in ("conv", "auto") and down is not None:
+        return [_down_conv(in_ch, out_ch, down), nn.BatchNorm2d(out_ch)]
+    if resample in ("conv", "auto") and up is not None:
+        return [_up_conv(in_ch, out_ch, up), nn.BatchNorm2d(out_ch)]
+    if resample == "conv":
+        raise ShapeError(
+            f"{where}: cannot resample a {source[0]}x{source[1]} grid to "
+            f"{target[0]}x{target[1]} with a strided or transposed conv (resample='conv' needs "
+            "every axis of one grid to be an integer multiple of the other's); pass "
+            "resample='interpolate' or 'auto' for a bilinear resize"
+        )
+    return [
+        Resize(target),
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+    ]
+
+
+def _token_pool_mode(spec: FeatureSpec, token_pool: str) -> str:
+    if token_pool != "auto":
+        return token_pool
+    return "cls" if spec.num_prefix_tokens > 0 else "mean"
+
+
+def build_bridge(
+    source: FeatureSpec,
+    target: FeatureSpec,
+    *,
+    post_relu: bool = False,
+    resample: str = "conv",
+    token_pool: str = "auto",
+    name: str = "bridge",
+) -> Bridge:
+    """Build the bridge carrying features laid out as ``source`` onto ``target``.
+
+    See the module docstring for the layers used for each pair of layouts and for the
+    supported spatial ratios. Convolutions are initialised He-normal (fan-out, ReLU gain),
+    BatchNorm at weight 1, bias 0.
+
+    Args:
+        source: layout of the features going in.
+        target: layout the receiving network expects.
+        post_relu: end with LeakyReLU(0.1), for targets that are non-negative (post-ReLU);
+            the small negative slope keeps the bridge's gradient alive.
+        resample: ``"conv"``, ``"interpolate"`` or ``"auto"`` (spatial resampling of maps).
+        token_pool: pooling of tokens onto a vector: ``"auto"`` (CLS when there is a prefix
+            token, else the token mean), ``"cls"``, ``"mean"`` or ``"patch_mean"``.
+        name: how error messages refer to this bridge.
+
+    Raises:
+        ShapeError: the layouts cannot be bridged (a vector onto a map or tokens, a grid ratio
+            ``resample='conv'`` does not support, prefix counts that cannot be adapted).
+
+    Shape:
+        - input: ``(B, *source.shape)``
+        - output: ``(B, *target.shape)``
+
+    Example:
+        >>> bridge = build_bridge(FeatureSpec("map", 16, (8, 8)), FeatureSpec("map", 32, (4, 4)))
+        >>> bridge(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 4, 4])
+        >>> vit_to_cnn = build_bridge(FeatureSpec("tokens", 24, (4, 4), 1),
+        ...                           FeatureSpec("map", 8, (16, 16)), post_relu=True)
+        >>> vit_to_cnn(torch.randn(2, 17, 24)).shape
+        torch.Size([2, 8, 16, 16])
+    """
+    for spec, arg in ((source, "source"), (target, "target")):
+        if not isinstance(spec, FeatureSpec):
+            raise FeatkdInputError(f"{arg}: expected a FeatureSpec, got {type(spec).__name__}")
+        check_choice(spec.layout, f"{arg}.layout", LAYOUTS)
+    check_choice(resample, "resample", RESAMPLE_MODES)
+    check_choice(token_pool, "token_pool", ("auto", "cls", "mean", "patch_mean"))
+    pair = f"{source.describe()} {source.layout} -> {target.describe()} {target.layout}"
+    layers: list[nn.Module] = []
+    if source.layout == "vector" and target.layout != "vector":
+        raise ShapeError(
+            f"{name}: cannot bridge pooled (B, D) features onto a {target.layout} layout "
+            f"{target.describe()} (a vector has no spatial layout to restore); got {pair}"
+        )
+    if target.layout == "map":
+        if source.layout == "tokens":
+            layers += [
+                nn.LayerNorm(source.channels),
+                TokensToMap(source.num_prefix_tokens, source.grid),
+            ]
+        layers += _map_layers(
+            source.channels, target.channels, source.grid, target.grid, resample, name
+        )
+    elif target.layout == "tokens" and source.layout == "map":
+        layers += _map_layers(
+            source.channels, target.channels, source.grid, target.grid, resample, name
+        )
+        layers.append(MapToTokens(target.channels, target.num_prefix_tokens))
+    elif target.layout == "tokens":  # tokens -> tokens
+        ps, pt = source.num_prefix_tokens, target.num_prefix_tokens
+        if ps != pt and ps != 0 and pt != 0:
+            raise ShapeError(
+                f"{name}: cannot adapt {ps} prefix tokens to {pt} (supported: equal counts, a "
+                f"source without prefix tokens, or a target without them); got {pair}"
+            )
+        if source.grid != target.grid:
+            layers.append(_AlignGrid(ps, source.grid, target.grid))
+        if ps != pt:
+            layers.append(_AdaptPrefix(ps, pt))
+        layers += [nn.LayerNorm(source.channels), nn.Linear(source.channels, target.channels)]
+    else:  # onto a vector
+        if source.layout == "map":
+            layers.append(PoolFeatures("gap"))
+        elif source.layout == "tokens":
+            mode = _token_pool_mode(source, token_pool)
+            if mode == "cls" and source.num_prefix_tokens == 0:
+                raise ShapeError(
+                    f"{name}: token_pool='cls' needs a prefix token, the source has none; {pair}"
+                )
+            layers.append(PoolFeatures(mode, source.num_prefix_tokens))
+        layers += [nn.LayerNorm(source.channels), nn.Linear(source.channels, target.channels)]
+    if post_relu:
+        layers.append(nn.LeakyReLU(0.1))
+    bridge = Bridge(source, target, *layers)
+    for module in bridge.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return bridge
