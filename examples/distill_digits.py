@@ -179,9 +179,28 @@ def _kd_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
     return loss_fn(batch.student_stages[-1], batch.teacher_stages[-1])
 
 
+def _build_fcfd(student: StagedCNN, teacher: StagedCNN, data: Digits) -> nn.Module:
+    probe = data.train_x[:8]
+    return nn.ModuleDict(
+        {
+            "fcfd": featkd.FCFDLoss(
+                student.stages, teacher.stages, example_input=(probe, probe), generator=0
+            ),
+            "kd": featkd.KDLoss(4.0),
+        }
+    )
+
+
+def _fcfd_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
+    # the official CIFAR objective: CE + KD + FCFD's path KL and (5x) MSE terms
+    fcfd = loss_fn["fcfd"](batch.student_stages, batch.teacher_stages)
+    return fcfd + loss_fn["kd"](batch.student_stages[-1], batch.teacher_stages[-1])
+
+
 METHODS: list[Method] = [
     Method("student alone", lambda s, t, d: None, None, notes="cross-entropy on the labelled 10%"),
     Method("Hinton KD", lambda s, t, d: featkd.KDLoss(4.0), _kd_term, notes="logits, T=4"),
+    Method("FCFD", _build_fcfd, _fcfd_term, notes="+ KD; 2 sampled paths, MSE weight 5"),
 ]
 
 
@@ -336,7 +355,6 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     device = torch.device(args.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_digits(args.label_fraction)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
     print(
