@@ -19,9 +19,15 @@ from featkd.diagnostics import (
     linear_cka,
     orthogonality_error,
 )
+from featkd.gaussian_kl import GaussianKLLoss
+from featkd.gaussian_wasserstein import GaussianWassersteinLoss
 from featkd.hooks import FeatureTap, UnknownModuleError
+from featkd.joint_wasserstein import JointWassersteinLoss
 from featkd.kd import KDLoss
+from featkd.kd2m import KD2MLoss
+from featkd.mmd import MMDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
+from featkd.wasserstein import WassersteinLoss
 
 __version__ = "0.1.0"
 
@@ -32,10 +38,16 @@ __all__ = [
     "DeviceError",
     "FeatkdInputError",
     "FeatureTap",
+    "GaussianKLLoss",
+    "GaussianWassersteinLoss",
+    "JointWassersteinLoss",
+    "KD2MLoss",
     "KDLoss",
+    "MMDLoss",
     "NonFiniteError",
     "ShapeError",
     "UnknownModuleError",
+    "WassersteinLoss",
     "__version__",
     "align_tokens",
     "cosine_preservation",

@@ -4,6 +4,20 @@ Each function here is what the corresponding module calls; use it when the proje
 is managed elsewhere.
 """
 
+from featkd.gaussian_kl import gaussian_kl_loss
+from featkd.gaussian_wasserstein import gaussian_wasserstein_loss
+from featkd.joint_wasserstein import joint_wasserstein_loss
 from featkd.kd import kd_loss
+from featkd.kd2m import kd2m_loss
+from featkd.mmd import mmd_loss
+from featkd.wasserstein import wasserstein_loss
 
-__all__ = ["kd_loss"]
+__all__ = [
+    "gaussian_kl_loss",
+    "gaussian_wasserstein_loss",
+    "joint_wasserstein_loss",
+    "kd2m_loss",
+    "kd_loss",
+    "mmd_loss",
+    "wasserstein_loss",
+]
