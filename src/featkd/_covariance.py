@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from featkd._matching import matmul_nt
+
 __all__ = [
     "ShrunkCovariance",
     "centre",
@@ -72,7 +74,7 @@ class _CrossNuclearNorm(torch.autograd.Function):
         n, d = a.shape[-2], a.shape[-1]
         ctx.batch_route = n <= d
         if n <= d:  # (n x n) cross-Gram
-            cross = a @ b.mT
+            cross = matmul_nt(a, b)
             if not (need_a or need_b):
                 return torch.linalg.svdvals(cross).sum(dim=-1)
             u, s, vh = torch.linalg.svd(cross, full_matrices=False)

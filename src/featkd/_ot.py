@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from featkd._matching import matmul_nt
+
 __all__ = [
     "emd_plans",
     "ground_cost",
@@ -32,7 +34,7 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     x_sq = x.square().sum(dim=-1)
     y_sq = y.square().sum(dim=-1)
-    return (x_sq[..., :, None] + y_sq[..., None, :] - 2 * (x @ y.mT)).clamp_min(0)
+    return (x_sq[..., :, None] + y_sq[..., None, :] - 2 * matmul_nt(x, y)).clamp_min(0)
 
 
 def ground_cost(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:

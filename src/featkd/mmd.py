@@ -10,7 +10,13 @@ from collections.abc import Sequence
 import torch
 
 from featkd._checks import ChoiceError, check_choice, check_positive, compute_dtype
-from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
+from featkd._matching import (
+    CONDITIONAL_NEEDS_LABELS,
+    MatchingLoss,
+    make_groups,
+    matmul_nt,
+    validate_pair,
+)
 from featkd._ot import squared_distances
 
 __all__ = ["MMDLoss", "mmd_loss"]
@@ -154,7 +160,9 @@ def _mmd(
             diag_ss = xs.square().sum(dim=(-2, -1))
             diag_tt = xt.square().sum(dim=(-2, -1))
         elif kernel == "poly":  # k(x, y) = (x.y + c)^d (NST)
-            kernels = [(a @ b.mT + coef0).pow(degree) for a, b in ((xs, xs), (xt, xt), (xs, xt))]
+            kernels = [
+                (matmul_nt(a, b) + coef0).pow(degree) for a, b in ((xs, xs), (xt, xt), (xs, xt))
+            ]
             sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
         else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
             sigma2 = _squared_bandwidths(source, target, bandwidth, multipliers)
