@@ -180,6 +180,10 @@ def _entropic(
         plan = log_plan.exp()
         log_ratio = log_plan - log_mass[:, :, None] - log_mass[:, None, :]
         kl = torch.where(plan > 0, plan * log_ratio, torch.zeros_like(plan)).sum(dim=(-2, -1))
+        mass = log_mass.exp()
+        row_error = (plan.sum(dim=-1) - mass).abs().sum(dim=-1)
+        column_error = (plan.sum(dim=-2) - mass).abs().sum(dim=-1)
+        marginal_error = torch.maximum(row_error, column_error).max()
     transport = (plan * stacked).sum(dim=(-2, -1))
     value = transport + eps.repeat(copies) * kl  # (copies * G,)
     per_copy = value.view(copies, -1)
@@ -191,6 +195,7 @@ def _entropic(
         "entropy": (eps.detach() * kl.view(copies, -1)[0]).mean(),
         "reg": eps.detach().mean(),
         "iterations": torch.tensor(float(iterations)),
+        "marginal_error": marginal_error,
     }
     return result, parts
 
@@ -318,14 +323,16 @@ def wasserstein_loss(
 
     * ``solver="emd"``: the exact plan by POT's network simplex (``ot.emd``, float64, on the
       host: one device-to-host copy of the ``B x B`` cost per call).
-    * ``solver="sinkhorn"``: entropic OT in the log domain, in torch, on the features' device.
-      Returns ``<gamma, C> + eps KL(gamma | a b^T)`` (the entropic objective, whose gradient is
-      exactly the plan at convergence); ``last_parts["transport"]`` is ``<gamma, C>``, the value
-      of POT's ``ot.sinkhorn2``. ``eps = reg * mean(C)`` by default (``relative_reg=True``),
+    * ``solver="sinkhorn"``: entropic OT in torch, on the features' device, log-stabilised
+      (each block of ``check_every`` iterations opens with an exact log-domain step, then runs
+      cheap matrix-vector scaling steps on the current plan; batched over classes). Returns
+      ``<gamma, C> + eps KL(gamma | a b^T)`` (the entropic objective, whose gradient is exactly
+      the plan at convergence); ``last_parts["transport"]`` is ``<gamma, C>``, the value of
+      POT's ``ot.sinkhorn2``. ``eps = reg * mean(C)`` by default (``relative_reg=True``),
       ``eps = reg`` otherwise. Stops when the L1 error of the row marginals is ``<= tol``,
-      checked every ``check_every`` iterations (one host synchronisation per check), or after
-      ``max_iter`` (1000 if None) iterations; ``tol=None`` runs exactly ``max_iter`` iterations
-      and never synchronises. ``debias=True`` returns the Sinkhorn divergence
+      checked once per block (one host synchronisation per check), or after ``max_iter``
+      (1000 if None) iterations; ``tol=None`` runs exactly ``max_iter`` iterations and never
+      synchronises. ``debias=True`` returns the Sinkhorn divergence
       ``OT(s,t) - OT(s,s)/2 - OT(t,t)/2``, zero for identical batches.
     * ``solver="sliced"``: mean over ``n_projections`` random unit directions of the 1-D
       ``W_p^p`` of the projected batches (sorting); new directions on every call, drawn from
@@ -440,8 +447,8 @@ class WassersteinLoss(MatchingLoss):
         - output: scalar
 
     ``last_parts`` holds ``"wasserstein"`` and, by solver and variant, ``"transport"``,
-    ``"entropy"``, ``"reg"``, ``"iterations"``, ``"feature_cost"``, ``"label_cost"`` and
-    ``"classes"``.
+    ``"entropy"``, ``"reg"`` (the ``eps`` used), ``"iterations"``, ``"marginal_error"`` (L1
+    error of the plan's marginals), ``"feature_cost"``, ``"label_cost"`` and ``"classes"``.
 
     Example:
         >>> loss_fn = WassersteinLoss(solver="sinkhorn", conditional=True)
