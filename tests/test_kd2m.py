@@ -160,3 +160,60 @@ def test_training_a_projector_matches_the_distributions(metric):
         loss.backward()
         optimiser.step()
     assert float(loss_fn(student(inputs), teacher).detach()) < 0.2 * first
+
+
+CONDITIONAL_OPTIONS = {
+    "w2_emd": {},
+    "w2_sinkhorn": {"reg": 0.5, "tol": 1e-14, "max_iter": 100_000},
+    "w2_gaussian": {},
+    "w2_gaussian_diag": {},
+    "kl_gaussian": {"eps": 0.1},
+    "kl_gaussian_diag": {"eps": 0.1},
+    "mmd_rbf": {"bandwidth": [0.8, 2.0], "estimator": "unbiased"},
+    "mmd_linear": {"estimator": "unbiased"},
+    "mmd_poly": {},
+}
+
+
+@pytest.mark.parametrize("metric", sorted(CONDITIONAL_OPTIONS))
+def test_conditional_gradcheck(metric):
+    # classes of 3, 2 and 1 rows in D = 3 (zero-padded groups, a singleton class)
+    generator = torch.Generator().manual_seed(1)
+    s = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 2, 0, 2, 5])
+
+    def fn(x):
+        return kd2m_loss(
+            x, t, metric=metric, labels=labels, conditional=True, **CONDITIONAL_OPTIONS[metric]
+        )
+
+    assert torch.autograd.gradcheck(fn, (s,), atol=1e-6)
+
+
+def test_conditional_sliced_gradcheck():
+    s = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 3, dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 0, 0, 3])
+
+    def fn(x):  # the same directions at every evaluation
+        return wasserstein_loss(
+            x,
+            t,
+            labels=labels,
+            solver="sliced",
+            conditional=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    assert torch.autograd.gradcheck(fn, (s,))
+
+
+@pytest.mark.parametrize("metric", sorted(EXPECTED))
+def test_bfloat16_inputs_compute_in_float32(metric):
+    s, t = torch.randn(16, 8), torch.randn(16, 8)
+    options = {"seed": 0} if metric == "w2_sliced" else {}
+    low = KD2MLoss(metric, **options)(s.bfloat16(), t.bfloat16())
+    high = KD2MLoss(metric, **options)(s.bfloat16().float(), t.bfloat16().float())
+    assert low.dtype == torch.bfloat16
+    assert float(low) == pytest.approx(float(high), rel=1e-2, abs=1e-3)

@@ -131,7 +131,8 @@ def test_sinkhorn_fixed_iterations_and_tolerance():
     loose = WassersteinLoss("sinkhorn", tol=1e-1, check_every=5, max_iter=500)
     loose(s, t)
     iterations = float(loose.last_parts["iterations"])
-    assert iterations % 5 == 0 and iterations < 500
+    assert 1 <= iterations < 500
+    assert float(loose.last_parts["marginal_error"]) <= 1e-1
 
 
 def test_sinkhorn_gradcheck(rng):

@@ -75,6 +75,21 @@ def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> tor
     return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
 
 
+def _kernel_times(kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``K y`` per group, ``(G, n, n) x (G, n) -> (G, n)`` (a plain matrix-vector product when
+    there is one group)."""
+    if kernel.shape[0] == 1:
+        return (kernel[0] @ vector[0])[None]
+    return (kernel @ vector[..., None])[..., 0]
+
+
+def _vector_times(vector: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``x^T K`` per group, ``(G, n) x (G, n, n) -> (G, n)``."""
+    if kernel.shape[0] == 1:
+        return (vector[0] @ kernel[0])[None]
+    return (vector[:, None, :] @ kernel)[:, 0, :]
+
+
 def sinkhorn_log(
     scaled_cost: torch.Tensor,
     log_a: torch.Tensor,
@@ -83,58 +98,64 @@ def sinkhorn_log(
     max_iter: int,
     tol: float | None,
     check_every: int,
+    padded: bool = False,
+    exact_every: int = 10,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Entropic OT, log-stabilised, batched over groups; returns the scaled log-potentials.
 
     ``scaled_cost`` is ``C / eps`` ``(G, n, n)``, ``log_a``/``log_b`` the log masses ``(G, n)``
-    (``-inf`` on padding); the plan is ``exp(u_i + v_j - C_ij / eps)``.
+    (``-inf`` on padding, then ``padded=True``); the plan is ``exp(u_i + v_j - C_ij / eps)``.
 
-    The iterations run in blocks of ``check_every``. A block opens with one exact log-domain
-    Sinkhorn iteration (``u = log a - LSE_j(v_j - C_ij/eps)``, then ``v``), which is safe at any
-    ``eps``, and continues with ``check_every - 1`` scaling iterations on the kernel of the
-    current plan, ``K = exp(u_i + v_j - C_ij/eps)`` (two matrix-vector products each instead of
-    two log-sum-exps over ``n x n`` entries); their scalings are absorbed into ``u, v`` at the
-    end of the block. After an exact step every row and column of ``K`` holds at least
-    ``1/n`` of its target mass, so each scaling half-step changes the scalings by at most a
-    factor ``n``: ``check_every - 1`` of them stay far inside the float32 range for any
-    practical batch. A group whose scalings still under- or overflowed keeps the exact iterate
-    (a ``torch.where``, no synchronisation). Every iteration is the plain Sinkhorn update.
+    The iterations run in blocks of ``check_every``. A block forms the kernel of the current
+    plan, ``K = exp(u_i + v_j - C_ij / eps)``, runs Sinkhorn's scaling updates on it (two
+    matrix-vector products per iteration instead of two log-sum-exps over ``n x n`` entries)
+    and absorbs the scalings into ``u, v`` (Schmitzer's log-stabilisation). The first block,
+    and every ``exact_every``-th, opens with an exact log-domain iteration
+    (``u = log a - LSE_j(v_j - C_ij / eps)``, then ``v``), safe from any starting point.
+
+    Why the scalings stay finite: after any Sinkhorn half-step one side's marginals are exact
+    and every mass on the other side is at least ``1/n`` of its target (a column's mass is at
+    most 1), so one scaling update changes a scaling by at most a factor ``n``; a block of
+    ``check_every`` updates stays far inside the float32 range for any practical batch. A group
+    whose scalings still under- or overflowed keeps its previous iterate (a ``torch.where``, no
+    synchronisation) until the next exact step.
 
     Convergence: after each ``v`` update the column marginals are exact; the L1 error of the
-    row marginals, read off the next block's log-domain step, is compared with ``tol`` once per
-    block (one host synchronisation). ``tol=None`` runs exactly ``max_iter`` iterations and never
+    row marginals (the row sums of the block's kernel) is compared with ``tol`` once per block
+    (one host synchronisation). ``tol=None`` runs exactly ``max_iter`` iterations and never
     synchronises.
     """
     mass_a, mass_b = log_a.exp(), log_b.exp()
     real_a, real_b = mass_a > 0, mass_b > 0
+    negative_cost = -scaled_cost
     v = log_b.clone()
     u = torch.zeros_like(log_a)
-    iterations = 0
+    iterations = blocks = 0
     while iterations < max_iter:
-        row_lse = torch.logsumexp(v[:, None, :] - scaled_cost, dim=-1)
+        if blocks % exact_every == 0:
+            u = log_a - torch.logsumexp(v[:, None, :] + negative_cost, dim=-1)
+            v = log_b - torch.logsumexp(u[:, :, None] + negative_cost, dim=-2)
+            iterations += 1
+        blocks += 1
+        kernel = (negative_cost + v[:, None, :]).add_(u[:, :, None]).exp_()
         if tol is not None and iterations > 0:
-            row_error = ((u + row_lse).exp() - mass_a).abs().sum(dim=-1).max()
+            row_error = (kernel.sum(dim=-1) - mass_a).abs().sum(dim=-1).max()
             if bool(row_error <= tol):
                 break
-        u = log_a - row_lse
-        v = log_b - torch.logsumexp(u[:, :, None] - scaled_cost, dim=-2)
-        iterations += 1
-        steps = min(check_every - 1, max_iter - iterations)
+        steps = min(check_every, max_iter - iterations)
         if steps <= 0:
-            continue
-        kernel = (u[:, :, None] + v[:, None, :] - scaled_cost).exp()
+            break
         scale_b = torch.ones_like(mass_b)
         for _ in range(steps):
-            denominator_a = (kernel @ scale_b[..., None])[..., 0]
-            scale_a = torch.where(real_a, mass_a / denominator_a, torch.zeros_like(mass_a))
-            denominator_b = (scale_a[:, None, :] @ kernel)[:, 0, :]
-            scale_b = torch.where(real_b, mass_b / denominator_b, torch.zeros_like(mass_b))
-        finite = torch.isfinite(scale_a).all(dim=-1) & torch.isfinite(scale_b).all(dim=-1)
-        finite = (
-            finite & (scale_a > 0).eq(real_a).all(dim=-1) & (scale_b > 0).eq(real_b).all(dim=-1)
-        )
-        u = torch.where(finite[:, None], u + scale_a.log(), u)
-        v = torch.where(finite[:, None], v + scale_b.log(), v)
+            scale_a = mass_a / _kernel_times(kernel, scale_b)
+            scale_b = mass_b / _vector_times(scale_a, kernel)
+            if padded:  # 0 / 0 on padded rows and columns
+                scale_a = torch.where(real_a, scale_a, torch.zeros_like(scale_a))
+                scale_b = torch.where(real_b, scale_b, torch.zeros_like(scale_b))
+        valid = torch.isfinite(scale_a).all(dim=-1) & torch.isfinite(scale_b).all(dim=-1)
+        valid &= ((scale_a > 0) == real_a).all(dim=-1) & ((scale_b > 0) == real_b).all(dim=-1)
+        u = torch.where(valid[:, None], u + scale_a.log(), u)
+        v = torch.where(valid[:, None], v + scale_b.log(), v)
         iterations += steps
     return u, v, iterations
 

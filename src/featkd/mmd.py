@@ -61,24 +61,38 @@ def _pair_statistic(values: torch.Tensor, rule: str) -> torch.Tensor:
     return values.median() if rule == "median" else values.mean()
 
 
+def _pooled_pair_distances(
+    d_ss: torch.Tensor, d_tt: torch.Tensor, d_st: torch.Tensor
+) -> torch.Tensor:
+    """The squared distances between distinct points of the pooled ``2B`` rows, from the three
+    ``(B, B)`` blocks: the upper triangles of the within-set blocks and the whole cross block."""
+    i, j = torch.triu_indices(*d_ss.shape, offset=1, device=d_ss.device)
+    return torch.cat([d_ss[i, j], d_tt[i, j], d_st.flatten()])
+
+
 def _squared_bandwidths(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
     bandwidth: str | float | Sequence[float],
     multipliers: Sequence[float],
+    pairs: torch.Tensor | None,
+    like: torch.Tensor,
 ) -> torch.Tensor:
     """``sigma_k^2`` ``(K,)``: given, or a statistic of the pooled squared pairwise distances
-    (pairs of distinct points among the ``2B`` student and teacher rows), detached."""
+    ``pairs`` (detached) times each multiplier squared."""
     if not isinstance(bandwidth, str):
         values = [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
-        return torch.tensor(values, dtype=student.dtype, device=student.device).square()
-    with torch.no_grad():
-        pooled = torch.cat([student, teacher]).detach()
-        distances = squared_distances(pooled, pooled)
-        i, j = torch.triu_indices(*distances.shape, offset=1, device=distances.device)
-        base = _pair_statistic(distances[i, j], bandwidth)
-        scale = torch.tensor(multipliers, dtype=student.dtype, device=student.device).square()
-        return (base * scale).clamp_min(torch.finfo(student.dtype).tiny)
+        return torch.tensor(values, dtype=like.dtype, device=like.device).square()
+    base = _pair_statistic(pairs.detach(), bandwidth)
+    scale = torch.tensor(multipliers, dtype=like.dtype, device=like.device).square()
+    return (base * scale).clamp_min(torch.finfo(like.dtype).tiny)
+
+
+def _rbf(squared: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """``mean_k exp(-d / (2 sigma_k^2))`` of squared distances ``d``."""
+    factors = (-0.5 / sigma2).unbind()
+    kernel = torch.exp(squared * factors[0])
+    for factor in factors[1:]:
+        kernel = kernel + torch.exp(squared * factor)
+    return kernel / len(factors) if len(factors) > 1 else kernel
 
 
 def _block_sums(
@@ -165,13 +179,20 @@ def _mmd(
             ]
             sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
         else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
-            sigma2 = _squared_bandwidths(source, target, bandwidth, multipliers)
-            parts["bandwidth"] = sigma2.sqrt().mean()
             distances = [squared_distances(a, b) for a, b in ((xs, xs), (xt, xt), (xs, xt))]
-            kernels = [
-                sum(torch.exp(-d / (2 * s2)) for s2 in sigma2.unbind()) / sigma2.numel()
-                for d in distances
-            ]
+            pairs = None
+            if isinstance(bandwidth, str):  # one bandwidth from the whole batch
+                with torch.no_grad():
+                    blocks = [d[0] for d in distances]
+                    if conditional:
+                        blocks = [
+                            squared_distances(a.detach(), b.detach())
+                            for a, b in ((source, source), (target, target), (source, target))
+                        ]
+                    pairs = _pooled_pair_distances(*blocks)
+            sigma2 = _squared_bandwidths(bandwidth, multipliers, pairs, source)
+            parts["bandwidth"] = sigma2.sqrt().mean()
+            kernels = [_rbf(d, sigma2) for d in distances]
             sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
         per_group = _estimate(sum_ss, sum_tt, sum_st, diag_ss, diag_tt, counts, estimator)
         loss = per_group.mean()

@@ -173,7 +173,13 @@ def _entropic(
     if pair_mask is not None:
         scaled = scaled.masked_fill(~pair_mask.repeat(copies, 1, 1), 0.0)
     u, v, iterations = sinkhorn_log(
-        scaled, log_mass, log_mass, max_iter=max_iter, tol=tol, check_every=check_every
+        scaled,
+        log_mass,
+        log_mass,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+        padded=mask is not None,
     )
     with torch.no_grad():
         log_plan = u[:, :, None] + v[:, None, :] - scaled
