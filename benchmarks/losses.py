@@ -53,6 +53,7 @@ import featkd
 from featkd import KD2MLoss, WassersteinLoss
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 REG_FRACTION = 0.05  # eps = 0.05 * mean cost (featkd's default relative_reg)
 SINKHORN_ITERATIONS = 100
 TOLERANCE = 1e-4
@@ -434,7 +435,7 @@ def summary(result: dict) -> list[dict]:
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
-        f"# KD2M losses: forward+backward time and peak memory ({meta['device']})",
+        f"## KD2M losses: forward+backward time and peak memory ({meta['device']})",
         "",
         f"torch {meta['torch']}, POT {meta['pot']}, featkd {meta['featkd']}, "
         f"{meta['threads']} thread(s), {meta['machine']}; float32 features, student correlated "
@@ -444,7 +445,7 @@ def markdown(result: dict) -> str:
         f"accuracy); tolerance rows stop at {TOLERANCE} (featkd: L1 row-marginal error; POT: L2 "
         "column-marginal error).",
         "",
-        "## Targets",
+        "### Targets",
         "",
         "| B | D | Gaussian W2 speed-up vs POT | featkd vs POT, float64 | float32 error featkd "
         "| float32 error POT | entropic speed-up vs sinkhorn2 log | vs sinkhorn2 scaling "
@@ -463,10 +464,11 @@ def markdown(result: dict) -> str:
     for batch, width in sizes:
         lines += [
             "",
-            f"## B = {batch}, D = {width}",
+            f"### B = {batch}, D = {width}",
             "",
-            "| loss | time (ms) | peak memory (MiB) | value | iterations | marginal error |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| loss | time (ms) | peak memory (MiB) | value | <gamma, C> | iterations "
+            "| marginal error |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["rows"]:
             if (r["B"], r["D"]) != (batch, width):
@@ -474,14 +476,17 @@ def markdown(result: dict) -> str:
             peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
             iterations = r.get("iterations", "")
             error = f"{r['marginal_error']:.1e}" if "marginal_error" in r else ""
+            transport = f"{r['transport']:.6g}" if "transport" in r else ""
             lines.append(
-                f"| {r['case']} | {r['time_ms']:.2f} | {peak} | {r['value']:.6g} | "
+                f"| {r['case']} | {r['time_ms']:.2f} | {peak} | {r['value']:.6g} | {transport} | "
                 f"{iterations} | {error} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
+    """Top row: the losses POT also computes (featkd solid, POT dashed, one colour per pair);
+    bottom row: the other featkd losses. One column per width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,27 +494,55 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     widths = sorted({r["D"] for r in rows})
-    names = [c.name for c in cases()]
-    fig, axes = plt.subplots(1, len(widths), figsize=(7 * len(widths), 5.5), squeeze=False)
-    colours = plt.get_cmap("tab20")
-    for axis, width in zip(axes[0], widths, strict=True):
-        for k, name in enumerate(names):
-            points = sorted(
-                (r["B"], r["time_ms"]) for r in rows if r["D"] == width and r["case"] == name
-            )
-            if not points:
-                continue
-            style = "--" if name.startswith("POT") else "-"
-            axis.plot(*zip(*points, strict=True), style, marker="o", color=colours(k), label=name)
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("batch size B")
-        axis.set_ylabel("forward + backward (ms)")
-        axis.set_title(f"D = {width} ({result['meta']['device']})")
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    compared = {
+        "exact OT": ("featkd w2_emd", ["POT emd2"]),
+        "entropic OT": (
+            f"featkd w2_sinkhorn ({SINKHORN_ITERATIONS} it)",
+            [
+                f"POT sinkhorn2 log ({SINKHORN_ITERATIONS} it)",
+                f"POT sinkhorn2 scaling ({SINKHORN_ITERATIONS} it)",
+                f"POT solve envelope ({SINKHORN_ITERATIONS} it)",
+            ],
+        ),
+        "Gaussian W2": ("featkd w2_gaussian", ["POT bures_wasserstein_distance"]),
+    }
+    others = [
+        c.name
+        for c in cases()
+        if c.library == "featkd"
+        and c.name not in {v[0] for v in compared.values()}
+        and "(tol)" not in c.name
+    ]
+    fig, axes = plt.subplots(2, len(widths), figsize=(6.5 * len(widths), 10), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    markers = ["o", "s", "^", "v"]
+
+    def line(axis, width, name, **style):
+        points = sorted(
+            (r["B"], r["time_ms"]) for r in rows if r["D"] == width and r["case"] == name
+        )
+        if points:
+            axis.plot(*zip(*points, strict=True), label=name, **style)
+
+    for column, width in enumerate(widths):
+        top, bottom = axes[0][column], axes[1][column]
+        for k, (ours, theirs) in enumerate(compared.values()):
+            line(top, width, ours, color=colours(k), marker="o", linestyle="-", linewidth=2)
+            for m, name in enumerate(theirs):
+                line(top, width, name, color=colours(k), marker=markers[m + 1], linestyle="--")
+        for k, name in enumerate(others):
+            line(bottom, width, name, color=colours(k + 3), marker="o")
+        top.set_title(f"featkd (solid) vs POT (dashed), D = {width}, {result['meta']['device']}")
+        bottom.set_title(f"other featkd KD2M losses, D = {width}")
+        for axis in (top, bottom):
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("batch size B")
+            axis.set_ylabel("forward + backward (ms)")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -558,6 +591,9 @@ def main() -> None:
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(result))
         plot(result, stem.with_suffix(".png"))
+        if not partial:  # the docs show the figure of the latest full run
+            DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
+            plot(result, DOCS_ASSETS / f"losses-{name}.png")
         print(f"wrote {stem}.json/.md/.png in {result['meta']['wall_s']:.0f} s")
         for entry in result["summary"]:
             print(
