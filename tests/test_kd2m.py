@@ -142,19 +142,31 @@ def test_teacher_gets_no_gradient(metric):
     assert t.grad is None and s.grad is not None
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops in a loop: one thread keeps OpenMP hand-offs from dominating each step."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize(
     "metric", ["w2_emd", "w2_sinkhorn", "w2_gaussian", "mmd_rbf", "kl_gaussian"]
 )
-def test_training_a_projector_matches_the_distributions(metric):
+def test_training_a_projector_matches_the_distributions(metric, one_thread):
     # a linear student trained on the loss alone moves towards the teacher's distribution
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(64, 4, generator=generator)
+    inputs = torch.randn(48, 4, generator=generator)
     teacher = inputs @ torch.randn(4, 6, generator=generator) + 2.0
     student = torch.nn.Linear(4, 6)
-    loss_fn = KD2MLoss(metric, **({"reg": 0.1} if metric == "w2_sinkhorn" else {}))
-    optimiser = torch.optim.Adam(student.parameters(), lr=0.05)
+    # the Sinkhorn divergence (debiased) vanishes when the distributions match
+    sinkhorn = {"reg": 0.1, "debias": True, "tol": None, "max_iter": 50}
+    options = sinkhorn if metric == "w2_sinkhorn" else {}
+    loss_fn = KD2MLoss(metric, **options)
+    optimiser = torch.optim.Adam(student.parameters(), lr=0.1)
     first = float(loss_fn(student(inputs), teacher).detach())
-    for _ in range(60):
+    for _ in range(30):
         loss = loss_fn(student(inputs), teacher)
         optimiser.zero_grad()
         loss.backward()
