@@ -339,7 +339,8 @@ def wasserstein_loss(
       checked once per block (one host synchronisation per check), or after ``max_iter``
       (1000 if None) iterations; ``tol=None`` runs exactly ``max_iter`` iterations and never
       synchronises. ``debias=True`` returns the Sinkhorn divergence
-      ``OT(s,t) - OT(s,s)/2 - OT(t,t)/2``, zero for identical batches.
+      ``OT(s,t) - OT(s,s)/2 - OT(t,t)/2``, zero for identical batches (the three problems are
+      solved together; the self-transport ones can need more iterations at small ``reg``).
     * ``solver="sliced"``: mean over ``n_projections`` random unit directions of the 1-D
       ``W_p^p`` of the projected batches (sorting); new directions on every call, drawn from
       ``generator`` when given. About ``W_p^p / D`` in scale.
