@@ -22,9 +22,15 @@ from featkd.diagnostics import (
 )
 from featkd.distributed import GlobalBatch, gather_with_grad
 from featkd.fcfd import FCFDLoss
+from featkd.gaussian_kl import GaussianKLLoss
+from featkd.gaussian_wasserstein import GaussianWassersteinLoss
 from featkd.hooks import FeatureTap, UnknownModuleError
+from featkd.joint_wasserstein import JointWassersteinLoss
 from featkd.kd import KDLoss
+from featkd.kd2m import KD2MLoss
+from featkd.mmd import MMDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
+from featkd.wasserstein import WassersteinLoss
 
 __version__ = "0.1.0"
 
@@ -37,11 +43,17 @@ __all__ = [
     "FeatkdInputError",
     "FeatureSpec",
     "FeatureTap",
+    "GaussianKLLoss",
+    "GaussianWassersteinLoss",
     "GlobalBatch",
+    "JointWassersteinLoss",
+    "KD2MLoss",
     "KDLoss",
+    "MMDLoss",
     "NonFiniteError",
     "ShapeError",
     "UnknownModuleError",
+    "WassersteinLoss",
     "__version__",
     "align_tokens",
     "build_bridge",

@@ -5,6 +5,21 @@ is managed elsewhere.
 """
 
 from featkd.distributed import gather_with_grad
+from featkd.gaussian_kl import gaussian_kl_loss
+from featkd.gaussian_wasserstein import gaussian_wasserstein_loss
+from featkd.joint_wasserstein import joint_wasserstein_loss
 from featkd.kd import kd_loss
+from featkd.kd2m import kd2m_loss
+from featkd.mmd import mmd_loss
+from featkd.wasserstein import wasserstein_loss
 
-__all__ = ["gather_with_grad", "kd_loss"]
+__all__ = [
+    "gather_with_grad",
+    "gaussian_kl_loss",
+    "gaussian_wasserstein_loss",
+    "joint_wasserstein_loss",
+    "kd2m_loss",
+    "kd_loss",
+    "mmd_loss",
+    "wasserstein_loss",
+]

@@ -1,0 +1,146 @@
+"""Shared plumbing of the KD2M distribution-matching losses.
+
+Every KD2M loss compares two *sets* of feature vectors. The maths works on groups: a tensor
+``(G, n, D)`` of ``G`` sets of at most ``n`` vectors, zero-padded, with a boolean ``mask``
+``(G, n)`` marking the real rows and the true sizes ``counts`` ``(G,)``. The whole batch is one
+group; the class-conditional variants put one class per group, so every class is handled by the
+same batched code instead of a Python loop.
+
+Axis legend: ``G`` groups (classes), ``n`` samples per group (padded), ``D`` feature width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from featkd._checks import (
+    FeatkdInputError,
+    ShapeError,
+    check_labels,
+    check_same_batch,
+    check_same_device,
+    describe_shape,
+    validate_features,
+)
+
+__all__ = [
+    "CONDITIONAL_NEEDS_LABELS",
+    "FEATURES",
+    "Groups",
+    "MatchingLoss",
+    "make_groups",
+    "matmul_nt",
+    "validate_pair",
+]
+
+FEATURES = {2: "(B, D)"}
+CONDITIONAL_NEEDS_LABELS = "conditional=True matches the classes one by one"
+
+
+def validate_pair(
+    student: Any,
+    teacher: Any,
+    labels: Any = None,
+    *,
+    labels_needed_for: str | None = None,
+    min_batch: int = 1,
+    min_batch_why: str = "",
+) -> None:
+    """The front door of every KD2M loss: two finite float ``(B, D)`` tensors of one batch size,
+    width and device, and (when given or needed) integer labels ``(B,)``."""
+    validate_features(student, "student", FEATURES)
+    validate_features(teacher, "teacher", FEATURES)
+    check_same_batch(student, teacher, "student", "teacher")
+    if teacher.shape[1] != student.shape[1]:
+        raise ShapeError(
+            f"teacher: expected last dimension D={student.shape[1]} (the student's width), "
+            f"got {teacher.shape[1]} (shape {describe_shape(teacher.shape)}); when the widths "
+            "differ give the module a projector=, e.g. torch.nn.Linear(D_s, D_t)"
+        )
+    check_same_device({"student": student, "teacher": teacher})
+    batch = student.shape[0]
+    if batch < min_batch:
+        reason = f" ({min_batch_why})" if min_batch_why else ""
+        raise ShapeError(
+            f"student: expected a batch of at least {min_batch}{reason}, "
+            f"got {batch} (shape {describe_shape(student.shape)})"
+        )
+    if labels is None:
+        if labels_needed_for is not None:
+            raise FeatkdInputError(
+                f"labels: expected class indices of shape ({batch},) because "
+                f"{labels_needed_for}, got None"
+            )
+        return
+    check_labels(labels, batch)
+    check_same_device({"student": student, "labels": labels})
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` over the last two axes; a single group goes through a plain 2-D matmul,
+    which avoids the batched-GEMM overhead of the common unconditional case on CPU."""
+    if a.ndim == 3 and a.shape[0] == 1 and b.shape[0] == 1:
+        return (a[0] @ b[0].mT)[None]
+    return a @ b.mT
+
+
+class Groups(NamedTuple):
+    """Student and teacher sets, zero-padded to ``(G, n, D)``."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    mask: torch.Tensor | None  # (G, n) bool; None when every row is real
+    counts: torch.Tensor  # (G,) in the working dtype
+    sizes: list[int]  # the counts as Python ints (known on the host after grouping)
+
+
+def make_groups(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, conditional: bool
+) -> Groups:
+    """One group for the whole batch, or one group per class present in ``labels``.
+
+    Grouping by class needs the class sizes on the host: one synchronisation per call, the
+    price of ``conditional=True``. Student row ``i`` and teacher row ``i`` share label ``i``, so
+    a class has the same number of samples on both sides.
+    """
+    batch = student.shape[0]
+    if not conditional:
+        counts = torch.full((1,), float(batch), dtype=student.dtype, device=student.device)
+        return Groups(student[None], teacher[None], None, counts, [batch])
+    _, inverse, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
+    sizes = [int(c) for c in class_sizes.tolist()]
+    n_groups, longest = len(sizes), max(sizes)
+    order = torch.argsort(inverse, stable=True)
+    sorted_group = inverse[order]
+    starts = torch.cumsum(class_sizes, 0) - class_sizes
+    position = torch.arange(batch, device=labels.device) - starts[sorted_group]
+    index = torch.zeros(n_groups, longest, dtype=torch.long, device=labels.device)
+    mask = torch.zeros(n_groups, longest, dtype=torch.bool, device=labels.device)
+    index[sorted_group, position] = order
+    mask[sorted_group, position] = True
+    keep = mask[..., None].to(student.dtype)
+    counts = class_sizes.to(student.dtype)
+    return Groups(student[index] * keep, teacher[index] * keep, mask, counts, sizes)
+
+
+class MatchingLoss(nn.Module):
+    """Base of the KD2M modules: optional owned ``projector`` for the student, ``last_parts``."""
+
+    def __init__(self, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        if projector is not None and not isinstance(projector, nn.Module):
+            raise FeatkdInputError(
+                f"projector: expected a torch.nn.Module or None, got {type(projector).__name__}"
+            )
+        self.projector = projector
+        self.last_parts: dict[str, torch.Tensor] = {}
+
+    def project(self, student: torch.Tensor) -> torch.Tensor:
+        """Map the student into the teacher's width with the owned projector, if any."""
+        if self.projector is None:
+            return student
+        validate_features(student, "student", FEATURES)
+        return self.projector(student)

@@ -1,0 +1,227 @@
+"""Optimal-transport numerics for the KD2M losses: costs, exact plans, entropic plans, slicing.
+
+Axis legend: ``G`` groups (classes), ``n`` samples per group (zero-padded), ``D`` width,
+``L`` random projections. Masses are uniform over the real rows of each group.
+
+The exact and entropic solvers return a *plan* without gradient; the losses take the gradient
+through the cost only (envelope theorem), so no solver iteration is ever differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from featkd._matching import matmul_nt
+
+__all__ = [
+    "emd_plans",
+    "ground_cost",
+    "label_cost",
+    "log_marginals",
+    "sinkhorn_log",
+    "sliced_wasserstein",
+    "squared_distances",
+]
+
+
+def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||x_i - y_j||^2`` ``(..., n, m)`` by the Gram expansion, clipped at zero.
+
+    Callers shift both sets by a common constant first (the detached teacher mean) so the
+    expansion does not cancel large shared offsets.
+    """
+    x_sq = x.square().sum(dim=-1)
+    y_sq = y.square().sum(dim=-1)
+    return (x_sq[..., :, None] + y_sq[..., None, :] - 2 * matmul_nt(x, y)).clamp_min(0)
+
+
+def ground_cost(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+    """``||x_i - y_j||^p`` with a finite gradient where a distance is zero."""
+    squared = squared_distances(x, y)
+    if p == 2:
+        return squared
+    positive = squared > 0
+    safe = torch.where(positive, squared, torch.ones_like(squared))
+    return torch.where(positive, safe.pow(p / 2), torch.zeros_like(squared))
+
+
+def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """Log of the uniform masses ``1/count`` ``(G, n)``; ``-inf`` on padded rows."""
+    log_mass = -counts.log()[:, None].expand(counts.shape[0], n)
+    if mask is None:
+        return log_mass.clone()
+    return torch.where(mask, log_mass, torch.full_like(log_mass, -math.inf))
+
+
+def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:
+    """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``.
+
+    The plan is a constant of the loss: its gradient flows through the cost only.
+    """
+    import numpy as np
+    import ot
+
+    host = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
+    plans = np.zeros_like(host)
+    for g, size in enumerate(sizes):
+        if size == 1:  # a single point on each side: the plan is that pair
+            plans[g, 0, 0] = 1.0
+            continue
+        mass = np.full(size, 1.0 / size)
+        iterations = max_iter if max_iter is not None else max(100_000, 20 * size * size)
+        plans[g, :size, :size] = ot.emd(mass, mass, host[g, :size, :size], numItermax=iterations)
+    return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
+
+
+def _kernel_times(kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``K y`` per group, ``(G, n, n) x (G, n) -> (G, n)`` (a plain matrix-vector product when
+    there is one group)."""
+    if kernel.shape[0] == 1:
+        return (kernel[0] @ vector[0])[None]
+    return (kernel @ vector[..., None])[..., 0]
+
+
+def _vector_times(vector: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``x^T K`` per group, ``(G, n) x (G, n, n) -> (G, n)``."""
+    if kernel.shape[0] == 1:
+        return (vector[0] @ kernel[0])[None]
+    return (vector[:, None, :] @ kernel)[:, 0, :]
+
+
+def sinkhorn_log(
+    scaled_cost: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float | None,
+    check_every: int,
+    padded: bool = False,
+    exact_every: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Entropic OT, log-stabilised, batched over groups; returns the scaled log-potentials.
+
+    ``scaled_cost`` is ``C / eps`` ``(G, n, n)``, ``log_a``/``log_b`` the log masses ``(G, n)``
+    (``-inf`` on padding, then ``padded=True``); the plan is ``exp(u_i + v_j - C_ij / eps)``.
+
+    The iterations run in blocks of ``check_every``. A block forms the kernel of the current
+    plan, ``K = exp(u_i + v_j - C_ij / eps)``, runs Sinkhorn's scaling updates on it (two
+    matrix-vector products per iteration instead of two log-sum-exps over ``n x n`` entries)
+    and absorbs the scalings into ``u, v`` (Schmitzer's log-stabilisation). The first block,
+    and every ``exact_every``-th, opens with an exact log-domain iteration
+    (``u = log a - LSE_j(v_j - C_ij / eps)``, then ``v``), safe from any starting point.
+
+    Why the scalings stay finite: after any Sinkhorn half-step one side's marginals are exact
+    and every mass on the other side is at least ``1/n`` of its target (a column's mass is at
+    most 1), so one scaling update changes a scaling by at most a factor ``n``; a block of
+    ``check_every`` updates stays far inside the float32 range for any practical batch. A group
+    whose scalings still under- or overflowed keeps its previous iterate (a ``torch.where``, no
+    synchronisation) until the next exact step.
+
+    Convergence: after each ``v`` update the column marginals are exact; the L1 error of the
+    row marginals (the row sums of the block's kernel) is compared with ``tol`` once per block
+    (one host synchronisation). ``tol=None`` runs exactly ``max_iter`` iterations and never
+    synchronises.
+    """
+    mass_a, mass_b = log_a.exp(), log_b.exp()
+    real_a, real_b = mass_a > 0, mass_b > 0
+    negative_cost = -scaled_cost
+    v = log_b.clone()
+    u = torch.zeros_like(log_a)
+    iterations = blocks = 0
+    while iterations < max_iter:
+        if blocks % exact_every == 0:
+            u = log_a - torch.logsumexp(v[:, None, :] + negative_cost, dim=-1)
+            v = log_b - torch.logsumexp(u[:, :, None] + negative_cost, dim=-2)
+            iterations += 1
+        blocks += 1
+        kernel = (negative_cost + v[:, None, :]).add_(u[:, :, None]).exp_()
+        if tol is not None and iterations > 0:
+            row_error = (kernel.sum(dim=-1) - mass_a).abs().sum(dim=-1).max()
+            if bool(row_error <= tol):
+                break
+        steps = min(check_every, max_iter - iterations)
+        if steps <= 0:
+            break
+        scale_b = torch.ones_like(mass_b)
+        for _ in range(steps):
+            scale_a = mass_a / _kernel_times(kernel, scale_b)
+            scale_b = mass_b / _vector_times(scale_a, kernel)
+            if padded:  # 0 / 0 on padded rows and columns
+                scale_a = torch.where(real_a, scale_a, torch.zeros_like(scale_a))
+                scale_b = torch.where(real_b, scale_b, torch.zeros_like(scale_b))
+        valid = torch.isfinite(scale_a).all(dim=-1) & torch.isfinite(scale_b).all(dim=-1)
+        valid &= ((scale_a > 0) == real_a).all(dim=-1) & ((scale_b > 0) == real_b).all(dim=-1)
+        u = torch.where(valid[:, None], u + scale_a.log(), u)
+        v = torch.where(valid[:, None], v + scale_b.log(), v)
+        iterations += steps
+    return u, v, iterations
+
+
+def sliced_wasserstein(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    counts: torch.Tensor,
+    p: float,
+    n_projections: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Mean over random unit directions of the 1-D ``W_p^p`` between the projected sets ``(G,)``.
+
+    In one dimension the optimal plan between equal-size uniform sets pairs the sorted values.
+    Padded rows are given the same huge value on both sides so they sort last and pair with
+    each other at zero cost.
+    """
+    width = student.shape[-1]
+    device = generator.device if generator is not None else student.device
+    directions = torch.randn(
+        width, n_projections, generator=generator, device=device, dtype=student.dtype
+    ).to(student.device)
+    directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    projected_s = student @ directions  # (G, n, L)
+    projected_t = teacher @ directions
+    if mask is not None:
+        padding = torch.finfo(student.dtype).max
+        real = mask[..., None]
+        projected_s = projected_s.masked_fill(~real, padding)
+        projected_t = projected_t.masked_fill(~real, padding)
+    sorted_s = projected_s.sort(dim=-2).values
+    sorted_t = projected_t.sort(dim=-2).values
+    gaps = (sorted_s - sorted_t).abs()
+    per_direction = (gaps.square() if p == 2 else gaps.pow(p)).sum(dim=-2) / counts[:, None]
+    return per_direction.mean(dim=-1)
+
+
+def label_cost(
+    labels: torch.Tensor | None,
+    student_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    kind: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The label part ``l(y_i, y_j)`` ``(B, B)`` of the joint cost, student ``i`` to teacher ``j``.
+
+    A side's label is the softmax of its logits when given, else the one-hot of ``labels``.
+    ``"sqeuclidean"`` is ``||y_i - y_j||^2`` (``2 [y_i != y_j]`` between one-hots);
+    ``"cross_entropy"`` is ``-sum_k y_jk log softmax(student_logits_i)_k``. Gradient flows
+    into the student logits only.
+    """
+    if student_logits is None and teacher_logits is None:
+        # one-hot on both sides (the caller requires student_logits for cross_entropy)
+        return 2 * (labels[:, None] != labels[None, :]).to(dtype)
+    classes = (student_logits if student_logits is not None else teacher_logits).shape[1]
+    if teacher_logits is not None:
+        teacher_y = torch.softmax(teacher_logits.detach().to(dtype), dim=1)
+    else:
+        teacher_y = torch.nn.functional.one_hot(labels, classes).to(dtype)
+    if kind == "cross_entropy":
+        log_p = torch.log_softmax(student_logits.to(dtype), dim=1)
+        return -(log_p @ teacher_y.mT)
+    if student_logits is not None:
+        student_y = torch.softmax(student_logits.to(dtype), dim=1)
+    else:
+        student_y = torch.nn.functional.one_hot(labels, classes).to(dtype)
+    return squared_distances(student_y, teacher_y)

@@ -1,0 +1,231 @@
+"""Kullback-Leibler divergence between Gaussians fitted to the two batches (KD2M eq. 6).
+
+Axis legend: ``B`` batch, ``D`` width, ``G`` groups (classes), ``n`` samples per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featkd._checks import check_choice, check_positive, compute_dtype
+from featkd._covariance import (
+    centre,
+    shrunk_covariance,
+    shrunk_logdet,
+    shrunk_mahalanobis,
+    shrunk_trace_inverse_product,
+)
+from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
+
+__all__ = ["GaussianKLLoss", "gaussian_kl_loss"]
+
+COVARIANCES = ("full", "diag")
+DIRECTIONS = ("student_teacher", "teacher_student")
+
+
+def _check_options(covariance: str, direction: str, eps: float) -> None:
+    check_choice(covariance, "covariance", COVARIANCES)
+    check_choice(direction, "direction", DIRECTIONS)
+    check_positive(eps, "eps")
+
+
+def _gaussian_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    labels: torch.Tensor | None,
+    covariance: str,
+    direction: str,
+    eps: float,
+    conditional: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    _check_options(covariance, direction, eps)
+    validate_pair(
+        student,
+        teacher,
+        labels,
+        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
+        min_batch=1 if conditional else 2,
+        min_batch_why="a covariance needs two samples",
+    )
+    # full covariances: inverses with condition numbers up to ||S|| / eps, so float64
+    work = torch.float64 if covariance == "full" else compute_dtype(student, teacher)
+    with torch.autocast(student.device.type, enabled=False):
+        target = teacher.detach().to(work)
+        shift = target.mean(dim=0)
+        groups = make_groups(student.to(work) - shift, target - shift, labels, conditional)
+        counts = groups.counts
+        mean_s, centred_s = centre(groups.student, groups.mask, counts)
+        mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
+        # KL(p || q): p is the first-named side of `direction`
+        if direction == "student_teacher":
+            mean_p, centred_p, mean_q, centred_q = mean_s, centred_s, mean_t, centred_t
+        else:
+            mean_p, centred_p, mean_q, centred_q = mean_t, centred_t, mean_s, centred_s
+        width = student.shape[1]
+        delta = mean_p - mean_q
+        if covariance == "diag":
+            var_p = centred_p.square().sum(dim=-2) / counts[:, None] + eps
+            var_q = centred_q.square().sum(dim=-2) / counts[:, None] + eps
+            mahalanobis = (delta.square() / var_q).sum(dim=-1)
+            rest = (var_p / var_q - 1 + var_q.log() - var_p.log()).sum(dim=-1)
+        else:
+            cov_p = shrunk_covariance(centred_p, counts, eps)
+            cov_q = shrunk_covariance(centred_q, counts, eps)
+            mahalanobis = shrunk_mahalanobis(cov_q, delta)
+            rest = (
+                shrunk_trace_inverse_product(cov_q, cov_p)
+                - width
+                + shrunk_logdet(cov_q)
+                - shrunk_logdet(cov_p)
+            )
+        per_group = 0.5 * (mahalanobis + rest)
+        loss = per_group.mean()
+    parts = {
+        "gaussian_kl": loss.detach(),
+        "mean": 0.5 * mahalanobis.detach().mean(),
+        "covariance": 0.5 * rest.detach().mean(),
+    }
+    if conditional:
+        parts["classes"] = torch.tensor(float(len(groups.sizes)))
+    return loss.to(student.dtype), parts
+
+
+def gaussian_kl_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    covariance: str = "full",
+    direction: str = "student_teacher",
+    eps: float = 1e-3,
+    conditional: bool = False,
+) -> torch.Tensor:
+    """KL divergence between Gaussians fitted to the student and teacher batches (KD2M eq. 6).
+
+    With ``p`` the first and ``q`` the second side of ``direction`` (``"student_teacher"``:
+    ``KL(P_S || P_T)``, the form written in KD2M; ``"teacher_student"``: ``KL(P_T || P_S)``)::
+
+        0.5 [tr(S_q^-1 S_p) + (mu_q - mu_p)^T S_q^-1 (mu_q - mu_p) - D
+             + log det S_q - log det S_p]
+
+    The covariances are the maximum-likelihood ones (divided by ``B``) shrunk by ``eps``:
+    ``S + eps I``. Shrinkage is required: with ``B <= D`` a batch covariance is singular, and it
+    sets the scale of the loss (directions the teacher does not span cost ``~ variance / eps``),
+    so keep ``eps`` fixed across a run. When ``B < D`` the inverses and log-determinants go
+    through the Woodbury identity and the matrix determinant lemma on ``B x B`` matrices,
+    never a ``D x D`` one. The full-covariance maths runs in float64 (its inverses have
+    condition numbers up to ``||S|| / eps``); the diagonal form in float32 (float64 for float64
+    inputs). The result is returned in the student's dtype; the teacher gets no gradient.
+
+    ``conditional=True`` averages over the classes present in ``labels``; a class seen once
+    has covariance ``eps I`` on both sides and contributes ``||s - t||^2 / (2 eps)``.
+
+    Args:
+        student: student features.
+        teacher: teacher features (detached inside).
+        labels: class indices, for ``conditional``.
+        covariance: ``"full"`` or ``"diag"``.
+        direction: ``"student_teacher"`` (``KL(P_S || P_T)``) or ``"teacher_student"``.
+        eps: covariance shrinkage, ``> 0``.
+        conditional: average over the classes in ``labels``.
+
+    Shape:
+        - student: ``(B, D)``, ``B >= 2`` unless conditional
+        - teacher: ``(B, D)``
+        - labels: ``(B,)`` integer
+        - output: scalar
+
+    Example:
+        >>> s, t = torch.randn(32, 64), torch.randn(32, 64)
+        >>> bool(gaussian_kl_loss(s, t) > 0)
+        True
+        >>> bool(gaussian_kl_loss(t, t).abs() < 1e-3)
+        True
+    """
+    loss, _ = _gaussian_kl(
+        student,
+        teacher,
+        labels=labels,
+        covariance=covariance,
+        direction=direction,
+        eps=eps,
+        conditional=conditional,
+    )
+    return loss
+
+
+class GaussianKLLoss(MatchingLoss):
+    """KL divergence between fitted Gaussians; see :func:`gaussian_kl_loss`.
+
+    Note:
+        With a ``projector`` (for example ``torch.nn.Linear(D_s, D_t)`` when the widths
+        differ) the module owns parameters: add ``loss_fn.parameters()`` to the optimiser.
+
+    Args:
+        covariance: ``"full"`` or ``"diag"``.
+        direction: ``"student_teacher"`` (``KL(P_S || P_T)``) or ``"teacher_student"``.
+        eps: covariance shrinkage ``S + eps I``, ``> 0``.
+        conditional: mean over the classes in ``labels`` of the per-class divergence.
+        projector: optional module applied to the student first (owned and trained).
+
+    Shape:
+        - student: ``(B, D_s)`` (``(B, D)`` without a projector)
+        - teacher: ``(B, D)``
+        - labels: ``(B,)`` integer, optional
+        - output: scalar
+
+    ``last_parts``: ``"gaussian_kl"``, ``"mean"`` (half the Mahalanobis term),
+    ``"covariance"`` (the rest) and, when conditional, ``"classes"``.
+
+    Example:
+        >>> loss_fn = GaussianKLLoss(covariance="diag", direction="teacher_student")
+        >>> s, t = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+        >>> loss_fn(s, t).backward()
+        >>> s.grad.shape
+        torch.Size([16, 8])
+    """
+
+    def __init__(
+        self,
+        covariance: str = "full",
+        *,
+        direction: str = "student_teacher",
+        eps: float = 1e-3,
+        conditional: bool = False,
+        projector: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__(projector)
+        _check_options(covariance, direction, eps)
+        self.covariance = covariance
+        self.direction = direction
+        self.eps = float(eps)
+        self.conditional = bool(conditional)
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """KL divergence between Gaussians fitted to the (projected) student and the teacher.
+
+        Args:
+            student: student features.
+            teacher: teacher features (detached inside).
+            labels: class indices (for ``conditional``).
+        """
+        loss, parts = _gaussian_kl(
+            self.project(student),
+            teacher,
+            labels=labels,
+            covariance=self.covariance,
+            direction=self.direction,
+            eps=self.eps,
+            conditional=self.conditional,
+        )
+        self.last_parts = parts
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"covariance={self.covariance!r}, direction={self.direction!r}, eps={self.eps}, "
+            f"conditional={self.conditional}"
+        )

@@ -1,0 +1,163 @@
+"""KD2M: one front door to every distribution-matching loss, named by a metric string."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from featkd._checks import ChoiceError, check_choice
+from featkd._matching import MatchingLoss
+from featkd.gaussian_kl import GaussianKLLoss
+from featkd.gaussian_wasserstein import GaussianWassersteinLoss
+from featkd.mmd import MMDLoss
+from featkd.wasserstein import WassersteinLoss
+
+__all__ = ["METRICS", "KD2MLoss", "kd2m_loss"]
+
+# metric -> (loss class, the options the metric name fixes)
+_REGISTRY: dict[str, tuple[type[MatchingLoss], dict[str, Any]]] = {
+    "w2_emd": (WassersteinLoss, {"solver": "emd"}),
+    "w2_sinkhorn": (WassersteinLoss, {"solver": "sinkhorn"}),
+    "w2_sliced": (WassersteinLoss, {"solver": "sliced"}),
+    "w2_gaussian": (GaussianWassersteinLoss, {"covariance": "full"}),
+    "w2_gaussian_diag": (GaussianWassersteinLoss, {"covariance": "diag"}),
+    "kl_gaussian": (GaussianKLLoss, {"covariance": "full"}),
+    "kl_gaussian_diag": (GaussianKLLoss, {"covariance": "diag"}),
+    "mmd_rbf": (MMDLoss, {"kernel": "rbf"}),
+    "mmd_linear": (MMDLoss, {"kernel": "linear"}),
+    "mmd_poly": (MMDLoss, {"kernel": "poly"}),
+}
+METRICS = tuple(_REGISTRY)
+
+
+def _accepted_options(cls: type[MatchingLoss], fixed: dict[str, Any]) -> list[str]:
+    names = inspect.signature(cls.__init__).parameters
+    return [n for n in names if n not in ("self", *fixed)]
+
+
+def _build(metric: str, options: dict[str, Any]) -> MatchingLoss:
+    check_choice(metric, "metric", METRICS)
+    cls, fixed = _REGISTRY[metric]
+    accepted = _accepted_options(cls, fixed)
+    for name in options:
+        if name not in accepted:
+            raise ChoiceError(
+                f"{name}: not an option of metric {metric!r} ({cls.__name__}); expected one of "
+                + ", ".join(accepted)
+            )
+    return cls(**fixed, **options)
+
+
+def kd2m_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    metric: str = "w2_gaussian",
+    labels: torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """The KD2M distance ``metric`` between the student and teacher batches (function form).
+
+    Builds the loss of :class:`KD2MLoss` and applies it once; see there for the metrics.
+    ``projector=`` is not accepted here (use the module, which owns it).
+
+    Shape:
+        - student: ``(B, D)``
+        - teacher: ``(B, D)``
+        - labels: ``(B,)`` integer, optional
+        - output: scalar
+
+    Example:
+        >>> s, t = torch.randn(16, 8), torch.randn(16, 8)
+        >>> kd2m_loss(s, t, metric="mmd_linear").shape
+        torch.Size([])
+    """
+    if "projector" in options:
+        raise ChoiceError(
+            "projector: the function form has no owned parameters; use KD2MLoss(metric, "
+            "projector=...) and add its parameters to the optimiser"
+        )
+    return _build(metric, options)(student, teacher, labels=labels)
+
+
+class KD2MLoss(torch.nn.Module):
+    """Distribution matching of student and teacher features (KD2M, Montesuma 2025).
+
+    ``loss = task_loss + lambda * KD2MLoss(metric)(student_features, teacher_features)``; the
+    official runs use pooled penultimate features and ``lambda = 1e-4`` with squared Euclidean
+    costs on 512-d features. Metrics:
+
+    ============================  ==================================================================
+    ``"w2_emd"``                  exact ``W_2^2`` (POT network simplex), :class:`WassersteinLoss`
+    ``"w2_sinkhorn"``             entropic OT in torch (log domain)
+    ``"w2_sliced"``               sliced Wasserstein (random 1-D projections)
+    ``"w2_gaussian"``             squared Bures-Wasserstein, :class:`GaussianWassersteinLoss`
+    ``"w2_gaussian_diag"``        its diagonal-covariance form (the official code's)
+    ``"kl_gaussian"``             Gaussian KL with shrunk full covariances, :class:`GaussianKLLoss`
+    ``"kl_gaussian_diag"``        Gaussian KL with diagonal covariances
+    ``"mmd_rbf"``                 MMD with a Gaussian kernel, :class:`MMDLoss`
+    ``"mmd_linear"``              MMD with a linear kernel (squared distance of the means)
+    ``"mmd_poly"``                MMD with the polynomial kernel of NST
+    ============================  ==================================================================
+
+    Label-aware variants: ``conditional=True`` (every metric) averages the distance over the
+    classes in ``labels``; ``label_weight=beta`` (``w2_emd``, ``w2_sinkhorn``) uses the joint
+    feature-label cost (see :class:`JointWassersteinLoss`). Other options go to the underlying
+    loss (an unknown one raises an error listing the accepted ones).
+
+    Note:
+        With a ``projector`` (for example ``torch.nn.Linear(D_s, D_t)`` when the widths
+        differ) the module owns parameters: add ``loss_fn.parameters()`` to the optimiser.
+
+    Args:
+        metric: one of the names above.
+        projector: optional module applied to the student first (owned and trained).
+        **options: options of the underlying loss (``conditional``, ``label_weight``, ``reg``,
+            ``eps``, ``bandwidth``, ...).
+
+    Shape:
+        - student: ``(B, D_s)`` (``(B, D)`` without a projector)
+        - teacher: ``(B, D)``
+        - labels: ``(B,)`` integer, optional
+        - output: scalar
+
+    Example:
+        >>> loss_fn = KD2MLoss("w2_gaussian", conditional=True)
+        >>> s, t = torch.randn(32, 16, requires_grad=True), torch.randn(32, 16)
+        >>> loss_fn(s, t, labels=torch.randint(0, 4, (32,))).backward()
+        >>> loss_fn.loss
+        GaussianWassersteinLoss(covariance='full', conditional=True)
+    """
+
+    def __init__(
+        self, metric: str = "w2_gaussian", *, projector: torch.nn.Module | None = None, **options
+    ) -> None:
+        super().__init__()
+        self.metric = metric
+        self.loss = _build(metric, {**options, "projector": projector})
+
+    @property
+    def last_parts(self) -> dict[str, torch.Tensor]:
+        """The detached parts of the last call (those of the underlying loss)."""
+        return self.loss.last_parts
+
+    @property
+    def projector(self) -> torch.nn.Module | None:
+        """The owned projector of the student, if any."""
+        return self.loss.projector
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The chosen distance between the (projected) student and the teacher batches.
+
+        Args:
+            student: student features.
+            teacher: teacher features (detached inside).
+            **kwargs: ``labels=`` and, for the joint Wasserstein cost, ``student_logits=`` and
+                ``teacher_logits=``.
+        """
+        return self.loss(student, teacher, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"metric={self.metric!r}"

@@ -1,0 +1,203 @@
+"""GaussianWassersteinLoss against scipy.linalg.sqrtm in float64 and closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import tolerance
+
+from featkd import ChoiceError, FeatkdInputError, GaussianWassersteinLoss, ShapeError
+from featkd._covariance import cross_nuclear_norm
+from featkd.functional import gaussian_wasserstein_loss
+
+
+def _bures_reference(s: np.ndarray, t: np.ndarray) -> float:
+    """The textbook formula with D x D matrix square roots (scipy), float64."""
+    mean_s, mean_t = s.mean(0), t.mean(0)
+    cov_s = np.atleast_2d(np.cov(s.T, bias=True))
+    cov_t = np.atleast_2d(np.cov(t.T, bias=True))
+    root_s = scipy.linalg.sqrtm(cov_s)
+    cross = scipy.linalg.sqrtm(root_s @ cov_t @ root_s)
+    bures = np.trace(cov_s) + np.trace(cov_t) - 2 * np.trace(cross).real
+    return float(np.sum((mean_s - mean_t) ** 2) + bures)
+
+
+def _diag_reference(s: np.ndarray, t: np.ndarray) -> float:
+    return float(np.sum((s.mean(0) - t.mean(0)) ** 2) + np.sum((s.std(0) - t.std(0)) ** 2))
+
+
+# B < D, B = D, B > D
+SIZES = [(6, 10), (8, 8), (16, 5)]
+
+
+@pytest.mark.parametrize(("batch", "width"), SIZES)
+def test_full_matches_scipy_sqrtm(rng, device, dtype, batch, width):
+    mixing = rng.standard_normal((width, width))
+    s = rng.standard_normal((batch, width)) @ mixing
+    t = 0.7 * rng.standard_normal((batch, width)) + 0.3
+    got = gaussian_wasserstein_loss(
+        torch.tensor(s, dtype=dtype, device=device), torch.tensor(t, dtype=dtype, device=device)
+    )
+    assert got.dtype == dtype
+    # scipy's sqrtm of a singular covariance (B <= D) is accurate to ~sqrt(machine eps) only
+    singular_rtol = 1e-10 if batch > width else 1e-7
+    tol = {"rtol": singular_rtol, "atol": 1e-9} if dtype == torch.float64 else tolerance(dtype)
+    torch.testing.assert_close(
+        got.cpu().double(), torch.tensor(_bures_reference(s, t), dtype=torch.float64), **tol
+    )
+
+
+def test_full_matches_high_precision_reference(rng):
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    s, t = rng.standard_normal((2, 5, 7))  # B < D: singular covariances
+
+    def psd_sqrt(a):  # eigen-decomposition, 40 digits: rounding-level eigenvalues stay ~1e-20
+        values, vectors = mpmath.eigsy(a)
+        roots = mpmath.diag([mpmath.sqrt(max(v, 0)) for v in values])
+        return vectors * roots * vectors.T
+
+    cov_s = mpmath.matrix(np.cov(s.T, bias=True).tolist())
+    cov_t = mpmath.matrix(np.cov(t.T, bias=True).tolist())
+    root_s = psd_sqrt(cov_s)
+    cross = psd_sqrt(root_s * cov_t * root_s)
+    trace = sum(cov_s[i, i] + cov_t[i, i] - 2 * cross[i, i] for i in range(7))
+    expected = float(mpmath.re(trace)) + float(np.sum((s.mean(0) - t.mean(0)) ** 2))
+    got = gaussian_wasserstein_loss(torch.tensor(s), torch.tensor(t))
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("batch", "width"), SIZES)
+def test_diag_matches_numpy(rng, batch, width):
+    s = rng.standard_normal((batch, width)) * rng.uniform(0.1, 3, width)
+    t = rng.standard_normal((batch, width)) + 1
+    got = gaussian_wasserstein_loss(torch.tensor(s), torch.tensor(t), covariance="diag")
+    assert float(got) == pytest.approx(_diag_reference(s, t), rel=1e-12)
+
+
+def test_closed_forms(rng):
+    # N(0, 1) vs N(10, 1): W = 10, the loss is the squared distance 100
+    line = rng.standard_normal((500, 1))
+    assert float(
+        gaussian_wasserstein_loss(torch.tensor(line), torch.tensor(line + 10))
+    ) == pytest.approx(100.0, rel=1e-12)
+    # N(0, I) vs N(m, I) (same covariance): ||m||^2
+    x = rng.standard_normal((30, 12))
+    m = rng.standard_normal(12)
+    for covariance in ("full", "diag"):
+        got = gaussian_wasserstein_loss(torch.tensor(x), torch.tensor(x + m), covariance=covariance)
+        assert float(got) == pytest.approx(float(np.sum(m**2)), rel=1e-10)
+    # identical batches give 0, including B < D
+    for batch, width in SIZES:
+        y = torch.tensor(rng.standard_normal((batch, width)))
+        assert abs(float(gaussian_wasserstein_loss(y, y))) < 1e-10
+    # scaling a centred batch by a: Bures = (a - 1)^2 tr(S) (commuting covariances)
+    centred = x - x.mean(0)
+    trace = np.sum(centred**2) / 30
+    got = gaussian_wasserstein_loss(torch.tensor(centred), torch.tensor(3 * centred))
+    assert float(got) == pytest.approx(4 * trace, rel=1e-10)
+
+
+@pytest.mark.parametrize(("batch", "width"), [*SIZES, (3, 1)])
+def test_cross_nuclear_norm_matches_svd(rng, batch, width):
+    a, b = rng.standard_normal((2, batch, width))
+    expected = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    got = cross_nuclear_norm(torch.tensor(a), torch.tensor(b))
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    batched = cross_nuclear_norm(torch.tensor(np.stack([a, b])), torch.tensor(np.stack([b, a])))
+    assert float(batched[1]) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("batch", "width"), SIZES)
+def test_gradcheck(rng, batch, width):
+    s = torch.tensor(rng.standard_normal((batch, width)), requires_grad=True)
+    t = torch.tensor(rng.standard_normal((batch, width)) + 0.5)
+    for covariance in ("full", "diag"):
+        assert torch.autograd.gradcheck(
+            lambda x, c=covariance: gaussian_wasserstein_loss(x, t, covariance=c), (s,)
+        )
+    a = torch.tensor(rng.standard_normal((batch, width)), requires_grad=True)
+    assert torch.autograd.gradcheck(cross_nuclear_norm, (a, s))
+
+
+def test_gradient_vanishes_for_identical_batches(rng):
+    for batch, width in SIZES:
+        x = torch.tensor(rng.standard_normal((batch, width)), requires_grad=True)
+        gaussian_wasserstein_loss(x, x.detach()).backward()
+        assert x.grad.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize(("batch", "width"), SIZES)
+def test_no_nan_on_degenerate_inputs(covariance, batch, width):
+    x = torch.randn(batch, width)
+    constant = torch.ones(batch, width)
+    cases = [
+        (x, x),  # identical
+        (constant, x),  # zero student variance
+        (x, constant),  # zero teacher variance
+        (constant, 2 * constant),  # both constant
+        (x * 1e4, x * 1e4 + 3),  # large magnitude
+        (x.double() * 1e4, x.double() * 1e4 + 3),
+    ]
+    for s, t in cases:
+        student = s.clone().requires_grad_()
+        loss = gaussian_wasserstein_loss(student, t, covariance=covariance)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+        assert float(loss.detach()) >= 0
+
+
+def test_conditional_matches_per_class(rng):
+    s, t = rng.standard_normal((2, 15, 6))
+    labels = np.array([0] * 5 + [2] * 9 + [4])  # class 4 is seen once
+    expected = []
+    for c in (0, 2, 4):
+        rows = labels == c
+        if rows.sum() == 1:  # zero covariances: the distance between the two points
+            expected.append(float(np.sum((s[rows] - t[rows]) ** 2)))
+        else:
+            expected.append(_bures_reference(s[rows], t[rows]))
+    student = torch.tensor(s, requires_grad=True)
+    loss_fn = GaussianWassersteinLoss(conditional=True)
+    got = loss_fn(student, torch.tensor(t), labels=torch.tensor(labels))
+    # classes of 5 and 9 in D = 6: singular covariances, scipy's sqrtm is good to ~1e-8
+    assert float(got.detach()) == pytest.approx(np.mean(expected), rel=1e-7)
+    assert float(loss_fn.last_parts["classes"]) == 3
+    got.backward()
+    assert torch.isfinite(student.grad).all()
+    diag = gaussian_wasserstein_loss(
+        torch.tensor(s),
+        torch.tensor(t),
+        labels=torch.tensor(labels),
+        covariance="diag",
+        conditional=True,
+    )
+    expected_diag = np.mean([_diag_reference(s[labels == c], t[labels == c]) for c in (0, 2, 4)])
+    assert float(diag) == pytest.approx(expected_diag, rel=1e-10)
+
+
+def test_module_parts_and_gradient_routing(rng):
+    s = torch.randn(10, 4, requires_grad=True)
+    t = torch.randn(10, 4, requires_grad=True)
+    loss_fn = GaussianWassersteinLoss()
+    loss = loss_fn(s, t)
+    torch.testing.assert_close(loss, gaussian_wasserstein_loss(s, t))
+    parts = loss_fn.last_parts
+    torch.testing.assert_close(parts["mean"] + parts["covariance"], loss.detach())
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_errors():
+    s = torch.randn(8, 4)
+    with pytest.raises(ChoiceError, match="covariance: expected one of 'full', 'diag', got 'tied'"):
+        GaussianWassersteinLoss("tied")
+    with pytest.raises(ShapeError, match=r"expected a batch of at least 2 \(a covariance"):
+        gaussian_wasserstein_loss(s[:1], s[:1])
+    with pytest.raises(FeatkdInputError, match="labels: expected class indices"):
+        gaussian_wasserstein_loss(s, s, conditional=True)
+    with pytest.raises(FeatkdInputError, match="teacher: expected finite values"):
+        gaussian_wasserstein_loss(s, torch.full((8, 4), float("nan")))

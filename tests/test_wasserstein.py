@@ -1,0 +1,448 @@
+"""WassersteinLoss / wasserstein_loss / JointWassersteinLoss against POT on float64 numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import torch
+from conftest import tolerance
+
+from featkd import (
+    ChoiceError,
+    FeatkdInputError,
+    JointWassersteinLoss,
+    ShapeError,
+    WassersteinLoss,
+)
+from featkd.functional import joint_wasserstein_loss, wasserstein_loss
+
+
+def _batches(rng, n=12, d=5, shift=0.5):
+    s = rng.standard_normal((n, d))
+    t = 1.3 * rng.standard_normal((n, d)) + shift
+    return s, t
+
+
+def _uniform(n):
+    return np.full(n, 1.0 / n)
+
+
+def _entropic_reference(s, t, reg, p=2.0):
+    """POT's log-domain plan in float64: (transport = ot.sinkhorn2, objective with eps KL)."""
+    cost = ot.dist(s, t, metric="sqeuclidean") ** (p / 2)
+    a = _uniform(len(s))
+    kw = {"method": "sinkhorn_log", "stopThr": 1e-13, "numItermax": 20_000}
+    transport = ot.sinkhorn2(a, a, cost, reg, **kw)
+    plan = ot.sinkhorn(a, a, cost, reg, **kw)
+    kl = np.sum(plan * np.log(plan / np.outer(a, a)))
+    return float(transport), float(transport + reg * kl)
+
+
+# ---------------------------------------------------------------- exact OT (POT network simplex)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_emd_matches_pot(rng, device, dtype, p):
+    s, t = _batches(rng)
+    expected = ot.emd2(_uniform(12), _uniform(12), ot.dist(s, t) ** (p / 2))
+    got = wasserstein_loss(
+        torch.tensor(s, dtype=dtype, device=device),
+        torch.tensor(t, dtype=dtype, device=device),
+        p=p,
+    )
+    assert got.dtype == dtype
+    torch.testing.assert_close(
+        got.cpu().double(), torch.tensor(expected, dtype=torch.float64), **tolerance(dtype)
+    )
+
+
+def test_emd_closed_forms(rng):
+    s = torch.tensor(rng.standard_normal((10, 4)))
+    shift = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    # a translation is transported straight: W_2^2 = ||shift||^2
+    torch.testing.assert_close(wasserstein_loss(s, s + shift), shift.square().sum())
+    assert float(wasserstein_loss(s, s)) == pytest.approx(0.0, abs=1e-12)
+    # permuting the teacher rows changes nothing
+    assert float(wasserstein_loss(s, s[torch.randperm(10)])) == pytest.approx(0.0, abs=1e-12)
+    # N(0, 1) vs N(10, 1) on the line: W = 10
+    line = torch.randn(200, 1, dtype=torch.float64)
+    assert float(wasserstein_loss(line, line + 10)) == pytest.approx(100.0, rel=1e-12)
+
+
+def test_emd_gradient_is_through_the_cost(rng):
+    s = torch.tensor(rng.standard_normal((8, 3)), requires_grad=True)
+    t = torch.tensor(rng.standard_normal((8, 3)))
+    wasserstein_loss(s, t).backward()
+    plan = ot.emd(_uniform(8), _uniform(8), ot.dist(s.detach().numpy(), t.numpy()))
+    # d/ds_i sum_ij gamma_ij ||s_i - t_j||^2 = 2 sum_j gamma_ij (s_i - t_j)
+    expected = 2 * (plan.sum(1)[:, None] * s.detach().numpy() - plan @ t.numpy())
+    np.testing.assert_allclose(s.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_emd_gradcheck(rng):
+    s = torch.tensor(rng.standard_normal((6, 3)), requires_grad=True)
+    t = torch.tensor(rng.standard_normal((6, 3)))
+    assert torch.autograd.gradcheck(lambda x: wasserstein_loss(x, t), (s,))
+    assert torch.autograd.gradcheck(lambda x: wasserstein_loss(x, t, p=1.5), (s,))
+
+
+# ---------------------------------------------------------------- entropic OT (log domain, torch)
+
+
+def test_sinkhorn_matches_pot(rng, device, dtype):
+    s, t = _batches(rng)
+    reg = 2.0
+    transport, objective = _entropic_reference(s, t, reg)
+    loss_fn = WassersteinLoss("sinkhorn", reg=reg, relative_reg=False, tol=1e-7, max_iter=5000)
+    got = loss_fn(
+        torch.tensor(s, dtype=dtype, device=device), torch.tensor(t, dtype=dtype, device=device)
+    )
+    tol = {"rtol": 1e-7, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    assert float(got) == pytest.approx(objective, **{"rel": tol["rtol"], "abs": tol["atol"]})
+    transport_got = float(loss_fn.last_parts["transport"])
+    assert transport_got == pytest.approx(transport, **{"rel": tol["rtol"], "abs": tol["atol"]})
+
+
+def test_sinkhorn_relative_reg_scales_by_the_mean_cost(rng):
+    s, t = _batches(rng)
+    cost = ot.dist(s, t)
+    _, objective = _entropic_reference(s, t, 0.1 * cost.mean())
+    got = wasserstein_loss(
+        torch.tensor(s), torch.tensor(t), solver="sinkhorn", reg=0.1, tol=1e-12, max_iter=10_000
+    )
+    assert float(got) == pytest.approx(objective, rel=1e-8)
+
+
+def test_sinkhorn_small_reg_approaches_emd(rng):
+    s, t = _batches(rng, n=10)
+    exact = ot.emd2(_uniform(10), _uniform(10), ot.dist(s, t))
+    got = wasserstein_loss(
+        torch.tensor(s), torch.tensor(t), solver="sinkhorn", reg=1e-3, tol=1e-9, max_iter=20_000
+    )
+    assert float(got) == pytest.approx(exact, rel=1e-2)
+
+
+def test_sinkhorn_fixed_iterations_and_tolerance():
+    s, t = torch.randn(16, 4), torch.randn(16, 4)
+    fixed = WassersteinLoss("sinkhorn", tol=None, max_iter=7)
+    fixed(s, t)
+    assert float(fixed.last_parts["iterations"]) == 7
+    loose = WassersteinLoss("sinkhorn", tol=1e-1, check_every=5, max_iter=500)
+    loose(s, t)
+    iterations = float(loose.last_parts["iterations"])
+    assert 1 <= iterations < 500
+    assert float(loose.last_parts["marginal_error"]) <= 1e-1
+
+
+def test_sinkhorn_gradcheck(rng):
+    s = torch.tensor(rng.standard_normal((6, 3)), requires_grad=True)
+    t = torch.tensor(rng.standard_normal((6, 3)))
+    for relative in (False, True):
+
+        def fn(x, relative=relative):
+            return wasserstein_loss(
+                x, t, solver="sinkhorn", reg=0.5, relative_reg=relative, tol=1e-14, max_iter=100_000
+            )
+
+        assert torch.autograd.gradcheck(fn, (s,), atol=1e-6)
+
+
+def test_sinkhorn_debias(rng):
+    s, t = _batches(rng, n=10)
+    reg = 5.0  # self-transport converges slowly at small reg
+    cross = _entropic_reference(s, t, reg)[1]
+    self_s = _entropic_reference(s, s, reg)[1]
+    self_t = _entropic_reference(t, t, reg)[1]
+    got = wasserstein_loss(
+        torch.tensor(s),
+        torch.tensor(t),
+        solver="sinkhorn",
+        reg=reg,
+        relative_reg=False,
+        debias=True,
+        tol=1e-12,
+        max_iter=10_000,
+    )
+    assert float(got) == pytest.approx(cross - 0.5 * self_s - 0.5 * self_t, rel=1e-8)
+    same = wasserstein_loss(torch.tensor(s), torch.tensor(s), solver="sinkhorn", debias=True)
+    assert abs(float(same)) < 1e-10
+    x = torch.tensor(s, requires_grad=True)
+
+    def gradient_check(x):
+        return wasserstein_loss(
+            x, torch.tensor(t), solver="sinkhorn", reg=1.0, debias=True, tol=1e-14, max_iter=50_000
+        )
+
+    assert torch.autograd.gradcheck(gradient_check, (x,), atol=1e-6)
+
+
+# ---------------------------------------------------------------- sliced
+
+
+def test_sliced_matches_pot_wasserstein_1d(rng):
+    s, t = _batches(rng, n=20, d=6)
+    directions = torch.randn(6, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    directions = (directions / directions.norm(dim=0)).numpy()
+    expected = np.mean(ot.wasserstein_1d(s @ directions, t @ directions, p=2))
+    got = wasserstein_loss(
+        torch.tensor(s),
+        torch.tensor(t),
+        solver="sliced",
+        n_projections=50,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert float(got) == pytest.approx(expected, rel=1e-10)
+
+
+def test_sliced_in_one_dimension_is_exact(rng):
+    s, t = _batches(rng, n=15, d=1)
+    for p in (1.0, 2.0):
+        exact = ot.emd2(_uniform(15), _uniform(15), ot.dist(s, t) ** (p / 2))
+        got = wasserstein_loss(
+            torch.tensor(s), torch.tensor(t), solver="sliced", p=p, n_projections=3
+        )
+        assert float(got) == pytest.approx(exact, rel=1e-10)
+
+
+def test_sliced_seed_reproducible_and_gradcheck(rng):
+    s, t = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    first, second = WassersteinLoss("sliced", seed=5), WassersteinLoss("sliced", seed=5)
+    assert torch.equal(first(s, t), second(s, t))
+    assert not torch.equal(first(s, t), WassersteinLoss("sliced", seed=6)(s, t))
+    x = s.clone().requires_grad_()
+
+    def fn(x):
+        return wasserstein_loss(x, t, solver="sliced", generator=torch.Generator().manual_seed(0))
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+# ---------------------------------------------------------------- class-conditional
+
+
+def _per_class_emd(s, t, labels, p=2.0):
+    values = []
+    for c in np.unique(labels):
+        rows = labels == c
+        n = int(rows.sum())
+        values.append(ot.emd2(_uniform(n), _uniform(n), ot.dist(s[rows], t[rows]) ** (p / 2)))
+    return float(np.mean(values))
+
+
+def test_conditional_emd_matches_per_class_pot(rng):
+    s, t = _batches(rng, n=17)
+    labels = np.array([0] * 6 + [3] * 5 + [5] * 5 + [7])  # class 7 is seen once
+    got = wasserstein_loss(
+        torch.tensor(s), torch.tensor(t), labels=torch.tensor(labels), conditional=True
+    )
+    assert float(got) == pytest.approx(_per_class_emd(s, t, labels), rel=1e-12)
+
+
+def test_conditional_sinkhorn_batched_over_classes(rng):
+    s, t = _batches(rng, n=13)
+    labels = np.array([1] * 7 + [2] * 5 + [9])
+    expected = []
+    for c in (1, 2, 9):
+        rows = labels == c
+        if rows.sum() == 1:  # one point each: plan is that pair, KL is zero
+            expected.append(float(np.sum((s[rows] - t[rows]) ** 2)))
+        else:
+            expected.append(_entropic_reference(s[rows], t[rows], 0.8)[1])
+    got = wasserstein_loss(
+        torch.tensor(s),
+        torch.tensor(t),
+        labels=torch.tensor(labels),
+        conditional=True,
+        solver="sinkhorn",
+        reg=0.8,
+        relative_reg=False,
+        tol=1e-12,
+        max_iter=20_000,
+    )
+    assert float(got) == pytest.approx(np.mean(expected), rel=1e-8)
+
+
+def test_conditional_sliced_matches_per_class(rng):
+    s, t = _batches(rng, n=11, d=1)
+    labels = np.array([0] * 5 + [1] * 5 + [2])
+    got = wasserstein_loss(
+        torch.tensor(s),
+        torch.tensor(t),
+        labels=torch.tensor(labels),
+        conditional=True,
+        solver="sliced",
+        n_projections=2,
+    )
+    assert float(got) == pytest.approx(_per_class_emd(s, t, labels), rel=1e-10)
+
+
+# ---------------------------------------------------------------- joint feature-label cost
+
+
+def test_joint_with_labels_matches_pot(rng):
+    s, t = _batches(rng, n=14)
+    labels = rng.integers(0, 3, 14)
+    beta = 4.0
+    label_cost = 2.0 * (labels[:, None] != labels[None, :])
+    expected = ot.emd2(_uniform(14), _uniform(14), ot.dist(s, t) + beta * label_cost)
+    got = joint_wasserstein_loss(
+        torch.tensor(s), torch.tensor(t), labels=torch.tensor(labels), label_weight=beta
+    )
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_joint_large_weight_is_class_weighted_conditional(rng):
+    # with a prohibitive label cost the plan stays inside classes: sum_c (n_c / B) W_c
+    s, t = _batches(rng, n=12)
+    labels = np.array([0] * 6 + [1] * 4 + [2] * 2)
+    expected = 0.0
+    for c in (0, 1, 2):
+        rows = labels == c
+        n = int(rows.sum())
+        expected += n / 12 * ot.emd2(_uniform(n), _uniform(n), ot.dist(s[rows], t[rows]))
+    got = joint_wasserstein_loss(
+        torch.tensor(s), torch.tensor(t), labels=torch.tensor(labels), label_weight=1e4
+    )
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_joint_with_logits_student_to_teacher(rng):
+    s, t = _batches(rng, n=10)
+    zs, zt = rng.standard_normal((10, 4)), rng.standard_normal((10, 4))
+    ps, pt = _softmax(zs), _softmax(zt)
+    beta = 3.0
+    sq = ((ps[:, None, :] - pt[None, :, :]) ** 2).sum(-1)  # student i vs teacher j
+    expected_sq = ot.emd2(_uniform(10), _uniform(10), ot.dist(s, t) + beta * sq)
+    ce = -(np.log(ps) @ pt.T)  # -sum_k q_jk log p_ik
+    expected_ce = ot.emd2(_uniform(10), _uniform(10), ot.dist(s, t) + beta * ce)
+    logits_s = torch.tensor(zs, requires_grad=True)
+    kwargs = {"student_logits": logits_s, "teacher_logits": torch.tensor(zt)}
+    loss_fn = JointWassersteinLoss(label_weight=beta)
+    got = loss_fn(torch.tensor(s), torch.tensor(t), **kwargs)
+    assert float(got.detach()) == pytest.approx(expected_sq, rel=1e-12)
+    got.backward()
+    assert logits_s.grad is not None and logits_s.grad.abs().sum() > 0
+    ce_fn = JointWassersteinLoss(label_weight=beta, label_cost="cross_entropy")
+    assert float(ce_fn(torch.tensor(s), torch.tensor(t), **kwargs).detach()) == pytest.approx(
+        expected_ce, rel=1e-12
+    )
+    # student logits against teacher one-hot labels
+    labels = rng.integers(0, 4, 10)
+    mixed = ((ps[:, None, :] - np.eye(4)[labels][None, :, :]) ** 2).sum(-1)
+    expected_mixed = ot.emd2(_uniform(10), _uniform(10), ot.dist(s, t) + beta * mixed)
+    got_mixed = loss_fn(
+        torch.tensor(s),
+        torch.tensor(t),
+        labels=torch.tensor(labels),
+        student_logits=torch.tensor(zs),
+    )
+    assert float(got_mixed) == pytest.approx(expected_mixed, rel=1e-12)
+
+
+def test_joint_sinkhorn_gradcheck(rng):
+    s = torch.tensor(rng.standard_normal((6, 3)), requires_grad=True)
+    z = torch.tensor(rng.standard_normal((6, 3)), requires_grad=True)
+    t, zt = torch.tensor(rng.standard_normal((6, 3))), torch.tensor(rng.standard_normal((6, 3)))
+
+    def fn(x, logits):
+        return joint_wasserstein_loss(
+            x,
+            t,
+            student_logits=logits,
+            teacher_logits=zt,
+            solver="sinkhorn",
+            reg=0.5,
+            tol=1e-14,
+            max_iter=100_000,
+        )
+
+    assert torch.autograd.gradcheck(fn, (s, z), atol=1e-6)
+
+
+# ---------------------------------------------------------------- module, routing, robustness
+
+
+def test_module_equals_function_and_routes_gradient(rng):
+    s = torch.randn(12, 6, requires_grad=True)
+    t = torch.randn(12, 6, requires_grad=True)
+    loss_fn = WassersteinLoss("sinkhorn", reg=0.1)
+    loss = loss_fn(s, t)
+    torch.testing.assert_close(loss, wasserstein_loss(s, t, solver="sinkhorn", reg=0.1))
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+    assert set(loss_fn.last_parts) >= {"wasserstein", "transport", "entropy", "iterations"}
+    assert all(not v.requires_grad for v in loss_fn.last_parts.values())
+
+
+def test_projector_is_owned_and_trained():
+    projector = torch.nn.Linear(5, 8)
+    loss_fn = WassersteinLoss(projector=projector)
+    assert list(loss_fn.parameters()) == list(projector.parameters())
+    loss_fn(torch.randn(10, 5), torch.randn(10, 8)).backward()
+    assert projector.weight.grad is not None and projector.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn", "sliced"])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_no_nan_at_zero_distances(solver, p):
+    x = torch.randn(8, 5)
+    for s, t in [(x, x), (torch.ones(8, 5), torch.ones(8, 5)), (x * 1e4, x * 1e4 + 1)]:
+        student = s.clone().requires_grad_()
+        loss = wasserstein_loss(student, t, solver=solver, p=p)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_half_precision_runs_in_float32():
+    s, t = torch.randn(8, 4), torch.randn(8, 4)
+    got = wasserstein_loss(s.bfloat16(), t.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert float(got) == pytest.approx(
+        float(wasserstein_loss(s.bfloat16().float(), t.bfloat16().float())), rel=1e-2
+    )
+
+
+def test_errors():
+    s, t = torch.randn(8, 4), torch.randn(8, 4)
+    with pytest.raises(ChoiceError, match="solver: expected one of 'emd', 'sinkhorn', 'sliced'"):
+        WassersteinLoss("exact")
+    with pytest.raises(ChoiceError, match="p: expected a number >= 1"):
+        wasserstein_loss(s, t, p=0.5)
+    with pytest.raises(ChoiceError, match="reg"):
+        WassersteinLoss("sinkhorn", reg=0.0)
+    with pytest.raises(FeatkdInputError, match=r"labels: expected class indices of shape \(8,\)"):
+        wasserstein_loss(s, t, conditional=True)
+    with pytest.raises(ShapeError, match="projector="):
+        wasserstein_loss(s, torch.randn(8, 5))
+    with pytest.raises(ShapeError, match=r"teacher: expected batch size 8"):
+        wasserstein_loss(s, torch.randn(7, 4))
+    with pytest.raises(ShapeError, match=r"student: expected \(B, D\), got \(8, 4, 2\)"):
+        wasserstein_loss(torch.randn(8, 4, 2), t)
+    with pytest.raises(ChoiceError, match=r"label_weight.*'sliced'"):
+        WassersteinLoss("sliced", label_weight=1.0)
+    with pytest.raises(ChoiceError, match="debias"):
+        WassersteinLoss("emd", debias=True)
+    with pytest.raises(ChoiceError, match="label_weight: expected 0 with conditional"):
+        WassersteinLoss(conditional=True, label_weight=1.0)
+    with pytest.raises(ChoiceError, match="solver: the joint"):
+        JointWassersteinLoss(solver="sliced")
+    with pytest.raises(FeatkdInputError, match="student_logits: label_cost='cross_entropy'"):
+        joint_wasserstein_loss(
+            s, t, labels=torch.zeros(8, dtype=torch.long), label_cost="cross_entropy"
+        )
+    with pytest.raises(FeatkdInputError, match=r"labels: expected class indices .* joint"):
+        joint_wasserstein_loss(s, t)
+    with pytest.raises(ChoiceError, match="labels: expected class indices < 3"):
+        joint_wasserstein_loss(s, t, labels=torch.full((8,), 5), student_logits=torch.randn(8, 3))
+    with pytest.raises(ShapeError, match="teacher_logits: expected 3 classes"):
+        joint_wasserstein_loss(
+            s, t, student_logits=torch.randn(8, 3), teacher_logits=torch.randn(8, 4)
+        )
+    with pytest.raises(ChoiceError, match="n_projections"):
+        WassersteinLoss("sliced", n_projections=0)
