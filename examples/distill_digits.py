@@ -197,9 +197,39 @@ def _fcfd_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
     return fcfd + loss_fn["kd"](batch.student_stages[-1], batch.teacher_stages[-1])
 
 
+def _kd2m(metric: str) -> Callable[[StagedCNN, StagedCNN, Digits], nn.Module]:
+    def build(student: StagedCNN, teacher: StagedCNN, data: Digits) -> nn.Module:
+        # widths differ (32 vs 256): a linear projector of the student, owned by the loss
+        projector = nn.Linear(student.feature_dim, teacher.feature_dim)
+        return featkd.KD2MLoss(metric, projector=projector)
+
+    return build
+
+
+def _pooled_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
+    student = featkd.pool(batch.student_stages[2], "gap")
+    teacher = featkd.pool(batch.teacher_stages[2], "gap")
+    return loss_fn(student, teacher)
+
+
 METHODS: list[Method] = [
     Method("student alone", lambda s, t, d: None, None, notes="cross-entropy on the labelled 10%"),
     Method("Hinton KD", lambda s, t, d: featkd.KDLoss(4.0), _kd_term, notes="logits, T=4"),
+    Method(
+        "KD2M exact W2",
+        _kd2m("w2_emd"),
+        _pooled_term,
+        weight=0.01,
+        notes="pooled features, linear projector, weight 0.01",
+    ),
+    Method(
+        "KD2M Gaussian W2",
+        _kd2m("w2_gaussian"),
+        _pooled_term,
+        weight=0.01,
+        notes="squared Bures, linear projector, weight 0.01",
+    ),
+    Method("KD2M MMD (RBF)", _kd2m("mmd_rbf"), _pooled_term, notes="median bandwidth"),
     Method("FCFD", _build_fcfd, _fcfd_term, notes="+ KD; 2 sampled paths, MSE weight 5"),
 ]
 

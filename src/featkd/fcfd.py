@@ -211,8 +211,8 @@ class FCFDLoss(nn.Module):
         ...     teacher_feats = features(teacher, images)
         >>> loss = fcfd(features(student, images), teacher_feats)
         >>> loss.backward()
-        >>> sorted(fcfd.last_parts)[:3]
-        ['appearance', 'appearance/pooled', 'appearance/stage1']
+        >>> {"appearance", "appearance/pooled", "appearance/stage1"} <= set(fcfd.last_parts)
+        True
         >>> fcfd.last_paths
         ['s2t@1', 't2s@1']
     """

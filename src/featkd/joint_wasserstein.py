@@ -7,6 +7,8 @@ KD2M code compares the student's features with themselves here, which is a bug).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from featkd._checks import ChoiceError, check_positive
@@ -25,7 +27,7 @@ def joint_wasserstein_loss(
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     solver: str = "emd",
-    **options,
+    **options: Any,
 ) -> torch.Tensor:
     """OT between the joint (feature, label) distributions of student and teacher.
 
@@ -115,7 +117,7 @@ class JointWassersteinLoss(WassersteinLoss):
         *,
         label_cost: str = "sqeuclidean",
         solver: str = "emd",
-        **options,
+        **options: Any,
     ) -> None:
         check_positive(label_weight, "label_weight")
         if solver == "sliced":

@@ -132,7 +132,11 @@ class KD2MLoss(torch.nn.Module):
     """
 
     def __init__(
-        self, metric: str = "w2_gaussian", *, projector: torch.nn.Module | None = None, **options
+        self,
+        metric: str = "w2_gaussian",
+        *,
+        projector: torch.nn.Module | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         self.metric = metric
@@ -148,7 +152,7 @@ class KD2MLoss(torch.nn.Module):
         """The owned projector of the student, if any."""
         return self.loss.projector
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The chosen distance between the (projected) student and the teacher batches.
 
         Args:

@@ -462,8 +462,8 @@ class WassersteinLoss(MatchingLoss):
         >>> s, t = torch.randn(32, 16, requires_grad=True), torch.randn(32, 16)
         >>> labels = torch.randint(0, 4, (32,))
         >>> loss_fn(s, t, labels=labels).backward()
-        >>> sorted(loss_fn.last_parts)[:3]
-        ['classes', 'entropy', 'iterations']
+        >>> {"classes", "entropy", "iterations"} <= set(loss_fn.last_parts)
+        True
     """
 
     def __init__(
