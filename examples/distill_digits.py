@@ -333,9 +333,11 @@ def format_table(rows: list[dict]) -> str:
     alone = next((r for r in rows if r["method"] == "student alone"), None)
     for r in rows:
         verdict = ""
-        if alone is not None and r["method"] not in ("student alone", "teacher"):
+        comparable = alone is not None and len(r.get("runs", [])) > 1
+        if comparable and r["method"] not in ("student alone", "teacher"):
             gap = r["accuracy_mean"] - alone["accuracy_mean"]
             noise = r["accuracy_std"] + alone["accuracy_std"]
+            # "better"/"worse" only when the gap exceeds the two seed spreads added together
             verdict = "better" if gap > noise else ("worse" if gap < -noise else "no clear gain")
         lines.append(
             f"{r['method']:<24} {100 * r['accuracy_mean']:>8.2f} ± {100 * r['accuracy_std']:<4.2f}"
