@@ -101,13 +101,11 @@ def _cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     return unit @ unit.mT
 
 
-def _log_conditionals(
-    sim: torch.Tensor, set_index: torch.Tensor, inv_tau: torch.Tensor
-) -> torch.Tensor:
-    """``log p_{j|i}`` for the chunk's (set, temperature) items: ``(S, M, M) -> (k, M, M)``."""
-    z = sim.index_select(0, set_index)  # a copy, so the in-place steps below are safe
-    z.diagonal(dim1=-2, dim2=-1).sub_(_DIAGONAL_MASK)
-    z.mul_(inv_tau.view(-1, 1, 1))
+def _log_conditionals(sim: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
+    """``log p_{j|i}`` at every temperature: ``(s, M, M)``, ``(t,)`` -> ``(s, t, M, M)``."""
+    z = sim.unsqueeze(1) * inv_tau.view(1, -1, 1, 1)
+    # (D - 1e8 I) / tau: a finite mask, so masked entries give 0 * finite, never 0 * inf
+    z.diagonal(dim1=-2, dim2=-1).sub_(_DIAGONAL_MASK * inv_tau.view(1, -1, 1))
     return torch.log_softmax(z, dim=-1)
 
 
@@ -117,19 +115,26 @@ def _symmetrised(log_cond: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(log_cond, log_cond.mT).sub_(math.log(2 * size))
 
 
-def _chunks(num_sets: int, num_temps: int, size: int, chunk_elements: int, device: torch.device):
-    """Yield ``(set_index, temp_index)`` for consecutive chunks of the (set, temperature) items."""
-    items = num_sets * num_temps
-    per_chunk = max(1, chunk_elements // (size * size))
-    for start in range(0, items, per_chunk):
-        item = torch.arange(start, min(start + per_chunk, items), device=device)
-        yield item // num_temps, item % num_temps
+def _blocks(num_sets: int, num_temps: int, size: int, chunk_elements: int):
+    """Split the (set, temperature) grid into rectangular blocks of at most ``chunk_elements``
+    similarity entries: whole sets with all their temperatures when one set fits, else one set
+    and as many temperatures as fit. Yields ``(set_slice, temp_slice)``."""
+    per_matrix = size * size
+    if num_temps * per_matrix <= chunk_elements:
+        step = chunk_elements // (num_temps * per_matrix)
+        for start in range(0, num_sets, step):
+            yield slice(start, min(start + step, num_sets)), slice(0, num_temps)
+        return
+    step = max(1, chunk_elements // per_matrix)
+    for index in range(num_sets):
+        for start in range(0, num_temps, step):
+            yield slice(index, index + 1), slice(start, min(start + step, num_temps))
 
 
 class _NeighbourhoodKL(torch.autograd.Function):
     """Per-set KL between neighbourhood distributions of two cosine matrices, averaged over the
-    temperatures. Gradient for the candidate only. Nothing of size ``(k, M, M)`` is kept for the
-    backward pass: it recomputes each chunk and applies the closed-form gradient.
+    temperatures. Gradient for the candidate only. Nothing of size ``(s, t, M, M)`` is kept for
+    the backward pass: it recomputes each block and applies the closed-form gradient.
 
     With ``L_ij = log q_{j|i}`` and ``Z = (D - 1e8 I) / tau``:
     full: ``dKL/dL_ij = -exp(log P_ij + L_ij - log Q_ij - log M)``;
@@ -142,19 +147,17 @@ class _NeighbourhoodKL(torch.autograd.Function):
         num_sets, size, _ = sim_cand.shape
         num_temps = inv_tau.numel()
         per_set = sim_cand.new_zeros(num_sets)
-        for set_index, temp_index in _chunks(
-            num_sets, num_temps, size, chunk_elements, sim_cand.device
-        ):
-            tau_items = inv_tau.index_select(0, temp_index)
-            log_p = _log_conditionals(sim_ref, set_index, tau_items)
-            log_q = _log_conditionals(sim_cand, set_index, tau_items)
+        for sets, temps in _blocks(num_sets, num_temps, size, chunk_elements):
+            log_p = _log_conditionals(sim_ref[sets], inv_tau[temps])
+            log_q = _log_conditionals(sim_cand[sets], inv_tau[temps])
             if full:
                 log_p = _symmetrised(log_p)
                 log_q = _symmetrised(log_q)
             log_ratio = log_p.sub(log_q)
-            kl = log_ratio.mul_(log_p.exp_()).sum(dim=(-2, -1))
+            del log_q
+            kl = log_ratio.mul_(log_p.exp_()).sum(dim=(-3, -2, -1))
             # full: a sum over the joint distribution; half: the mean over rows of row KLs
-            per_set.index_add_(0, set_index, kl if full else kl / size)
+            per_set[sets] += kl if full else kl / size
         ctx.save_for_backward(sim_ref, sim_cand, inv_tau)
         ctx.full = full
         ctx.chunk_elements = chunk_elements
@@ -169,23 +172,23 @@ class _NeighbourhoodKL(torch.autograd.Function):
         num_sets, size, _ = sim_cand.shape
         num_temps = inv_tau.numel()
         grad_sim = torch.zeros_like(sim_cand)
-        for set_index, temp_index in _chunks(
-            num_sets, num_temps, size, ctx.chunk_elements, sim_cand.device
-        ):
-            tau_items = inv_tau.index_select(0, temp_index)
-            log_p = _log_conditionals(sim_ref, set_index, tau_items)
-            log_q = _log_conditionals(sim_cand, set_index, tau_items)
+        for sets, temps in _blocks(num_sets, num_temps, size, ctx.chunk_elements):
+            log_p = _log_conditionals(sim_ref[sets], inv_tau[temps])
+            log_q = _log_conditionals(sim_cand[sets], inv_tau[temps])
             if ctx.full:
                 # G = -exp(log P + L - log Q - log M), built in the buffer of log P
                 grad_log_q = _symmetrised(log_p)
+                del log_p
                 grad_log_q.add_(log_q).sub_(_symmetrised(log_q)).sub_(math.log(size))
                 grad_log_q.exp_().neg_()
             else:
                 grad_log_q = log_p.exp_().neg_().div_(size)
             row_sums = grad_log_q.sum(dim=-1, keepdim=True)
             grad_z = grad_log_q.sub_(log_q.exp_().mul_(row_sums))
-            scale = grad_per_set.index_select(0, set_index) * tau_items / num_temps
-            grad_sim.index_add_(0, set_index, grad_z.mul_(scale.view(-1, 1, 1)))
+            del log_q
+            # dZ/dD = 1 / tau; the temperature mean and the upstream gradient per set
+            scale = grad_per_set[sets].view(-1, 1) * inv_tau[temps].view(1, -1) / num_temps
+            grad_sim[sets] += torch.einsum("stij,st->sij", grad_z, scale)
         return None, grad_sim, None, None, None
 
 
