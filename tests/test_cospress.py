@@ -156,7 +156,8 @@ def test_closed_forms_are_zero(style):
         value = neighbourhood_kl(x, same_angles, style=style)
         assert abs(float(value)) < 1e-10
     # two vectors: each row's only neighbour is the other one, whatever the angles
-    assert float(neighbourhood_kl(torch.randn(2, 5), torch.randn(2, 3), style=style)) == 0.0
+    two = neighbourhood_kl(torch.randn(2, 5), torch.randn(2, 3), style=style)
+    assert abs(float(two)) < 1e-5
     # a different similarity structure costs something
     assert float(neighbourhood_kl(x, torch.randn(2, 12, 16, dtype=torch.float64))) > 0.1
 

@@ -96,23 +96,34 @@ def _check_temperatures(temperatures: Sequence[float]) -> tuple[float, ...]:
 
 
 def _cosine_matrix(x: torch.Tensor) -> torch.Tensor:
-    """``n(x) n(x)^T`` per set: ``(S, M, D) -> (S, M, M)``."""
+    """``n(x) n(x)^T`` per set, made exactly symmetric: ``(S, M, D) -> (S, M, M)``."""
     unit = F.normalize(x, dim=-1)
-    return unit @ unit.mT
+    sims = unit @ unit.mT
+    # a batched matmul need not round (i, j) and (j, i) alike; the KL below relies on symmetry
+    return (sims + sims.mT) / 2
 
 
-def _log_conditionals(sim: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
-    """``log p_{j|i}`` at every temperature: ``(s, M, M)``, ``(t,)`` -> ``(s, t, M, M)``."""
+def _scaled(sim: torch.Tensor, inv_tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``Z = (D - 1e8 I) / tau`` at every temperature and their row log-normalisers
+    ``r_i = logsumexp_j Z_ij``: ``(s, M, M)``, ``(t,)`` -> ``(s, t, M, M)``, ``(s, t, M)``.
+
+    ``log p_{j|i} = Z_ij - r_i``. The mask is finite, so masked entries give ``0 * finite`` in
+    the KL, never ``0 * inf``.
+    """
     z = sim.unsqueeze(1) * inv_tau.view(1, -1, 1, 1)
-    # (D - 1e8 I) / tau: a finite mask, so masked entries give 0 * finite, never 0 * inf
     z.diagonal(dim1=-2, dim2=-1).sub_(_DIAGONAL_MASK * inv_tau.view(1, -1, 1))
-    return torch.log_softmax(z, dim=-1)
+    return z, torch.logsumexp(z, dim=-1)
 
 
-def _symmetrised(log_cond: torch.Tensor) -> torch.Tensor:
-    """``log P_ij = log((p_{j|i} + p_{i|j}) / 2M)`` without leaving log space."""
-    size = log_cond.shape[-1]
-    return torch.logaddexp(log_cond, log_cond.mT).sub_(math.log(2 * size))
+def _pair_log_normaliser(r: torch.Tensor) -> torch.Tensor:
+    """``c_ij = log(exp(-r_i) + exp(-r_j))``: ``(s, t, M) -> (s, t, M, M)``.
+
+    With ``Z`` symmetric, ``log p_{i|j} = Z_ji - r_j = Z_ij - r_j``, so the symmetrised
+    ``log P_ij = log((p_{j|i} + p_{i|j}) / 2M) = Z_ij + c_ij - log 2M``: log space throughout,
+    and no transposed (strided) pass over the ``M x M`` blocks.
+    """
+    neg = r.neg()
+    return torch.logaddexp(neg.unsqueeze(-1), neg.unsqueeze(-2))
 
 
 def _blocks(num_sets: int, num_temps: int, size: int, chunk_elements: int):
@@ -132,14 +143,23 @@ def _blocks(num_sets: int, num_temps: int, size: int, chunk_elements: int):
 
 
 class _NeighbourhoodKL(torch.autograd.Function):
-    """Per-set KL between neighbourhood distributions of two cosine matrices, averaged over the
-    temperatures. Gradient for the candidate only. Nothing of size ``(s, t, M, M)`` is kept for
-    the backward pass: it recomputes each block and applies the closed-form gradient.
+    """Per-set KL between the neighbourhood distributions of two symmetric cosine matrices,
+    averaged over the temperatures; gradient for the candidate only. Nothing of size
+    ``(s, t, M, M)`` is kept for the backward pass: it recomputes each block and applies the
+    closed-form gradient.
 
-    With ``L_ij = log q_{j|i}`` and ``Z = (D - 1e8 I) / tau``:
-    full: ``dKL/dL_ij = -exp(log P_ij + L_ij - log Q_ij - log M)``;
-    half: ``dKL/dL_ij = -p_{j|i} / M``;
-    then the log-softmax step ``dKL/dZ_ij = G_ij - q_{j|i} sum_k G_ik`` and ``dZ/dD = 1 / tau``.
+    With ``Z = (D - 1e8 I) / tau``, ``r_i = logsumexp_j Z_ij``, ``c`` from
+    :func:`_pair_log_normaliser` (``p`` for the reference, ``q`` for the candidate):
+
+    - full: ``KL = sum_ij P_ij (Zp_ij + cp_ij - Zq_ij - cq_ij)``, ``log P = Zp + cp - log 2M``;
+      ``dKL/d log q_{j|i} = -2 P_ij q_{j|i} / (2M Q_ij) = -exp(Zp_ij + cp_ij - cq_ij - rq_i
+      - log M)``;
+    - half: ``KL = mean_i sum_j p_{j|i} (log p_{j|i} - log q_{j|i})``;
+      ``dKL/d log q_{j|i} = -p_{j|i} / M``;
+
+    then through the row log-softmax ``dKL/dZ_ij = G_ij - q_{j|i} sum_k G_ik`` and
+    ``dZ/dD = 1 / tau``. The returned gradient treats the entries of ``D`` as independent; its
+    symmetric part (all that reaches ``D = n(X) n(X)^T``) is exact.
     """
 
     @staticmethod
@@ -148,16 +168,19 @@ class _NeighbourhoodKL(torch.autograd.Function):
         num_temps = inv_tau.numel()
         per_set = sim_cand.new_zeros(num_sets)
         for sets, temps in _blocks(num_sets, num_temps, size, chunk_elements):
-            log_p = _log_conditionals(sim_ref[sets], inv_tau[temps])
-            log_q = _log_conditionals(sim_cand[sets], inv_tau[temps])
+            z_p, r_p = _scaled(sim_ref[sets], inv_tau[temps])
+            z_q, r_q = _scaled(sim_cand[sets], inv_tau[temps])
+            log_ratio = z_p - z_q
+            del z_q
             if full:
-                log_p = _symmetrised(log_p)
-                log_q = _symmetrised(log_q)
-            log_ratio = log_p.sub(log_q)
-            del log_q
-            kl = log_ratio.mul_(log_p.exp_()).sum(dim=(-3, -2, -1))
-            # full: a sum over the joint distribution; half: the mean over rows of row KLs
-            per_set[sets] += kl if full else kl / size
+                c_p = _pair_log_normaliser(r_p)
+                log_ratio.add_(c_p).sub_(_pair_log_normaliser(r_q))
+                weight = z_p.add_(c_p).sub_(math.log(2 * size)).exp_()  # P_ij
+                del c_p
+            else:
+                log_ratio.sub_((r_p - r_q).unsqueeze(-1))
+                weight = z_p.sub_(r_p.unsqueeze(-1)).exp_().div_(size)  # p_{j|i} / M
+            per_set[sets] += log_ratio.mul_(weight).sum(dim=(-3, -2, -1))
         ctx.save_for_backward(sim_ref, sim_cand, inv_tau)
         ctx.full = full
         ctx.chunk_elements = chunk_elements
@@ -173,19 +196,19 @@ class _NeighbourhoodKL(torch.autograd.Function):
         num_temps = inv_tau.numel()
         grad_sim = torch.zeros_like(sim_cand)
         for sets, temps in _blocks(num_sets, num_temps, size, ctx.chunk_elements):
-            log_p = _log_conditionals(sim_ref[sets], inv_tau[temps])
-            log_q = _log_conditionals(sim_cand[sets], inv_tau[temps])
+            z_p, r_p = _scaled(sim_ref[sets], inv_tau[temps])
+            z_q, r_q = _scaled(sim_cand[sets], inv_tau[temps])
+            # G = dKL / d log q_{j|i}, built in the buffer of z_p
             if ctx.full:
-                # G = -exp(log P + L - log Q - log M), built in the buffer of log P
-                grad_log_q = _symmetrised(log_p)
-                del log_p
-                grad_log_q.add_(log_q).sub_(_symmetrised(log_q)).sub_(math.log(size))
-                grad_log_q.exp_().neg_()
+                grad_log_q = z_p.add_(_pair_log_normaliser(r_p))
+                grad_log_q.sub_(_pair_log_normaliser(r_q)).sub_(r_q.unsqueeze(-1))
+                grad_log_q.sub_(math.log(size)).exp_().neg_()
             else:
-                grad_log_q = log_p.exp_().neg_().div_(size)
+                grad_log_q = z_p.sub_(r_p.unsqueeze(-1)).exp_().neg_().div_(size)
             row_sums = grad_log_q.sum(dim=-1, keepdim=True)
-            grad_z = grad_log_q.sub_(log_q.exp_().mul_(row_sums))
-            del log_q
+            q = z_q.sub_(r_q.unsqueeze(-1)).exp_()
+            grad_z = grad_log_q.sub_(q.mul_(row_sums))
+            del q, z_q
             # dZ/dD = 1 / tau; the temperature mean and the upstream gradient per set
             scale = grad_per_set[sets].view(-1, 1) * inv_tau[temps].view(1, -1) / num_temps
             grad_sim[sets] += torch.einsum("stij,st->sij", grad_z, scale)
