@@ -114,7 +114,10 @@ def _scaled(sim: torch.Tensor, inv_tau: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     z = sim.unsqueeze(1) * inv_tau.view(1, -1, 1, 1)
     z.diagonal(dim1=-2, dim2=-1).sub_(_DIAGONAL_MASK * inv_tau.view(1, -1, 1))
-    return z, torch.logsumexp(z, dim=-1)
+    # logsumexp written out, so that its exp gets the CPU underflow floor of _exp_
+    row_max = z.amax(dim=-1, keepdim=True)
+    r = _exp_(z - row_max).sum(dim=-1).log_().add_(row_max.squeeze(-1))
+    return z, r
 
 
 def _exp_(x: torch.Tensor) -> torch.Tensor:
