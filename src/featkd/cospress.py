@@ -8,13 +8,13 @@ Axis legend:
     S  sets compared independently (the images of the batch for the local term, one set of
        CLS vectors for the global term)
     M  members of a set (tokens of one image, or the batch)
-    T  temperatures        k  (set, temperature) items in one chunk
+    T  temperatures        s, t  the sets and temperatures of one block of work
 
 Head terms (train ``h`` only; the head sees ``sg(teacher)``): for a set of vectors ``X``,
 ``D = n(X) n(X)^T`` with ``n`` the L2 normalisation and the diagonal masked by subtracting
 ``1e8`` (a finite mask: ``-inf`` would give ``0 * inf = NaN`` in the KL). For each temperature
 ``tau``: ``p_{j|i} = softmax_j(D_ij / tau)`` from the teacher, ``q_{j|i}`` from ``h(teacher)``,
-symmetrised ``P_ij = (p_{j|i} + p_{i|j}) / 2M`` (in log space, with ``logaddexp``), and the term
+symmetrised ``P_ij = (p_{j|i} + p_{i|j}) / 2M`` (kept in log space), and the term
 is ``KL(P || Q)`` averaged over the temperatures (``style="half"``: the mean over rows of
 ``KL(p_{.|i} || q_{.|i})``, no symmetrisation). The local term uses the tokens of each image and
 averages over images; the global term uses the batch's CLS vectors.
@@ -54,6 +54,7 @@ from featkd.heads import TeacherCompressionHead
 from featkd.pooling import pool
 
 __all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_TEMPERATURES",
     "KL_STYLES",
     "CosPressLoss",
@@ -68,7 +69,7 @@ KL_STYLES = ("full", "half")
 _DIAGONAL_MASK = 1e8
 # Floor of exp's argument on CPU (see _exp_).
 _EXP_FLOOR = -80.0
-# Bound on the elements of one (k, M, M) working tensor; a chunk keeps about five of them alive.
+# Bound on the elements of one (s, t, M, M) block; a block keeps about five such tensors alive.
 # 2**24 float32 elements = 64 MiB; measured in benchmarks/cospress_vs_proteus.py.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -122,9 +123,9 @@ def _scaled(sim: torch.Tensor, inv_tau: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def _exp_(x: torch.Tensor) -> torch.Tensor:
     """In-place ``exp``. On CPU, arguments below -80 are raised to -80 first: vectorised ``exp``
-    falls back to a path about ten times slower for results that underflow, and ``e^-80``
-    (1.8e-35) is zero for every sum here (the masked diagonal included: weight 1.8e-35 against
-    a log-ratio of at most about 1e10 / tau)."""
+    falls back to a path about ten times slower for results that underflow. Raising a weight to
+    ``e^-80`` (1.8e-35) changes a KL sum by that times the entry's log-ratio (a few hundred at
+    most, about 1e3 on the masked diagonal in float32): nothing."""
     if x.device.type == "cpu":
         x.clamp_(min=_EXP_FLOOR)
     return x.exp_()
@@ -170,10 +171,10 @@ class _NeighbourhoodKL(torch.autograd.Function):
     :func:`_pair_log_normaliser` (``p`` for the reference, ``q`` for the candidate):
 
     - full: ``KL = sum_ij P_ij (Zp_ij + cp_ij - Zq_ij - cq_ij)``, ``log P = Zp + cp - log 2M``;
-      ``dKL/d log q_{j|i} = -2 P_ij q_{j|i} / (2M Q_ij) = -exp(Zp_ij + cp_ij - cq_ij - rq_i
-      - log M)``;
+      ``G_ij = dKL/d log q_{j|i} = -2 P_ij q_{j|i} / (2M Q_ij)
+      = -exp(Zp_ij + cp_ij - cq_ij - rq_i - log M)``;
     - half: ``KL = mean_i sum_j p_{j|i} (log p_{j|i} - log q_{j|i})``;
-      ``dKL/d log q_{j|i} = -p_{j|i} / M``;
+      ``G_ij = dKL/d log q_{j|i} = -p_{j|i} / M``;
 
     then through the row log-softmax ``dKL/dZ_ij = G_ij - q_{j|i} sum_k G_ik`` and
     ``dZ/dD = 1 / tau``. The returned gradient treats the entries of ``D`` as independent; its
