@@ -497,7 +497,8 @@ def plot(result, path):
     names = [r["case"] for r in scale]
     times = [r.get("fwd_bwd_ms_scaled_to_batch", r["fwd_bwd_ms"]) for r in scale]
     axes[1].bar(names, times, color=["C2", "C1", "C7"][: len(names)])
-    axes[1].set_ylabel("forward+backward ms")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("forward+backward ms (log scale)")
     axes[1].set_title(f"B={result['config']['scale_batch']}, N=257 (ViT-Ti per-sample scaled)")
     sweep_names = [r["case"].replace("local_kl chunk=", "chunk ") for r in sweep]
     ax = axes[2]
@@ -507,6 +508,7 @@ def plot(result, path):
     ax2.plot(sweep_names, [r["fwd_bwd_ms"] for r in sweep], "o-", color="C3")
     ax2.set_ylabel("forward+backward ms", color="C3")
     ax.set_title(f"local KL term, B={sweep[0]['batch']}")
+    ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -521,8 +523,15 @@ def main():
         "--steps", dest="steps_override", type=int, default=None, help="override distillation steps"
     )
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, part A")
+    parser.add_argument("--from-json", help="re-render the markdown and figure of a saved run")
     parser.add_argument("--skip-scale", action="store_true", help="part A only (development)")
     args = parser.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        out = Path(args.from_json).with_suffix("")
+        write_markdown(result, out.with_suffix(".md"))
+        plot(result, out.with_suffix(".png"))
+        return
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
