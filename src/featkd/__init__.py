@@ -14,6 +14,7 @@ from featkd._checks import (
     set_finite_check,
 )
 from featkd.bridges import FeatureSpec, build_bridge
+from featkd.cospress import CosPressLoss
 from featkd.diagnostics import (
     CosinePreservation,
     cosine_preservation,
@@ -24,18 +25,21 @@ from featkd.distributed import GlobalBatch, gather_with_grad
 from featkd.fcfd import FCFDLoss
 from featkd.gaussian_kl import GaussianKLLoss
 from featkd.gaussian_wasserstein import GaussianWassersteinLoss
+from featkd.heads import LinearHead, TeacherCompressionHead
 from featkd.hooks import FeatureTap, UnknownModuleError
 from featkd.joint_wasserstein import JointWassersteinLoss
 from featkd.kd import KDLoss
 from featkd.kd2m import KD2MLoss
 from featkd.mmd import MMDLoss
 from featkd.pooling import align_tokens, pool, to_tokens
+from featkd.proteus import ProteusLoss
 from featkd.wasserstein import WassersteinLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChoiceError",
+    "CosPressLoss",
     "CosinePreservation",
     "DTypeError",
     "DeviceError",
@@ -49,9 +53,12 @@ __all__ = [
     "JointWassersteinLoss",
     "KD2MLoss",
     "KDLoss",
+    "LinearHead",
     "MMDLoss",
     "NonFiniteError",
+    "ProteusLoss",
     "ShapeError",
+    "TeacherCompressionHead",
     "UnknownModuleError",
     "WassersteinLoss",
     "__version__",

@@ -26,14 +26,17 @@ __all__ = [
     "NonFiniteError",
     "ShapeError",
     "check_choice",
+    "check_feature_pair",
     "check_finite",
     "check_floating",
+    "check_int",
     "check_labels",
     "check_min_batch",
     "check_positive",
     "check_rank",
     "check_same_batch",
     "check_same_device",
+    "check_weights",
     "check_width",
     "compute_dtype",
     "describe_shape",
@@ -245,3 +248,56 @@ def validate_features(
     if width is not None:
         check_width(x, name, width, symbol)
     check_finite(x, name)
+
+
+def check_int(value: Any, name: str, minimum: int = 0) -> int:
+    """``value`` is a Python integer (not a bool) ``>= minimum``. Returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ChoiceError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_weights(weights: Any, name: str, terms: Sequence[str]) -> tuple[float, ...]:
+    """One finite number ``>= 0`` per named term of a composite loss. Returns them as floats."""
+    try:
+        values = tuple(weights)
+    except TypeError:
+        values = ()
+    ok = len(values) == len(terms) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 and w != float("inf")
+        for w in values
+    )
+    if not ok:
+        raise ChoiceError(
+            f"{name}: expected {len(terms)} finite numbers >= 0 for the terms "
+            f"({', '.join(terms)}), got {weights!r}"
+        )
+    return tuple(float(w) for w in values)
+
+
+def check_feature_pair(
+    student: Any,
+    teacher: Any,
+    *,
+    student_dim: int | None = None,
+    teacher_dim: int | None = None,
+) -> None:
+    """The front door of a loss on student/teacher features that are both pooled ``(B, D)`` or
+    both tokens ``(B, N, D)``: ranks, dtypes, widths, finiteness, batch, token count, device."""
+    layouts = {2: "(B, D)", 3: "(B, N, D)"}
+    validate_features(student, "student", layouts, width=student_dim, symbol="D_s")
+    validate_features(teacher, "teacher", layouts, width=teacher_dim, symbol="D_t")
+    if teacher.ndim != student.ndim:
+        expected = "(B, D_t)" if student.ndim == 2 else f"(B, {student.shape[1]}, D_t)"
+        raise ShapeError(
+            f"teacher: expected {expected} to match student {describe_shape(student.shape)} "
+            f"(both pooled or both tokens), got {describe_shape(teacher.shape)}"
+        )
+    check_same_batch(student, teacher, "student", "teacher")
+    if student.ndim == 3 and teacher.shape[1] != student.shape[1]:
+        raise ShapeError(
+            f"teacher: expected {student.shape[1]} tokens (the token count of student), got "
+            f"{teacher.shape[1]} (shape {describe_shape(teacher.shape)}); resample the patch "
+            f"grid with featkd.align_tokens"
+        )
+    check_same_device({"student": student, "teacher": teacher})

@@ -4,6 +4,7 @@ Each function here is what the corresponding module calls; use it when the proje
 is managed elsewhere.
 """
 
+from featkd.cospress import flat_cosine_loss, neighbourhood_kl
 from featkd.distributed import gather_with_grad
 from featkd.gaussian_kl import gaussian_kl_loss
 from featkd.gaussian_wasserstein import gaussian_wasserstein_loss
@@ -14,6 +15,7 @@ from featkd.mmd import mmd_loss
 from featkd.wasserstein import wasserstein_loss
 
 __all__ = [
+    "flat_cosine_loss",
     "gather_with_grad",
     "gaussian_kl_loss",
     "gaussian_wasserstein_loss",
@@ -21,5 +23,6 @@ __all__ = [
     "kd2m_loss",
     "kd_loss",
     "mmd_loss",
+    "neighbourhood_kl",
     "wasserstein_loss",
 ]

@@ -1,0 +1,134 @@
+"""Projection heads: ``LayerNorm -> Linear`` maps between feature widths.
+
+One structure serves two roles that differ only in which side they sit on:
+
+- :class:`LinearHead` ``(in_features, out_features)``: the student-side head of Proteus and
+  FitNets-style losses, mapping the student up to the teacher's width.
+- :class:`TeacherCompressionHead` ``(teacher_dim, student_dim)``: the CosPress head, compressing
+  the teacher down to the student's width. The same module with its arguments named (and
+  ordered) teacher first, so the call site reads like the maths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featkd._checks import ChoiceError, ShapeError, check_floating, check_width, describe_shape
+
+__all__ = ["LinearHead", "TeacherCompressionHead"]
+
+
+def _check_dim(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ChoiceError(f"{name}: expected a positive integer width, got {value!r}")
+    return value
+
+
+class LinearHead(nn.Module):
+    """``LayerNorm(in_features) -> Linear(in_features, out_features)`` with bias.
+
+    Both layers use torch's default initialisation (LayerNorm affine at ones/zeros, Linear
+    Kaiming-uniform). Applied to the last dimension, so token tensors ``(B, N, in)`` and pooled
+    vectors ``(B, in)`` both work.
+
+    Args:
+        in_features: width of the input features.
+        out_features: width of the output features.
+        device: where to create the parameters.
+        dtype: parameter dtype.
+
+    Shape:
+        - input: ``(..., in_features)``
+        - output: ``(..., out_features)``
+
+    Example:
+        >>> head = LinearHead(192, 384)
+        >>> head(torch.randn(2, 197, 192)).shape
+        torch.Size([2, 197, 384])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_dim(in_features, "in_features")
+        self.out_features = _check_dim(out_features, "out_features")
+        self.norm = nn.LayerNorm(self.in_features, device=device, dtype=dtype)
+        self.linear = nn.Linear(self.in_features, self.out_features, device=device, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` matrix of the linear layer (for diagnostics such
+        as :func:`featkd.orthogonality_error`)."""
+        return self.linear.weight
+
+    _input_name = "x"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self._input_name
+        check_floating(x, name)
+        if x.ndim == 0 or x.numel() == 0:
+            raise ShapeError(
+                f"{name}: expected (..., {self.in_features}) with no zero-sized dimension, "
+                f"got {describe_shape(x.shape)}"
+            )
+        check_width(x, name, self.in_features)
+        return self.linear(self.norm(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class TeacherCompressionHead(LinearHead):
+    """The CosPress teacher head: ``LayerNorm(teacher_dim) -> Linear(teacher_dim, student_dim)``.
+
+    A :class:`LinearHead` whose arguments are named teacher first. It compresses teacher
+    features into the student's width; :class:`featkd.CosPressLoss` trains it to preserve the
+    teacher's cosine-similarity neighbourhoods.
+
+    Args:
+        teacher_dim: width of the teacher features (input).
+        student_dim: width of the student features (output).
+        device: where to create the parameters.
+        dtype: parameter dtype.
+
+    Shape:
+        - input: ``(..., teacher_dim)``
+        - output: ``(..., student_dim)``
+
+    Example:
+        >>> head = TeacherCompressionHead(384, 192)
+        >>> head(torch.randn(2, 257, 384)).shape
+        torch.Size([2, 257, 192])
+    """
+
+    _input_name = "teacher"
+
+    def __init__(
+        self,
+        teacher_dim: int,
+        student_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_dim(teacher_dim, "teacher_dim")
+        _check_dim(student_dim, "student_dim")
+        super().__init__(teacher_dim, student_dim, device=device, dtype=dtype)
+
+    @property
+    def teacher_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def student_dim(self) -> int:
+        return self.out_features
+
+    def extra_repr(self) -> str:
+        return f"teacher_dim={self.teacher_dim}, student_dim={self.student_dim}"

@@ -1,0 +1,141 @@
+"""ProteusLoss: student heads mapping up to the teacher + MSE, against a float64 numpy
+transcription; gradient routing; errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tolerance
+
+import featkd
+from featkd import ChoiceError, LinearHead, ProteusLoss, ShapeError
+
+
+def ref_head(x: np.ndarray, head: LinearHead) -> np.ndarray:
+    gamma, beta = (p.detach().double().cpu().numpy() for p in (head.norm.weight, head.norm.bias))
+    w, b = (p.detach().double().cpu().numpy() for p in (head.linear.weight, head.linear.bias))
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + 1e-5) * gamma + beta) @ w.T + b
+
+
+def ref_mse(a: np.ndarray, b: np.ndarray) -> float:
+    total, count = 0.0, 0
+    for x, y in zip(a.ravel(), b.ravel(), strict=True):
+        total += (x - y) ** 2
+        count += 1
+    return total / count
+
+
+def numpy64(x: torch.Tensor) -> np.ndarray:
+    return x.detach().double().cpu().numpy()
+
+
+def make_loss(dtype=torch.float64, device="cpu", **kwargs) -> ProteusLoss:
+    loss_fn = ProteusLoss(5, 9, dtype=dtype, device=device, **kwargs)
+    with torch.no_grad():
+        for head in (loss_fn.cls_head, loss_fn.token_head):
+            head.norm.weight.uniform_(0.5, 1.5)
+            head.norm.bias.normal_()
+    return loss_fn
+
+
+@pytest.mark.parametrize("num_prefix_tokens", [1, 0])
+def test_terms_match_reference(num_prefix_tokens, device, dtype):
+    weights = (0.5, 2.0)
+    loss_fn = make_loss(dtype, device, weights=weights, num_prefix_tokens=num_prefix_tokens)
+    student = torch.randn(4, 6, 5, dtype=dtype, device=device)
+    teacher = torch.randn(4, 6, 9, dtype=dtype, device=device)
+    loss = loss_fn(student, teacher)
+    assert loss.shape == () and loss.dtype == dtype
+    s, t = numpy64(student), numpy64(teacher)
+    cls = (lambda x: x[:, 0]) if num_prefix_tokens else (lambda x: x.mean(1))
+    tokens = ref_mse(ref_head(s, loss_fn.token_head), t)
+    cls_term = ref_mse(ref_head(cls(s), loss_fn.cls_head), cls(t))
+    tol = tolerance(dtype)
+    assert set(loss_fn.last_parts) == {"tokens", "cls"}
+    np.testing.assert_allclose(float(loss_fn.last_parts["tokens"]), tokens, **tol)
+    np.testing.assert_allclose(float(loss_fn.last_parts["cls"]), cls_term, **tol)
+    np.testing.assert_allclose(float(loss.detach()), 0.5 * tokens + 2.0 * cls_term, **tol)
+
+
+def test_pooled_inputs_have_the_cls_term_only():
+    loss_fn = make_loss()
+    student = torch.randn(7, 5, dtype=torch.float64)
+    teacher = torch.randn(7, 9, dtype=torch.float64)
+    loss = loss_fn(student, teacher)
+    assert set(loss_fn.last_parts) == {"cls"}
+    expected = ref_mse(ref_head(numpy64(student), loss_fn.cls_head), numpy64(teacher))
+    np.testing.assert_allclose(float(loss.detach()), expected, rtol=1e-10)
+
+
+def test_zero_when_the_heads_reproduce_the_teacher():
+    loss_fn = make_loss()
+    student = torch.randn(3, 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        loss_fn.cls_head.load_state_dict(loss_fn.token_head.state_dict())
+        teacher = loss_fn.token_head(student)
+    assert float(loss_fn(student, teacher).detach()) < 1e-24
+
+
+def test_gradient_routing():
+    loss_fn = make_loss()
+    student = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 6, 9, dtype=torch.float64, requires_grad=True)
+    loss_fn(student, teacher).backward()
+    assert teacher.grad is None
+    assert bool(student.grad.abs().sum() > 0)
+    for head in (loss_fn.cls_head, loss_fn.token_head):
+        assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head.parameters())
+    # the CLS head learns from the CLS term only, the token head from the token term only
+    loss_fn.zero_grad(set_to_none=True)
+    loss_fn.weights = (0.0, 1.0)
+    loss_fn(student, teacher).backward()
+    assert all(p.grad is None or not bool(p.grad.any()) for p in loss_fn.token_head.parameters())
+
+
+def test_gradcheck():
+    loss_fn = make_loss()
+    teacher = torch.randn(3, 4, 9, dtype=torch.float64)
+    student = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: loss_fn(s, teacher), (student,))
+
+
+def test_low_precision_and_autocast():
+    loss_fn = ProteusLoss(5, 9)
+    student, teacher = torch.randn(4, 6, 5), torch.randn(4, 6, 9)
+    reference = loss_fn(student, teacher).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss_fn(student, teacher).detach()
+    torch.testing.assert_close(under_autocast, reference)
+    low = loss_fn(student.bfloat16(), teacher.bfloat16()).detach()
+    assert low.dtype == torch.bfloat16
+    np.testing.assert_allclose(float(low), float(reference), rtol=3e-2)
+
+
+def test_owns_two_heads():
+    loss_fn = ProteusLoss(192, 384)
+    assert featkd.ProteusLoss is ProteusLoss
+    assert isinstance(loss_fn.cls_head, LinearHead) and isinstance(loss_fn.token_head, LinearHead)
+    assert loss_fn.cls_head is not loss_fn.token_head
+    assert loss_fn.cls_head.weight.shape == (384, 192)  # maps the student up
+    assert (loss_fn.student_dim, loss_fn.teacher_dim) == (192, 384)
+    assert len(list(loss_fn.parameters())) == 8
+
+
+def test_errors():
+    loss_fn = ProteusLoss(5, 9)
+    s, t = torch.randn(4, 6, 5), torch.randn(4, 6, 9)
+    with pytest.raises(ShapeError, match=r"teacher: expected last dimension D_t=9, got 5"):
+        loss_fn(s, torch.randn(4, 6, 5))
+    with pytest.raises(ShapeError, match=r"student: expected last dimension D_s=5, got 9"):
+        loss_fn(t, t)
+    with pytest.raises(ShapeError, match=r"teacher: expected \(B, D_t\) to match student \(4, 5\)"):
+        loss_fn(s[:, 0], t)
+    with pytest.raises(ShapeError, match=r"teacher: expected batch size 4"):
+        loss_fn(s, t[:2])
+    with pytest.raises(ChoiceError, match=r"weights: expected 2 finite numbers >= 0 .*tokens, cls"):
+        ProteusLoss(5, 9, weights=(1.0,))
+    with pytest.raises(ChoiceError, match=r"num_prefix_tokens: expected an integer >= 0"):
+        ProteusLoss(5, 9, num_prefix_tokens=1.5)
