@@ -212,9 +212,27 @@ def _pooled_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
     return loss_fn(student, teacher)
 
 
+def _token_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
+    student = tokens_with_pooled_prefix(batch.student_stages[2])
+    teacher = tokens_with_pooled_prefix(batch.teacher_stages[2])
+    return loss_fn(student, teacher)
+
+
 METHODS: list[Method] = [
     Method("student alone", lambda s, t, d: None, None, notes="cross-entropy on the labelled 10%"),
     Method("Hinton KD", lambda s, t, d: featkd.KDLoss(4.0), _kd_term, notes="logits, T=4"),
+    Method(
+        "Proteus",
+        lambda s, t, d: featkd.ProteusLoss(s.feature_dim, t.feature_dim),
+        _token_term,
+        notes="student heads up to 256, MSE on GAP token + 16 grid tokens",
+    ),
+    Method(
+        "CosPress",
+        lambda s, t, d: featkd.CosPressLoss(t.feature_dim, s.feature_dim),
+        _token_term,
+        notes="teacher head down to 32, GAP token as CLS + 16 grid tokens",
+    ),
     Method(
         "KD2M exact W2",
         _kd2m("w2_emd"),
