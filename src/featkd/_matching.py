@@ -22,6 +22,7 @@ from featkd._checks import (
     check_labels,
     check_same_batch,
     check_same_device,
+    check_width,
     describe_shape,
     validate_features,
 )
@@ -139,8 +140,20 @@ class MatchingLoss(nn.Module):
         self.last_parts: dict[str, torch.Tensor] = {}
 
     def project(self, student: torch.Tensor) -> torch.Tensor:
-        """Map the student into the teacher's width with the owned projector, if any."""
+        """Map the student into the teacher's width with the owned projector, if any.
+
+        The projector runs in its parameters' dtype (a float32 projector takes float16
+        features) and hands back the student's dtype. Its input width (``in_features``, when
+        it has one) and device are checked here, so a mismatch is reported as the student's.
+        """
         if self.projector is None:
             return student
         validate_features(student, "student", FEATURES)
-        return self.projector(student)
+        width = getattr(self.projector, "in_features", None)
+        if isinstance(width, int):
+            check_width(student, "student", width, "D_s")
+        param = next(self.projector.parameters(), None)
+        if param is None or not param.is_floating_point():
+            return self.projector(student)
+        check_same_device({"projector": param, "student": student})
+        return self.projector(student.to(param.dtype)).to(student.dtype)

@@ -465,7 +465,8 @@ class CosPressLoss(nn.Module):
 
     def _apply_head(self, teacher: torch.Tensor) -> torch.Tensor:
         with torch.autocast(teacher.device.type, enabled=False):
-            return self.head(teacher.detach().to(self.head.weight.dtype))
+            # the callers validated the teacher: no second finiteness check (host sync)
+            return self.head(teacher.detach().to(self.head.weight.dtype), finite_check=False)
 
     def compress(self, teacher: torch.Tensor) -> torch.Tensor:
         """The head applied to (detached) teacher features: what the student is trained to

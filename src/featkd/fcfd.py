@@ -86,6 +86,15 @@ def _run_with_scratch_buffers(stage: nn.Module, x: torch.Tensor) -> torch.Tensor
     return functional_call(stage, scratch, (x,))
 
 
+def _through(bridge: nn.Module, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """A bridge in its own parameters' dtype, handing back the dtype of the network it feeds
+    (half-precision networks with float32 bridges work without autocast)."""
+    param = next(bridge.parameters(), None)
+    if param is not None:
+        x = x.to(param.dtype)
+    return bridge(x).to(out_dtype)
+
+
 def _mse(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     with torch.autocast(a.device.type, enabled=False):
         return F.mse_loss(a.to(work), b.to(work))
@@ -707,7 +716,7 @@ class FCFDLoss(nn.Module):
 
         bridged = {}
         for k in range(1, k_total):
-            bridged[k] = self.s2t[f"stage{k}"](student[k - 1])
+            bridged[k] = _through(self.s2t[f"stage{k}"], student[k - 1], teacher[k - 1].dtype)
             term = _mse(bridged[k], teacher[k - 1], work)
             parts[f"appearance/stage{k}"] = term
             appearance.append(term)
@@ -733,7 +742,7 @@ class FCFDLoss(nn.Module):
                         parts[f"function/{path}/pooled"] = term
                         function.append(term)
             else:
-                x = self.t2s[f"stage{k}"](teacher[k - 1])
+                x = _through(self.t2s[f"stage{k}"], teacher[k - 1], student[k - 1].dtype)
                 for j in range(k + 1, k_total + 1):
                     x = _run_with_scratch_buffers(self._student_stages[j - 1], x)
             kl = _kl_t(x, teacher[-1], self.temperature, work)

@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featkd._checks import ChoiceError, ShapeError, check_floating, check_width, describe_shape
+from featkd._checks import (
+    ChoiceError,
+    DTypeError,
+    ShapeError,
+    check_finite,
+    check_floating,
+    check_same_device,
+    check_width,
+    describe_shape,
+)
 
 __all__ = ["LinearHead", "TeacherCompressionHead"]
 
@@ -70,7 +79,15 @@ class LinearHead(nn.Module):
 
     _input_name = "x"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, finite_check: bool = True) -> torch.Tensor:
+        """Apply the head to the last dimension of ``x``.
+
+        Args:
+            x: input features.
+            finite_check: reject NaN/Inf in ``x`` (one host synchronisation, also governed by
+                :func:`featkd.set_finite_check`); a loss that validated ``x`` already passes
+                ``False``.
+        """
         name = self._input_name
         check_floating(x, name)
         if x.ndim == 0 or x.numel() == 0:
@@ -79,6 +96,15 @@ class LinearHead(nn.Module):
                 f"got {describe_shape(x.shape)}"
             )
         check_width(x, name, self.in_features)
+        check_same_device({"the head's parameters": self.linear.weight, name: x})
+        weight_dtype = self.linear.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise DTypeError(
+                f"{name}: expected {weight_dtype} (the dtype of the head's parameters), got "
+                f"{x.dtype}; convert the head with .to({x.dtype}) or run under torch.autocast"
+            )
+        if finite_check:
+            check_finite(x, name)
         return self.linear(self.norm(x))
 
     def extra_repr(self) -> str:

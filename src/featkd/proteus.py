@@ -108,9 +108,12 @@ class ProteusLoss(nn.Module):
             s = student.to(head_dtype)
             s_cls = pool(s, mode, num_prefix_tokens=self.num_prefix_tokens)
             t_cls = pool(target, mode, num_prefix_tokens=self.num_prefix_tokens)
-            parts = {"cls": F.mse_loss(self.cls_head(s_cls).to(work), t_cls)}
+            # the inputs are validated above: the heads skip their own finiteness check
+            s_cls_mapped = self.cls_head(s_cls, finite_check=False)
+            parts = {"cls": F.mse_loss(s_cls_mapped.to(work), t_cls)}
             if student.ndim == 3:
-                parts["tokens"] = F.mse_loss(self.token_head(s).to(work), target)
+                s_mapped = self.token_head(s, finite_check=False)
+                parts["tokens"] = F.mse_loss(s_mapped.to(work), target)
             weight = dict(zip(_TERMS, self.weights, strict=True))
             total = sum(weight[name] * value for name, value in parts.items())
         self.last_parts = {name: parts[name].detach() for name in _TERMS if name in parts}

@@ -1,0 +1,214 @@
+"""Every public loss and head, with how to feed it: shared by the hostile-input, autocast and
+compile tests so that a new loss is covered by all three once it is listed here.
+
+A :class:`Case` builds a fresh module (seeded, so two builds have equal parameters), gives the
+input shapes for a batch of ``B`` and calls the module uniformly. Heads take one input (the
+``student`` slot); losses take ``(student, teacher)`` and, for the label-aware ones, ``labels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import featkd
+
+Shapes = tuple[tuple[int, ...], tuple[int, ...] | None]
+
+
+@dataclass
+class Case:
+    """A public loss or head and how to feed it.
+
+    Attributes:
+        name: test id.
+        build: builds the module (called under a fixed seed by :meth:`make`).
+        shapes: ``B -> (student shape, teacher shape)``; teacher ``None`` for a head.
+        labels: the loss takes ``labels=`` (class indices ``arange(B) % 3``).
+        min_batch: the smallest batch it must accept (batch statistics need 2).
+        names: how error messages name the student and teacher arguments.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    shapes: Callable[[int], Shapes]
+    labels: bool = False
+    min_batch: int = 1
+    names: tuple[str, str] = ("student", "teacher")
+
+    @property
+    def is_head(self) -> bool:
+        return self.shapes(2)[1] is None
+
+    def make(self, seed: int = 0) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.build()
+
+    def inputs(self, batch: int, scale: float = 1.0, generator=None, teacher_scale=None):
+        s_shape, t_shape = self.shapes(batch)
+        s = scale * torch.randn(s_shape, generator=generator)
+        t = None
+        if t_shape is not None:
+            t_scale = scale if teacher_scale is None else teacher_scale
+            t = t_scale * torch.randn(t_shape, generator=generator)
+        labels = torch.arange(batch) % 3 if self.labels else None
+        return s, t, labels
+
+    def call(self, module, s, t=None, labels=None):
+        if self.is_head:
+            return module(s)
+        if self.labels:
+            return module(s, t, labels=labels)
+        return module(s, t)
+
+    def scalar(self, module, s, t=None, labels=None) -> torch.Tensor:
+        """The loss, or a scalar of a head's output (mean square) for gradient checks."""
+        out = self.call(module, s, t, labels)
+        if self.is_head:
+            return out.float().square().mean()
+        return out
+
+
+def _pair(width_s: int, width_t: int | None = None) -> Callable[[int], Shapes]:
+    width_t = width_s if width_t is None else width_t
+    return lambda b: ((b, width_s), (b, width_t))
+
+
+def _tokens(tokens: int, width_s: int, width_t: int) -> Callable[[int], Shapes]:
+    return lambda b: ((b, tokens, width_s), (b, tokens, width_t))
+
+
+def _head(*shape: int) -> Callable[[int], Shapes]:
+    return lambda b: ((b, *shape), None)
+
+
+LOGITS = ("student_logits", "teacher_logits")
+X = ("x", "x")
+
+CASES: list[Case] = [
+    Case("KDLoss", lambda: featkd.KDLoss(4.0), _pair(10), names=LOGITS),
+    Case("W2-emd", lambda: featkd.WassersteinLoss("emd"), _pair(8)),
+    Case("W2-sinkhorn", lambda: featkd.WassersteinLoss("sinkhorn"), _pair(8)),
+    Case(
+        "W2-sinkhorn-debias",
+        lambda: featkd.WassersteinLoss("sinkhorn", debias=True, reg=0.5),
+        _pair(8),
+    ),
+    Case(
+        "W2-sliced",
+        lambda: featkd.WassersteinLoss("sliced", n_projections=16, seed=0),
+        _pair(8),
+    ),
+    Case(
+        "W2-emd-conditional",
+        lambda: featkd.WassersteinLoss("emd", conditional=True),
+        _pair(8),
+        labels=True,
+    ),
+    Case(
+        "W2-sinkhorn-conditional",
+        lambda: featkd.WassersteinLoss("sinkhorn", conditional=True),
+        _pair(8),
+        labels=True,
+    ),
+    Case(
+        "JointW2-emd",
+        lambda: featkd.JointWassersteinLoss(label_weight=1.0),
+        _pair(8),
+        labels=True,
+    ),
+    Case(
+        "JointW2-sinkhorn",
+        lambda: featkd.JointWassersteinLoss(label_weight=1.0, solver="sinkhorn"),
+        _pair(8),
+        labels=True,
+    ),
+    Case("GaussianW2-full", lambda: featkd.GaussianWassersteinLoss("full"), _pair(8), min_batch=2),
+    Case("GaussianW2-diag", lambda: featkd.GaussianWassersteinLoss("diag"), _pair(8), min_batch=2),
+    Case(
+        "GaussianW2-conditional",
+        lambda: featkd.GaussianWassersteinLoss("full", conditional=True),
+        _pair(8),
+        labels=True,
+    ),
+    Case("GaussianKL-full", lambda: featkd.GaussianKLLoss("full"), _pair(8), min_batch=2),
+    Case("GaussianKL-diag", lambda: featkd.GaussianKLLoss("diag"), _pair(8), min_batch=2),
+    Case(
+        "GaussianKL-conditional",
+        lambda: featkd.GaussianKLLoss("full", conditional=True),
+        _pair(8),
+        labels=True,
+    ),
+    Case("MMD-rbf", lambda: featkd.MMDLoss("rbf"), _pair(8)),
+    Case(
+        "MMD-rbf-unbiased",
+        lambda: featkd.MMDLoss("rbf", estimator="unbiased", multipliers=(0.5, 1.0, 2.0)),
+        _pair(8),
+        min_batch=2,
+    ),
+    Case("MMD-linear", lambda: featkd.MMDLoss("linear"), _pair(8)),
+    Case("MMD-poly", lambda: featkd.MMDLoss("poly"), _pair(8)),
+    Case(
+        "MMD-rbf-conditional",
+        lambda: featkd.MMDLoss("rbf", conditional=True),
+        _pair(8),
+        labels=True,
+    ),
+    Case(
+        "KD2M-projector",
+        lambda: featkd.KD2MLoss("w2_gaussian", projector=nn.Linear(6, 8)),
+        _pair(6, 8),
+        min_batch=2,
+    ),
+    Case(
+        "KD2M-kl-diag-conditional",
+        lambda: featkd.KD2MLoss("kl_gaussian_diag", conditional=True),
+        _pair(8),
+        labels=True,
+    ),
+    Case(
+        "CosPress-tokens",
+        lambda: featkd.CosPressLoss(teacher_dim=12, student_dim=8),
+        _tokens(5, 8, 12),
+        min_batch=2,
+    ),
+    Case(
+        "CosPress-pooled",
+        lambda: featkd.CosPressLoss(teacher_dim=12, student_dim=8, style="half"),
+        _pair(8, 12),
+        min_batch=2,
+    ),
+    Case("Proteus-tokens", lambda: featkd.ProteusLoss(8, 12), _tokens(5, 8, 12)),
+    Case(
+        "Proteus-pooled",
+        lambda: featkd.ProteusLoss(8, 12, num_prefix_tokens=0),
+        _pair(8, 12),
+    ),
+    Case("LinearHead", lambda: featkd.LinearHead(8, 12), _head(5, 8), names=X),
+    Case(
+        "TeacherCompressionHead",
+        lambda: featkd.TeacherCompressionHead(12, 8),
+        _head(12),
+        names=("teacher", "teacher"),
+    ),
+    Case("GlobalBatch-KD", lambda: featkd.GlobalBatch(featkd.KDLoss()), _pair(10), names=LOGITS),
+    Case(
+        "GlobalBatch-MMD-conditional",
+        lambda: featkd.GlobalBatch(featkd.MMDLoss("rbf", conditional=True)),
+        _pair(8),
+        labels=True,
+    ),
+    Case(
+        "GlobalBatch-CosPress",
+        lambda: featkd.GlobalBatch(featkd.CosPressLoss(teacher_dim=12, student_dim=8)),
+        _tokens(5, 8, 12),
+        min_batch=2,
+    ),
+]
+
+PAIRS = [c for c in CASES if not c.is_head]
+LABELLED = [c for c in CASES if c.labels]
