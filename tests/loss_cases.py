@@ -212,3 +212,28 @@ CASES: list[Case] = [
 
 PAIRS = [c for c in CASES if not c.is_head]
 LABELLED = [c for c in CASES if c.labels]
+
+
+# ------------------------------------------------------------------ FCFD (lists of stage outputs)
+def tiny_fcfd(seed: int = 0):
+    """A two-stage CNN pair on 4x4 images and the FCFD loss over it (every path)."""
+
+    def net(width):
+        body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        return nn.ModuleList([body, nn.Sequential(nn.Flatten(1), nn.Linear(width * 16, 3))])
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student, teacher = net(4), net(6).eval().requires_grad_(False)
+        images = torch.randn(4, 3, 4, 4)
+        fcfd = featkd.FCFDLoss(student, teacher, example_input=(images, images), num_paths="all")
+    return fcfd, student, teacher
+
+
+def stage_outputs(stages, images):
+    """The output of every stage, in order (what a FeatureTap would capture)."""
+    outputs, x = [], images
+    for stage in stages:
+        x = stage(x)
+        outputs.append(x)
+    return outputs

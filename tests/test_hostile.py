@@ -12,11 +12,20 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loss_cases import CASES, LABELLED, PAIRS, Case
+from loss_cases import CASES, LABELLED, PAIRS, Case, stage_outputs, tiny_fcfd
 from torch import nn
 
 import featkd
 from featkd import DeviceError, DTypeError, FeatkdInputError, NonFiniteError, ShapeError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster, and immune to oversubscription on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def ids(cases):
@@ -287,33 +296,13 @@ def test_bad_labels(case):
 
 
 # ------------------------------------------------------------------ FCFD
-def _tiny_fcfd():
-    def net(width):
-        body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        return nn.ModuleList([body, nn.Sequential(nn.Flatten(1), nn.Linear(width * 16, 3))])
-
-    torch.manual_seed(0)
-    student, teacher = net(4), net(6).eval().requires_grad_(False)
-    images = torch.randn(4, 3, 4, 4)
-    fcfd = featkd.FCFDLoss(student, teacher, example_input=(images, images), num_paths="all")
-    return fcfd, student, teacher
-
-
-def _stage_outputs(stages, images):
-    outputs, x = [], images
-    for stage in stages:
-        x = stage(x)
-        outputs.append(x)
-    return outputs
-
-
 @pytest.fixture
 def fcfd_setup():
-    fcfd, student, teacher = _tiny_fcfd()
+    fcfd, student, teacher = tiny_fcfd()
     images = torch.randn(4, 3, 4, 4)
     with torch.no_grad():
-        t_feats = _stage_outputs(teacher, images)
-    return fcfd, student, _stage_outputs(student, images), t_feats
+        t_feats = stage_outputs(teacher, images)
+    return fcfd, student, stage_outputs(student, images), t_feats
 
 
 def test_fcfd_hostile_shapes(fcfd_setup):
@@ -359,12 +348,12 @@ def test_fcfd_integer_tensors(fcfd_setup):
 
 
 def test_fcfd_batch_of_one_and_magnitudes():
-    fcfd, student, teacher = _tiny_fcfd()
+    fcfd, student, teacher = tiny_fcfd()
     for batch, scale in ((1, 1.0), (3, 1e-6), (3, 1e6)):
         images = scale * torch.randn(batch, 3, 4, 4)
         with torch.no_grad():
-            t_feats = _stage_outputs(teacher, images)
-        loss = fcfd(_stage_outputs(student, images), t_feats)
+            t_feats = stage_outputs(teacher, images)
+        loss = fcfd(stage_outputs(student, images), t_feats)
         assert torch.isfinite(loss), (batch, scale)
         fcfd.zero_grad()
         student.zero_grad()
@@ -376,15 +365,15 @@ def test_fcfd_batch_of_one_and_magnitudes():
 def test_fcfd_float16_stage_outputs_on_cpu():
     """Half-precision networks with the bridges left in float32: each bridge runs in its own
     dtype and hands back the dtype of the network it feeds."""
-    fcfd, student, teacher = _tiny_fcfd()
+    fcfd, student, teacher = tiny_fcfd()
     images = torch.randn(4, 3, 4, 4)
     with torch.no_grad():
-        t_feats = _stage_outputs(teacher, images)
-    reference = fcfd(_stage_outputs(student, images), t_feats)
+        t_feats = stage_outputs(teacher, images)
+    reference = fcfd(stage_outputs(student, images), t_feats)
     student.half(), teacher.half()
     with torch.no_grad():
-        t_half = _stage_outputs(teacher, images.half())
-    half = fcfd(_stage_outputs(student, images.half()), t_half)
+        t_half = stage_outputs(teacher, images.half())
+    half = fcfd(stage_outputs(student, images.half()), t_half)
     assert half.dtype == torch.float16 and torch.isfinite(half)
     torch.testing.assert_close(half.float(), reference.detach(), rtol=2e-2, atol=2e-2)
     half.backward()

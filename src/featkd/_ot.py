@@ -55,10 +55,12 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
     return torch.where(mask, log_mass, torch.full_like(log_mass, -math.inf))
 
 
+@torch.compiler.disable
 def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:
     """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``.
 
-    The plan is a constant of the loss: its gradient flows through the cost only.
+    The plan is a constant of the loss: its gradient flows through the cost only. Kept out of
+    ``torch.compile`` (one graph break): dynamo would otherwise trace POT's numpy code.
     """
     import numpy as np
     import ot

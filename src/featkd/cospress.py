@@ -510,7 +510,9 @@ class CosPressLoss(nn.Module):
             c_global = _global_vectors(compressed, prefix)
             kl_options = (self.temperatures, self.style, self.chunk_elements)
             parts = {
-                "global": _neighbourhood_kl(t_global[None], c_global[None], *kl_options)[0],
+                # .mean() over the one set rather than [0]: a view of the autograd Function's
+                # output trips aot_autograd's alias replay after a graph break (torch 2.13)
+                "global": _neighbourhood_kl(t_global[None], c_global[None], *kl_options).mean(),
                 "cls": _flat_cosine_loss(_global_vectors(s, prefix), c_global.detach()),
             }
             if tokens:
