@@ -36,8 +36,8 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
     Example:
         >>> y = layer_norm(torch.tensor([[1.0, 2.0, 3.0]]))
-        >>> [round(v, 4) for v in y[0].tolist()]
-        [-1.2247, 0.0, 1.2247]
+        >>> bool(torch.allclose(y, torch.tensor([[-1.2247, 0.0, 1.2247]]), atol=1e-4))
+        True
     """
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
@@ -54,8 +54,8 @@ def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") ->
 
     Example:
         >>> y = batch_standardize(torch.tensor([[1.0, 10.0], [3.0, 30.0]]))
-        >>> [[round(v, 3) for v in row] for row in y.tolist()]
-        [[-1.0, -1.0], [1.0, 1.0]]
+        >>> bool(torch.allclose(y, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), atol=1e-3))
+        True
     """
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "batch statistics need two samples")
