@@ -76,8 +76,30 @@ def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: in
 
 def loss_builders(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module], str]]:
     """name -> (factory, input kind): 'tokens' (B, N, D), 'pooled' (B, D), 'logits'."""
+    projector = lambda: nn.Linear(d_s, d_t)  # noqa: E731 - KD2M needs equal widths
     return {
         "KDLoss": (lambda: featkd.KDLoss(4.0), "logits"),
+        "CosPressLoss (tokens)": (lambda: featkd.CosPressLoss(d_t, d_s), "tokens"),
+        "CosPressLoss (pooled)": (lambda: featkd.CosPressLoss(d_t, d_s), "pooled"),
+        "ProteusLoss (tokens)": (lambda: featkd.ProteusLoss(d_s, d_t), "tokens"),
+        "WassersteinLoss (emd)": (
+            lambda: featkd.WassersteinLoss("emd", projector=projector()),
+            "pooled",
+        ),
+        "WassersteinLoss (sinkhorn)": (
+            lambda: featkd.WassersteinLoss("sinkhorn", projector=projector()),
+            "pooled",
+        ),
+        "WassersteinLoss (sliced)": (
+            lambda: featkd.WassersteinLoss("sliced", projector=projector()),
+            "pooled",
+        ),
+        "GaussianWassersteinLoss (full)": (
+            lambda: featkd.GaussianWassersteinLoss(projector=projector()),
+            "pooled",
+        ),
+        "GaussianKLLoss (full)": (lambda: featkd.GaussianKLLoss(projector=projector()), "pooled"),
+        "MMDLoss (rbf)": (lambda: featkd.MMDLoss(projector=projector()), "pooled"),
     }
 
 

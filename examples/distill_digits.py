@@ -212,6 +212,10 @@ def _pooled_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
     return loss_fn(student, teacher)
 
 
+def _map_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
+    return loss_fn(batch.student_stages[2], batch.teacher_stages[2])
+
+
 def _token_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
     student = tokens_with_pooled_prefix(batch.student_stages[2])
     teacher = tokens_with_pooled_prefix(batch.teacher_stages[2])
@@ -221,6 +225,20 @@ def _token_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
 METHODS: list[Method] = [
     Method("student alone", lambda s, t, d: None, None, notes="cross-entropy on the labelled 10%"),
     Method("Hinton KD", lambda s, t, d: featkd.KDLoss(4.0), _kd_term, notes="logits, T=4"),
+    Method(
+        "VkD (layer norm)",
+        lambda s, t, d: featkd.VkDLoss(s.feature_dim, t.feature_dim, student_pool="gap"),
+        _map_term,
+        notes="orthogonal projection 32->256, layer-normed teacher, smooth-L1",
+    ),
+    Method(
+        "VkD (whitening)",
+        lambda s, t, d: featkd.VkDLoss(
+            s.feature_dim, t.feature_dim, normalize="whitening", student_pool="gap", eps=1e-2
+        ),
+        _map_term,
+        notes="Cholesky-whitened teacher (B=128 < D=256: shrinkage 1e-2)",
+    ),
     Method(
         "Proteus",
         lambda s, t, d: featkd.ProteusLoss(s.feature_dim, t.feature_dim),

@@ -31,8 +31,11 @@ from featkd.joint_wasserstein import JointWassersteinLoss
 from featkd.kd import KDLoss
 from featkd.kd2m import KD2MLoss
 from featkd.mmd import MMDLoss
+from featkd.normalize import Whitening
 from featkd.pooling import align_tokens, pool, to_tokens
+from featkd.projector import OrthogonalProjector
 from featkd.proteus import ProteusLoss
+from featkd.vkd import VkDLoss
 from featkd.wasserstein import WassersteinLoss
 
 __version__ = "0.1.0"
@@ -56,11 +59,14 @@ __all__ = [
     "LinearHead",
     "MMDLoss",
     "NonFiniteError",
+    "OrthogonalProjector",
     "ProteusLoss",
     "ShapeError",
     "TeacherCompressionHead",
     "UnknownModuleError",
+    "VkDLoss",
     "WassersteinLoss",
+    "Whitening",
     "__version__",
     "align_tokens",
     "build_bridge",

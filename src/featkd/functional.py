@@ -12,9 +12,12 @@ from featkd.joint_wasserstein import joint_wasserstein_loss
 from featkd.kd import kd_loss
 from featkd.kd2m import kd2m_loss
 from featkd.mmd import mmd_loss
+from featkd.normalize import batch_standardize, layer_norm, whiten
+from featkd.vkd import vkd_loss
 from featkd.wasserstein import wasserstein_loss
 
 __all__ = [
+    "batch_standardize",
     "flat_cosine_loss",
     "gather_with_grad",
     "gaussian_kl_loss",
@@ -22,7 +25,10 @@ __all__ = [
     "joint_wasserstein_loss",
     "kd2m_loss",
     "kd_loss",
+    "layer_norm",
     "mmd_loss",
     "neighbourhood_kl",
+    "vkd_loss",
     "wasserstein_loss",
+    "whiten",
 ]

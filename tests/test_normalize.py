@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from featkd import ChoiceError, ShapeError, Whitening
+from featkd.functional import batch_standardize, layer_norm, whiten
+
+
+def test_layer_norm_matches_numpy(rng):
+    x = rng.standard_normal((5, 7)) * 3 + 1
+    expected = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(layer_norm(torch.from_numpy(x)).numpy(), expected, rtol=1e-12)
+
+
+def test_batch_standardize_matches_numpy(rng):
+    x = rng.standard_normal((9, 4)) * [1, 10, 0.1, 3] + 2
+    expected = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(batch_standardize(torch.from_numpy(x)).numpy(), expected, rtol=1e-12)
+
+
+def test_batch_standardize_needs_two_samples():
+    with pytest.raises(ShapeError, match="at least 2"):
+        batch_standardize(torch.randn(1, 3))
+
+
+def numpy_cholesky_whitening(x, eps):
+    mu = x.mean(0)
+    xc = x - mu
+    cov = xc.T @ xc / len(x)
+    shrink = eps * np.trace(cov) / len(cov)
+    lower = np.linalg.cholesky(cov + shrink * np.eye(len(cov)))
+    # (x - mu) L^{-T}: solve L z^T = xc^T
+    return np.linalg.solve(lower, xc.T).T
+
+
+@pytest.mark.parametrize("method", ["cholesky", "zca"])
+def test_whitened_covariance_is_identity(rng, method):
+    mix = rng.standard_normal((6, 6)) + 3 * np.eye(6)
+    x = rng.standard_normal((600, 6)) @ mix + 4.0
+    y = whiten(torch.from_numpy(x), method).numpy()
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(y.T @ y / len(y), np.eye(6), atol=1e-4)
+
+
+def test_cholesky_whitening_matches_numpy(rng):
+    x = rng.standard_normal((50, 5)) @ rng.standard_normal((5, 5))
+    np.testing.assert_allclose(
+        whiten(torch.from_numpy(x), "cholesky", 1e-3).numpy(),
+        numpy_cholesky_whitening(x, 1e-3),
+        rtol=1e-9,
+        atol=1e-9,
+    )
+
+
+def test_zca_is_symmetric_whitening(rng):
+    x = rng.standard_normal((80, 4)) @ rng.standard_normal((4, 4))
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / len(x)
+    shrink = 1e-5 * np.trace(cov) / 4
+    w, v = np.linalg.eigh(cov)
+    expected = xc @ (v / np.sqrt(w + shrink)) @ v.T
+    np.testing.assert_allclose(whiten(torch.from_numpy(x), "zca").numpy(), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "zca"])
+def test_whitening_with_fewer_samples_than_dims(method):
+    x = torch.randn(8, 32)
+    y = whiten(x, method)
+    assert torch.isfinite(y).all()
+    x.requires_grad_(True)
+    whiten(x, method).square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_whitening_gradcheck():
+    x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: whiten(a, "cholesky", 1e-3), (x,))
+    assert torch.autograd.gradcheck(lambda a: whiten(a, "zca", 1e-3), (x,))
+
+
+def test_whitening_module_running_stats():
+    torch.manual_seed(0)
+    white = Whitening(3, momentum=1.0)
+    mix = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.5, 3.0]])
+    batch = torch.randn(400, 3) @ mix + 1
+    train_out = white(batch)
+    white.eval()
+    # momentum 1: the running statistics are exactly the last batch's
+    torch.testing.assert_close(white(batch), train_out)
+    single = white(batch[:1])
+    torch.testing.assert_close(single, train_out[:1])
+    assert int(white.num_batches_tracked) == 1
+
+
+def test_whitening_module_errors():
+    with pytest.raises(ChoiceError, match="method: expected one of 'cholesky', 'zca'"):
+        Whitening(4, method="pca")
+    with pytest.raises(ShapeError, match="D=4"):
+        Whitening(4)(torch.randn(8, 5))
+    with pytest.raises(ShapeError, match="at least 2"):
+        Whitening(4)(torch.randn(1, 4))
+    assert "method='cholesky'" in repr(Whitening(4))

@@ -1,0 +1,172 @@
+import numpy as np
+import pytest
+import torch
+
+from featkd import ChoiceError, DTypeError, NonFiniteError, ShapeError, VkDLoss
+from featkd.functional import vkd_loss
+
+
+def numpy_smooth_l1(a, b):
+    d = np.abs(a - b)
+    return np.where(d < 1.0, 0.5 * d**2, d - 0.5).mean()
+
+
+def numpy_layer_norm(t, eps=1e-5):
+    return (t - t.mean(1, keepdims=True)) / np.sqrt(t.var(1, keepdims=True) + eps)
+
+
+def numpy_vkd(student_tokens, teacher_map, projection, distance="smooth_l1"):
+    """The formula of METHODS.md section 1, written out with explicit loops."""
+    b, _, d_s = student_tokens.shape
+    s = np.zeros((b, d_s))
+    for i in range(b):
+        s[i] = student_tokens[i, 1:].mean(0)  # patch tokens only
+    t = teacher_map.mean(axis=(2, 3))  # global average pool
+    projected = s @ projection.T
+    target = numpy_layer_norm(t)
+    if distance == "mse":
+        return ((projected - target) ** 2).mean()
+    return numpy_smooth_l1(projected, target)
+
+
+@pytest.mark.parametrize("distance", ["smooth_l1", "mse"])
+def test_value_matches_transcription(rng, distance):
+    student = rng.standard_normal((6, 1 + 9, 8))
+    teacher = rng.standard_normal((6, 16, 3, 3)) * 2
+    q, _ = np.linalg.qr(rng.standard_normal((16, 8)))
+    value = vkd_loss(
+        torch.from_numpy(student), torch.from_numpy(teacher), torch.from_numpy(q), distance=distance
+    )
+    assert float(value) == pytest.approx(numpy_vkd(student, teacher, q, distance), rel=1e-12)
+
+
+def test_module_uses_its_projector_and_matches_function(rng):
+    loss_fn = VkDLoss(8, 16, distance="mse").double()
+    with torch.no_grad():
+        loss_fn.projector.generator.normal_(0, 0.3)
+    student = torch.from_numpy(rng.standard_normal((5, 10, 8)))
+    teacher = torch.from_numpy(rng.standard_normal((5, 16, 2, 2)))
+    weight = loss_fn.projector.weight.detach().numpy()
+    assert float(loss_fn(student, teacher).detach()) == pytest.approx(
+        numpy_vkd(student.numpy(), teacher.numpy(), weight, "mse"), rel=1e-10
+    )
+    assert set(loss_fn.last_parts) == {"vkd"}
+
+
+def test_identity_projection_at_init():
+    loss_fn = VkDLoss(4, 6, normalize="none", distance="mse")
+    s = torch.randn(3, 4)
+    t = torch.cat([s, torch.zeros(3, 2)], dim=1)
+    assert float(loss_fn(s, t)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batch_standardize_applies_to_both_sides(rng):
+    s = rng.standard_normal((7, 3))
+    t = rng.standard_normal((7, 5)) * 4 + 2
+    q, _ = np.linalg.qr(rng.standard_normal((5, 3)))
+
+    def std(x):
+        return (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+
+    expected = ((std(s @ q.T) - std(t)) ** 2).mean()
+    value = vkd_loss(
+        torch.from_numpy(s),
+        torch.from_numpy(t),
+        torch.from_numpy(q),
+        normalize="batch_standardize",
+        distance="mse",
+    )
+    assert float(value) == pytest.approx(expected, rel=1e-10)
+
+
+def test_whitening_target_and_eval_mode(rng):
+    loss_fn = VkDLoss(4, 6, normalize="whitening", distance="mse").double()
+    s = torch.from_numpy(rng.standard_normal((64, 4)))
+    t = torch.from_numpy(rng.standard_normal((64, 6)) @ rng.standard_normal((6, 6)))
+    loss = loss_fn(s, t)
+    xc = t.numpy() - t.numpy().mean(0)
+    cov = xc.T @ xc / 64
+    lower = np.linalg.cholesky(cov + 1e-5 * np.trace(cov) / 6 * np.eye(6))
+    target = np.linalg.solve(lower, xc.T).T
+    expected = ((s.numpy() @ np.eye(6, 4).T - target) ** 2).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-8)
+    loss_fn.eval()
+    assert torch.isfinite(loss_fn(s[:1], t[:1]))
+
+
+def test_gradient_routing():
+    loss_fn = VkDLoss(8, 16)
+    s = torch.randn(4, 5, 8, requires_grad=True)
+    t = torch.randn(4, 16, 3, 3, requires_grad=True)
+    loss_fn(s, t).backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    assert t.grad is None
+    assert loss_fn.projector.generator.grad is not None
+
+
+def test_gradcheck():
+    loss_fn = VkDLoss(3, 5, distance="mse").double()
+    with torch.no_grad():
+        loss_fn.projector.generator.normal_(0, 0.2)
+    s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: loss_fn(x, t), (s,))
+    assert torch.autograd.gradcheck(
+        lambda g: vkd_loss(s.detach(), t, torch.linalg.qr(g)[0], distance="smooth_l1"),
+        (torch.randn(5, 3, dtype=torch.float64, requires_grad=True),),
+    )
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    teacher = torch.randn(64, 12)
+    student = torch.nn.Linear(12, 6)
+    loss_fn = VkDLoss(6, 12)
+    opt = torch.optim.Adam([*student.parameters(), *loss_fn.parameters()], lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss = loss_fn(student(teacher), teacher)
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+
+
+def test_bfloat16_and_autocast():
+    loss_fn = VkDLoss(8, 16)
+    s, t = torch.randn(4, 8), torch.randn(4, 16)
+    reference = loss_fn(s, t)
+    value = loss_fn(s.bfloat16(), t.bfloat16())
+    assert value.dtype == torch.bfloat16
+    torch.testing.assert_close(value.float(), reference, rtol=3e-2, atol=3e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(loss_fn(s, t))
+
+
+def test_errors():
+    loss_fn = VkDLoss(8, 16)
+    with pytest.raises(ShapeError, match=r"student: expected last dimension D_s=8, got 7"):
+        loss_fn(torch.randn(4, 7), torch.randn(4, 16))
+    with pytest.raises(ShapeError, match=r"teacher: expected last dimension D_t=16"):
+        loss_fn(torch.randn(4, 8), torch.randn(4, 15))
+    with pytest.raises(ShapeError, match="teacher: expected batch size 4"):
+        loss_fn(torch.randn(4, 8), torch.randn(3, 16))
+    with pytest.raises(ShapeError, match="'gap' expects"):
+        loss_fn(torch.randn(4, 5, 8), torch.randn(4, 5, 16))  # token teacher needs a token mode
+    with pytest.raises(ShapeError, match=r"student: expected \(B, D_s\)"):
+        loss_fn(torch.randn(4), torch.randn(4, 16))
+    with pytest.raises(NonFiniteError, match="teacher"):
+        loss_fn(torch.randn(4, 8), torch.full((4, 16), float("nan")))
+    with pytest.raises(DTypeError):
+        loss_fn(torch.ones(4, 8, dtype=torch.long), torch.randn(4, 16))
+    with pytest.raises(ChoiceError, match="normalize: expected one of"):
+        VkDLoss(8, 16, normalize="group_norm")
+    with pytest.raises(ChoiceError, match="distance: expected one of 'smooth_l1', 'mse'"):
+        VkDLoss(8, 16, distance="l1")
+    with pytest.raises(ChoiceError, match="teacher_dim: expected >= student_dim=16"):
+        VkDLoss(16, 8)
+    with pytest.raises(ShapeError, match="at least 2"):
+        VkDLoss(8, 16, normalize="batch_standardize")(torch.randn(1, 8), torch.randn(1, 16))
+    token_teacher = VkDLoss(8, 16, teacher_pool="cls")
+    assert torch.isfinite(token_teacher(torch.randn(4, 5, 8), torch.randn(4, 5, 16)))
