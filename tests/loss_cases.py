@@ -30,6 +30,14 @@ class Case:
         labels: the loss takes ``labels=`` (class indices ``arange(B) % 3``).
         min_batch: the smallest batch it must accept (batch statistics need 2).
         names: how error messages name the student and teacher arguments.
+        channels: the dimension holding the width of the student and of the teacher (``-1``,
+            or ``1`` for a ``(B, C, H, W)`` map).
+        plain_layer: a head that behaves like ``nn.Linear`` (LayerNorm -> Linear): it follows
+            autocast, and outside autocast refuses inputs in another dtype than its parameters
+            (a ``DTypeError``). Everything else computes in float32 or wider with autocast off
+            and answers in the input's dtype.
+        empty_ok: a head that maps an empty batch to an empty output (like ``nn.Linear``)
+            rather than refusing it.
     """
 
     name: str
@@ -38,6 +46,9 @@ class Case:
     labels: bool = False
     min_batch: int = 1
     names: tuple[str, str] = ("student", "teacher")
+    channels: tuple[int, int] = (-1, -1)
+    plain_layer: bool = False
+    empty_ok: bool = False
 
     @property
     def is_head(self) -> bool:
@@ -66,11 +77,18 @@ class Case:
         return module(s, t)
 
     def scalar(self, module, s, t=None, labels=None) -> torch.Tensor:
-        """The loss, or a scalar of a head's output (mean square) for gradient checks."""
+        """The loss, or for a head a fixed weighted sum of its output (not its mean square,
+        which whitening makes constant) for gradient checks."""
         out = self.call(module, s, t, labels)
         if self.is_head:
-            return out.float().square().mean()
+            return head_scalar(out)
         return out
+
+
+def head_scalar(out: torch.Tensor) -> torch.Tensor:
+    """``sum(w * out)`` with fixed weights of mixed signs, in float32."""
+    weights = torch.arange(out.numel(), device=out.device, dtype=torch.float32).sin()
+    return (out.float() * weights.view(out.shape)).sum()
 
 
 def _pair(width_s: int, width_t: int | None = None) -> Callable[[int], Shapes]:
@@ -84,6 +102,19 @@ def _tokens(tokens: int, width_s: int, width_t: int) -> Callable[[int], Shapes]:
 
 def _head(*shape: int) -> Callable[[int], Shapes]:
     return lambda b: ((b, *shape), None)
+
+
+def _tokens_to_map(tokens: int, width_s: int, width_t: int, side: int) -> Callable[[int], Shapes]:
+    return lambda b: ((b, tokens, width_s), (b, width_t, side, side))
+
+
+def _vkd_fixed_squarings() -> nn.Module:
+    """VkD whose matrix exponential uses a fixed number of squarings: no host sync."""
+    loss = featkd.VkDLoss(8, 12, normalize="batch_standardize", distance="mse")
+    loss.projector.max_squarings = 8
+    with torch.no_grad():  # away from the identity, so the exponential has work to do
+        loss.projector.generator.normal_(0.0, 0.3)
+    return loss
 
 
 LOGITS = ("student_logits", "teacher_logits")
@@ -188,13 +219,64 @@ CASES: list[Case] = [
         lambda: featkd.ProteusLoss(8, 12, num_prefix_tokens=0),
         _pair(8, 12),
     ),
-    Case("LinearHead", lambda: featkd.LinearHead(8, 12), _head(5, 8), names=X),
+    Case(
+        "VkD-tokens-map",
+        lambda: featkd.VkDLoss(8, 12),
+        _tokens_to_map(5, 8, 12, 2),
+        channels=(-1, 1),
+    ),
+    Case("VkD-batch-standardize-fixed-squarings", _vkd_fixed_squarings, _pair(8, 12), min_batch=2),
+    Case(
+        "VkD-whitening-cayley",
+        lambda: featkd.VkDLoss(4, 6, normalize="whitening", map="cayley"),
+        _pair(4, 6),  # B = 8 > D_t: a well-conditioned batch covariance
+        min_batch=2,
+    ),
+    Case(
+        "VkD-householder-tokens",
+        lambda: featkd.VkDLoss(
+            8, 12, normalize="none", map="householder", teacher_pool="patch_mean"
+        ),
+        _tokens(5, 8, 12),
+    ),
+    Case(
+        "LinearHead",
+        lambda: featkd.LinearHead(8, 12),
+        _head(5, 8),
+        names=X,
+        plain_layer=True,
+    ),
     Case(
         "TeacherCompressionHead",
         lambda: featkd.TeacherCompressionHead(12, 8),
         _head(12),
         names=("teacher", "teacher"),
+        plain_layer=True,
     ),
+    Case(
+        "OrthogonalProjector-expm",
+        lambda: featkd.OrthogonalProjector(8, 12, init="random"),
+        _head(5, 8),
+        names=X,
+        empty_ok=True,
+    ),
+    Case(
+        "OrthogonalProjector-cayley-down",
+        lambda: featkd.OrthogonalProjector(12, 8, map="cayley", init="random"),
+        _head(12),
+        names=X,
+        empty_ok=True,
+    ),
+    # width 4 < B = 8: a well-conditioned batch covariance
+    Case("Whitening", lambda: featkd.Whitening(4), _head(4), names=X, min_batch=2),
+    Case(
+        "Whitening-zca",
+        lambda: featkd.Whitening(4, method="zca"),
+        _head(4),
+        names=X,
+        min_batch=2,
+    ),
+    Case("Whitening-eval", lambda: featkd.Whitening(4, method="zca").eval(), _head(4), names=X),
     Case("GlobalBatch-KD", lambda: featkd.GlobalBatch(featkd.KDLoss()), _pair(10), names=LOGITS),
     Case(
         "GlobalBatch-MMD-conditional",

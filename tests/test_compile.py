@@ -45,6 +45,13 @@ FULL_GRAPH = {
     "TeacherCompressionHead",
     "GlobalBatch-KD",
     "GlobalBatch-CosPress",
+    "VkD-batch-standardize-fixed-squarings",
+    "VkD-whitening-cayley",
+    "VkD-householder-tokens",
+    "OrthogonalProjector-cayley-down",
+    "Whitening",
+    "Whitening-zca",
+    "Whitening-eval",
 }
 # more graph breaks (class grouping on the host, several Sinkhorn stopping tests, POT's emd per
 # class) make these slower to trace; the loss classes themselves are covered by the fast cases

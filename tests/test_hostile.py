@@ -33,10 +33,10 @@ def ids(cases):
 
 
 def assert_named_error(excinfo, *names: str) -> None:
-    """The message starts with one of ``names`` and says what was expected."""
+    """The message starts with one of ``names`` and says what was expected (or "expects")."""
     message = str(excinfo.value)
     assert any(message.startswith(f"{n}:") for n in names), message
-    assert "expected" in message, message
+    assert "expect" in message, message
 
 
 def finite_loss_and_grad(case: Case, s, t=None, labels=None, module=None) -> torch.Tensor:
@@ -67,14 +67,14 @@ def test_student_of_wrong_rank(case):
     assert_named_error(excinfo, case.names[0])
     if not case.is_head:
         with pytest.raises(ShapeError) as excinfo:
-            case.call(case.make(), s.reshape(*s.shape, 1, 1), t, labels)
+            case.call(case.make(), s.reshape(*s.shape, 1, 1, 1), t, labels)
         assert_named_error(excinfo, case.names[0])
 
 
 @pytest.mark.parametrize("case", PAIRS, ids=ids(PAIRS))
 def test_teacher_of_wrong_rank(case):
     s, t, labels = case.inputs(4)
-    for bad in (t.reshape(-1), t.reshape(*t.shape, 1, 1)):
+    for bad in (t.reshape(-1), t.reshape(*t.shape, 1, 1, 1)):
         with pytest.raises(ShapeError) as excinfo:
             case.call(case.make(), s, bad, labels)
         assert_named_error(excinfo, case.names[1])
@@ -94,16 +94,20 @@ def test_mismatched_batch(case):
         assert "(6,)" in str(excinfo.value)
 
 
+def widen(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """One more channel along ``dim``."""
+    return torch.cat([x, x.narrow(dim, 0, 1)], dim=dim)
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_mismatched_width(case):
     s, t, labels = case.inputs(4)
-    wider_s = torch.cat([s, s[..., :1]], dim=-1)
     with pytest.raises(ShapeError) as excinfo:
-        case.call(case.make(), wider_s, t, labels)
+        case.call(case.make(), widen(s, case.channels[0]), t, labels)
     assert_named_error(excinfo, *case.names)  # the teacher, when the student sets the width
     if not case.is_head:
         with pytest.raises(ShapeError) as excinfo:
-            case.call(case.make(), s, torch.cat([t, t[..., :1]], dim=-1), labels)
+            case.call(case.make(), s, widen(t, case.channels[1]), labels)
         assert_named_error(excinfo, case.names[1])
 
 
@@ -111,11 +115,15 @@ def test_mismatched_width(case):
 def test_empty_tensors(case):
     s, t, labels = case.inputs(4)
     no_labels = None if labels is None else labels[:0]
-    with pytest.raises(ShapeError, match="zero-sized") as excinfo:
-        case.call(case.make(), s[:0], None if t is None else t[:0], no_labels)
-    assert_named_error(excinfo, case.names[0])
-    with pytest.raises(ShapeError, match="zero-sized") as excinfo:
-        case.call(case.make(), s[..., :0], t, labels)
+    if case.empty_ok:  # a head mapping no rows to no rows
+        out = case.call(case.make(), s[:0])
+        assert out.shape[0] == 0 and out.shape[1:] == case.call(case.make(), s).shape[1:]
+    else:
+        with pytest.raises(ShapeError, match="zero-sized") as excinfo:
+            case.call(case.make(), s[:0], None if t is None else t[:0], no_labels)
+        assert_named_error(excinfo, case.names[0])
+    with pytest.raises(ShapeError) as excinfo:  # no channels
+        case.call(case.make(), s.narrow(case.channels[0], 0, 0), t, labels)
     assert_named_error(excinfo, case.names[0])
 
 
@@ -125,7 +133,7 @@ def test_batch_of_one(case):
     if case.min_batch > 1:
         with pytest.raises(ShapeError, match="at least") as excinfo:
             case.call(case.make(), s, t, labels)
-        assert_named_error(excinfo, case.names[0])
+        assert_named_error(excinfo, *case.names)
     else:
         finite_loss_and_grad(case, s, t, labels)
 
@@ -138,10 +146,34 @@ def test_non_finite_is_reported(case, bad, where):
     if where == 1 and case.is_head:
         pytest.skip("a head has one input")
     s, t, labels = case.inputs(4)
-    (s if where == 0 else t).view(-1)[1] = bad
+    (s if where == 0 else t).view(-1)[-1] = bad  # the last token / pixel: every pooling uses it
     with pytest.raises(NonFiniteError) as excinfo:
         case.call(case.make(), s, t, labels)
     assert_named_error(excinfo, case.names[where])
+
+
+# Known gaps, kept visible: strict xfails fail the suite once fixed, so the mark gets removed.
+ZCA_GRADIENT = pytest.mark.xfail(
+    strict=True,
+    reason="ZCA whitening of exactly constant features: finite output, but the gradient through "
+    "torch.linalg.eigh is NaN (all eigenvalues equal); the default Cholesky whitening is fine",
+)
+DEGENERATE_CASES = [
+    pytest.param(c, id=c.name, marks=[ZCA_GRADIENT] if c.name == "Whitening-zca" else [])
+    for c in CASES
+]
+
+
+@pytest.mark.parametrize("case", DEGENERATE_CASES)
+@pytest.mark.parametrize("value", [0.0, 3.0])
+def test_constant_features(case, value):
+    """Dead (all-zero) or constant features on either side: zero variance, zero norms."""
+    s, t, labels = case.inputs(8)
+    constant_s = torch.full_like(s, value)
+    finite_loss_and_grad(case, constant_s, t, labels)
+    if t is not None:
+        finite_loss_and_grad(case, s, torch.full_like(t, value), labels)
+        finite_loss_and_grad(case, constant_s, torch.full_like(t, value), labels)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
@@ -172,12 +204,13 @@ def test_float16_on_cpu(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_inputs_in_another_dtype_than_the_module(case, dtype):
     """Features in another dtype than the module's parameters, outside autocast: a loss runs
-    its heads in their own dtype and answers in the student's dtype; a bare head (a layer, like
-    ``nn.Linear``) refuses with a DTypeError instead of torch's matmul error."""
+    its heads in their own dtype and answers in the student's dtype; a LayerNorm -> Linear head
+    (a plain layer, like ``nn.Linear``) refuses with a DTypeError instead of torch's matmul
+    error; the orthogonal projector and whitening compute in float32 or wider anyway."""
     s, t, labels = case.inputs(8)
     module = case.make()
     s_cast, t_cast = s.to(dtype), None if t is None else t.to(dtype)
-    if case.is_head:
+    if case.plain_layer:
         with pytest.raises(DTypeError) as excinfo:
             case.call(module, s_cast)
         assert_named_error(excinfo, case.names[0])
@@ -187,12 +220,12 @@ def test_inputs_in_another_dtype_than_the_module(case, dtype):
     else:  # float32 maths on rounded inputs
         reference = case.call(case.make(), s, t, labels)
     value = case.call(module, s_cast, t_cast, labels)
-    assert value.dtype == dtype and torch.isfinite(value)
+    assert value.dtype == dtype and torch.isfinite(value).all()
     close = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-4}[dtype]
     torch.testing.assert_close(value.float(), reference, rtol=close, atol=close)
 
 
-@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("case", DEGENERATE_CASES)
 def test_non_contiguous_and_expanded(case):
     s, t, labels = case.inputs(8)
     reference = case.call(case.make(), s.clone(), t, labels)

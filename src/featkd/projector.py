@@ -33,7 +33,9 @@ from featkd._checks import (
     NonFiniteError,
     ShapeError,
     check_choice,
+    check_finite,
     check_floating,
+    check_same_device,
     check_width,
     describe_shape,
 )
@@ -212,6 +214,8 @@ class OrthogonalProjector(nn.Module):
             raise ShapeError(f"x: expected (..., {self.in_features}), got a scalar")
         check_floating(x, "x")
         check_width(x, "x", self.in_features, "in_features")
+        check_same_device({"the projector's generator": self.generator, "x": x})
+        check_finite(x, "x")
         work = self._work_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             weight = self.compute_weight(work)

@@ -16,6 +16,7 @@ from featkd._checks import (
     check_choice,
     check_finite,
     check_floating,
+    check_min_batch,
     check_rank,
     check_same_batch,
     check_same_device,
@@ -217,6 +218,8 @@ class VkDLoss(nn.Module):
         if self.whitening is not None:
             check_same_batch(s, t, "student", "teacher")
             check_finite(t, "teacher")
+            if self.whitening.training or not self.whitening.track_running_stats:
+                check_min_batch(t, "teacher", 2, "whitening with batch statistics")
             t = self.whitening(t.detach())  # running statistics for eval mode
             normalize = "none"
         loss = vkd_loss(
