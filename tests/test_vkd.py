@@ -57,7 +57,7 @@ def test_identity_projection_at_init():
     loss_fn = VkDLoss(4, 6, normalize="none", distance="mse")
     s = torch.randn(3, 4)
     t = torch.cat([s, torch.zeros(3, 2)], dim=1)
-    assert float(loss_fn(s, t)) == pytest.approx(0.0, abs=1e-12)
+    assert loss_fn(s, t).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_batch_standardize_applies_to_both_sides(rng):
