@@ -37,7 +37,7 @@ def test_value_matches_transcription(rng, distance):
     value = vkd_loss(
         torch.from_numpy(student), torch.from_numpy(teacher), torch.from_numpy(q), distance=distance
     )
-    assert float(value) == pytest.approx(numpy_vkd(student, teacher, q, distance), rel=1e-12)
+    assert value.item() == pytest.approx(numpy_vkd(student, teacher, q, distance), rel=1e-12)
 
 
 def test_module_uses_its_projector_and_matches_function(rng):
@@ -57,7 +57,7 @@ def test_identity_projection_at_init():
     loss_fn = VkDLoss(4, 6, normalize="none", distance="mse")
     s = torch.randn(3, 4)
     t = torch.cat([s, torch.zeros(3, 2)], dim=1)
-    assert float(loss_fn(s, t)) == pytest.approx(0.0, abs=1e-12)
+    assert loss_fn(s, t).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_batch_standardize_applies_to_both_sides(rng):
@@ -76,7 +76,7 @@ def test_batch_standardize_applies_to_both_sides(rng):
         normalize="batch_standardize",
         distance="mse",
     )
-    assert float(value) == pytest.approx(expected, rel=1e-10)
+    assert value.item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_whitening_target_and_eval_mode(rng):
@@ -89,7 +89,7 @@ def test_whitening_target_and_eval_mode(rng):
     lower = np.linalg.cholesky(cov + 1e-5 * np.trace(cov) / 6 * np.eye(6))
     target = np.linalg.solve(lower, xc.T).T
     expected = ((s.numpy() @ np.eye(6, 4).T - target) ** 2).mean()
-    assert float(loss) == pytest.approx(expected, rel=1e-8)
+    assert loss.item() == pytest.approx(expected, rel=1e-8)
     loss_fn.eval()
     assert torch.isfinite(loss_fn(s[:1], t[:1]))
 
@@ -126,11 +126,11 @@ def test_training_reduces_the_loss():
     first = None
     for _ in range(150):
         loss = loss_fn(student(teacher), teacher)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * first
+    assert loss.item() < 0.5 * first
 
 
 def test_bfloat16_and_autocast():

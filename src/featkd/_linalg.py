@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,7 +72,9 @@ def stiefel_blocks(generator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Split an ``(n, k)`` generator into the skew ``S`` (from its top ``k x k`` block's
     strictly lower triangle) and ``B`` (its last ``n - k`` rows)."""
     k = generator.shape[1]
-    return skew_from_lower(generator[:k]), generator[k:]
+    # split, not two slices: its backward concatenates instead of zero-filling twice
+    top, tall = torch.split(generator, [k, generator.shape[0] - k])
+    return skew_from_lower(top), tall
 
 
 def stiefel_generator_matrix(skew: torch.Tensor, tall: torch.Tensor) -> torch.Tensor:
@@ -87,50 +90,49 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
 
 
-def _log_power_bound(log_norms: list[float], j: int) -> float:
-    """``log`` of a bound on ``||Y^j||_F`` from ``log_norms[b] = log ||Y^b||_F`` (``b = 1..q``).
+# Taylor terms j = 1.._MAX_TERM enter the remainder bounds; beyond that they are negligible
+# whenever the bound is small enough to be accepted (the terms then decay geometrically).
+_MAX_TERM = _PS_BLOCK * _MAX_BLOCKS + 40
+_TERMS = np.arange(1, _MAX_TERM + 1)
+_LOG_FACTORIALS = np.array([math.lgamma(j + 1) for j in _TERMS])
+_SQUARINGS = np.arange(0, 64)
 
-    ``||Y^j|| <= ||Y^q||^a ||Y^b||`` for ``j = a q + b`` and ``<= ||Y||^j``; Frobenius is
-    submultiplicative.
+
+def _log_remainder_bounds(log_norms: list[float], log_rho: float) -> np.ndarray:
+    """``log`` of bounds on ``||sum_{j > m} X^j / j!||_F`` for ``X = Y rho / 2^s``, for every
+    ``s`` in ``_SQUARINGS`` (rows) and degree ``m = q r`` (columns ``r = 1.._MAX_BLOCKS``).
+
+    ``log_norms[b] = log ||Y^b||`` (``b = 1..q``); ``||Y^j|| <= ||Y^q||^a ||Y^b||`` for
+    ``j = a q + b`` and ``<= ||Y||^j`` (submultiplicativity). The ``phi``-type coefficients
+    ``1/(j+1)!`` are smaller than ``1/j!``, so the bounds cover them too.
     """
-    q = len(log_norms) - 1
-    a, b = divmod(j, q)
-    blocked = a * log_norms[q] + (log_norms[b] if b else 0.0)
-    return min(blocked, j * log_norms[1])
-
-
-def _log_remainder_bound(log_norms: list[float], log_scale: float, degree: int) -> float:
-    """``log`` of a bound on ``||sum_{j > m} X^j / j!||_F`` for ``X = Y * exp(log_scale)``
-    (the ``phi``-type coefficients ``1/(j+1)!`` are smaller, so the bound covers them too)."""
-    terms = []
-    for j in range(degree + 1, degree + 80):
-        terms.append(_log_power_bound(log_norms, j) + j * log_scale - math.lgamma(j + 1))
-    top = max(terms)
-    if top == -math.inf:
-        return -math.inf
-    return top + math.log(sum(math.exp(t - top) for t in terms))
+    q = _PS_BLOCK
+    norms = np.asarray(log_norms, dtype=np.float64)
+    a, b = np.divmod(_TERMS, q)
+    with np.errstate(invalid="ignore"):
+        blocked = a * norms[q] + np.where(b > 0, norms[b], 0.0)
+        log_power = np.minimum(blocked, _TERMS * norms[1])
+        log_scale = log_rho - _SQUARINGS * math.log(2.0)
+        terms = log_power - _LOG_FACTORIALS + _TERMS * log_scale[:, None]
+        # suffix log-sum-exp: tails[:, j - 1] bounds the sum of the terms j.._MAX_TERM
+        tails = np.logaddexp.accumulate(terms[:, ::-1], axis=1)[:, ::-1]
+    degrees = q * np.arange(1, _MAX_BLOCKS + 1)
+    return tails[:, degrees]  # the tail starting at j = degree + 1
 
 
 def _plan(log_norms: list[float], log_rho: float, tol: float, cost) -> tuple[int, int]:
     """Cheapest ``(blocks r, squarings s)``, degree ``q r``, whose remainder bound for
-    ``X = Y rho / 2^s`` is at most ``tol``; ``cost(r, s)`` in dense-product units."""
+    ``X = Y rho / 2^s`` is at most ``tol``; ``cost(r, s)`` (numpy-broadcastable) in
+    dense-product units."""
     if not all(math.isfinite(v) or v == -math.inf for v in [*log_norms, log_rho]):
         raise FloatingPointError("matrix exponential: the generator has non-finite entries")
-    log_tol = math.log(tol)
-    best: tuple[float, int, int] | None = None
-    for s in range(0, 200):
-        log_scale = log_rho - s * math.log(2.0)
-        for r in range(1, _MAX_BLOCKS + 1):
-            if _log_remainder_bound(log_norms, log_scale, _PS_BLOCK * r) <= log_tol:
-                c = cost(r, s)
-                if best is None or c < best[0]:
-                    best = (c, r, s)
-                break  # a higher degree at this s only costs more
-        if best is not None and s > best[2] + 3:
-            break
-    if best is None:
+    feasible = _log_remainder_bounds(log_norms, log_rho) <= math.log(tol)
+    if not feasible.any():
         raise FloatingPointError("matrix exponential: the generator's norm is too large")
-    return best[1], best[2]
+    blocks = np.arange(1, _MAX_BLOCKS + 1)[None, :]
+    costs = np.where(feasible, cost(blocks, _SQUARINGS[:, None]), np.inf)
+    s, r = np.unravel_index(np.argmin(costs), costs.shape)
+    return int(r) + 1, int(s)
 
 
 def _squarings_on_device(
@@ -158,7 +160,7 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
 
     Frobenius norms are rigorous 2-norm bounds but overestimate by up to ``sqrt(dim)``, which
     for ``Y^q`` (whose ``q``-th root sets the number of squarings) costs a squaring. So for
-    ``Y^q`` the bound is ``min(||Y^q||_F, 1.25 * estimate)``, the estimate from a few steps of
+    ``Y^q`` the bound is ``min(||Y^q||_F, 1.1 * estimate)``, the estimate from a few steps of
     block power iteration on ``Y^{qT} Y^q`` (four fixed start vectors, no RNG use).
     """
     top = powers[-1].detach()
@@ -171,7 +173,7 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
         v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(top.dtype).tiny)
     estimate = (top @ v).norm(dim=0).max()
     norms = torch.stack([p.detach().norm() for p in powers[1:]])
-    norms = torch.cat([norms[:-1], torch.minimum(norms[-1], 1.25 * estimate)[None]])
+    norms = torch.cat([norms[:-1], torch.minimum(norms[-1], 1.1 * estimate)[None]])
     return torch.cat([norms.new_zeros(1), norms.log()])
 
 
@@ -189,7 +191,8 @@ def _ps_polynomial(
     is ``X^q`` or its columns) and ``left_mult_power(Y) = X^q @ Y``. All blocks come from one
     contraction; Horner in ``X^q`` then takes ``r - 1`` products.
     """
-    blocks = torch.einsum("rq,qmc->rmc", block_coeffs.to(stacked.dtype), stacked)
+    q, m, c = stacked.shape
+    blocks = (block_coeffs.to(stacked.dtype) @ stacked.reshape(q, m * c)).reshape(-1, m, c)
     acc = top_coeff * top_power + blocks[-1]
     for i in range(blocks.shape[0] - 2, -1, -1):
         acc = left_mult_power(acc) + blocks[i]
@@ -250,11 +253,9 @@ def _expm_columns(
     if max_squarings is None:
         *log_norms, log_rho = torch.cat([log_norms_dev, log_rho_dev[None]]).tolist()  # sync
 
-        def cost(blocks: int, s: int) -> float:
-            # in dense n x n products; the powers are already paid for
-            if s == 0:
-                return fraction * (blocks - 1)
-            return (blocks - 1) + (s - 1) + fraction
+        def cost(blocks, s):
+            # in dense n x n products, the powers already paid for; s = 0 needs the columns only
+            return np.where(s == 0, fraction * (blocks - 1), (blocks - 1) + (s - 1) + fraction)
 
         blocks, squarings = _plan(log_norms, log_rho, tol, cost)
         scale = math.exp(log_rho) * 2.0**-squarings
@@ -319,6 +320,22 @@ class _Companion:
         eye = torch.eye(k, dtype=self.left.dtype, device=self.left.device)
         right = torch.cat([self.r * eye, torch.zeros_like(eye)], dim=0)
         return torch.cat([self.left, right], dim=1)
+
+
+class _Gram(torch.autograd.Function):
+    """``B^T B`` whose backward is one tall product, ``B (dG + dG^T)``, instead of the two
+    that autograd takes for ``B.mT @ B`` (the tall products dominate at VkD's shapes). The
+    backward is itself differentiable."""
+
+    @staticmethod
+    def forward(ctx, tall: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tall)
+        return tall.mT @ tall
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (tall,) = ctx.saved_tensors
+        return tall @ (grad + grad.mT)
 
 
 def _balance_factor(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
@@ -408,7 +425,7 @@ def stiefel_expm(
         p, squarings = _expm_columns(full, slice(0, k), max_squarings=max_squarings)
         p = p.to(dtype)
     else:
-        gram = (tall.mT @ tall).to(work)
+        gram = _Gram.apply(tall).to(work)
         y1, y2, squarings = _companion_exp_columns(skew.to(work), gram, max_squarings=max_squarings)
         top = skew.to(work) @ y1 + y2
         p = torch.cat([top.to(dtype), tall @ y1.to(dtype)], dim=0)
@@ -432,7 +449,7 @@ def stiefel_cayley(
     """
     k = skew.shape[0]
     eye = torch.eye(k, dtype=skew.dtype, device=skew.device)
-    gram = tall.mT @ tall
+    gram = _Gram.apply(tall)
     inverse = torch.linalg.solve(eye - 0.5 * skew + 0.25 * gram, eye)
     p = torch.cat([2.0 * inverse - eye, tall @ inverse], dim=0)
     return _polar_step(p) if _want_polar(polar, skew.dtype, None) else p
