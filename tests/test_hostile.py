@@ -152,19 +152,7 @@ def test_non_finite_is_reported(case, bad, where):
     assert_named_error(excinfo, case.names[where])
 
 
-# Known gaps, kept visible: strict xfails fail the suite once fixed, so the mark gets removed.
-ZCA_GRADIENT = pytest.mark.xfail(
-    strict=True,
-    reason="ZCA whitening of exactly constant features: finite output, but the gradient through "
-    "torch.linalg.eigh is NaN (all eigenvalues equal); the default Cholesky whitening is fine",
-)
-DEGENERATE_CASES = [
-    pytest.param(c, id=c.name, marks=[ZCA_GRADIENT] if c.name == "Whitening-zca" else [])
-    for c in CASES
-]
-
-
-@pytest.mark.parametrize("case", DEGENERATE_CASES)
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("value", [0.0, 3.0])
 def test_constant_features(case, value):
     """Dead (all-zero) or constant features on either side: zero variance, zero norms."""
@@ -225,7 +213,7 @@ def test_inputs_in_another_dtype_than_the_module(case, dtype):
     torch.testing.assert_close(value.float(), reference, rtol=close, atol=close)
 
 
-@pytest.mark.parametrize("case", DEGENERATE_CASES)
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_non_contiguous_and_expanded(case):
     s, t, labels = case.inputs(8)
     reference = case.call(case.make(), s.clone(), t, labels)

@@ -250,3 +250,24 @@ def test_whiteners_with_singular_covariance_and_shrinkage():
         torch.testing.assert_close(
             w.T @ shrunk @ w, torch.eye(8, dtype=cov.dtype), atol=1e-8, rtol=0
         )
+
+
+def test_gradcheck_zca_whitener():
+    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+
+    def whiten(x):
+        centred = x - x.mean(0)
+        cov = centred.T @ centred / 9
+        return _linalg.zca_whitener(cov, 1e-2 * cov.diagonal().mean())
+
+    assert torch.autograd.gradcheck(whiten, (x,))
+
+
+def test_zca_whitener_gradient_with_coincident_eigenvalues():
+    """``cov = c I`` (every eigenvalue equal): the gradient of ``(cov + eps I)^{-1/2}`` is the
+    derivative of the scalar function, ``-1/2 (c + eps)^{-3/2}``, not eigh's NaN."""
+    c, eps = 0.5, 1e-3
+    cov = (c * torch.eye(4, dtype=torch.float64)).requires_grad_()
+    _linalg.zca_whitener(cov, eps).trace().backward()
+    expected = -0.5 * (c + eps) ** -1.5 * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(cov.grad, expected, rtol=1e-12, atol=1e-12)

@@ -467,8 +467,34 @@ def cholesky_whitener(cov: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.linalg.solve_triangular(lower, eye, upper=False).mT
 
 
-def zca_whitener(cov: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(cov + eps I)^{-1/2}`` (symmetric, the ZCA whitening matrix) by an eigendecomposition."""
-    evals, evecs = torch.linalg.eigh(cov)
-    inv_sqrt = (evals.clamp_min(0) + eps).rsqrt()
-    return (evecs * inv_sqrt) @ evecs.mT
+class _InverseSqrtPSD(torch.autograd.Function):
+    """``M^{-1/2}`` of a symmetric positive definite ``M`` by an eigendecomposition, with the
+    Daleckii-Krein backward written out.
+
+    ``torch.linalg.eigh``'s own backward divides by eigenvalue gaps and returns NaN when two
+    eigenvalues coincide (constant features give ``M = eps I``), although ``M^{-1/2}`` is smooth
+    there. With ``r = sqrt(eigenvalues)`` the divided difference of ``x^{-1/2}`` is
+    ``-1 / (r_i r_j (r_i + r_j))``, finite and exact also for ``r_i = r_j``.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:
+        evals, evecs = torch.linalg.eigh(matrix)
+        roots = evals.clamp_min(torch.finfo(evals.dtype).tiny).sqrt()
+        ctx.save_for_backward(evecs, roots)
+        return (evecs / roots) @ evecs.mT
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        evecs, roots = ctx.saved_tensors
+        outer = roots[..., :, None] * roots[..., None, :]
+        divided = -1.0 / (outer * (roots[..., :, None] + roots[..., None, :]))
+        sym = 0.5 * (grad + grad.mT)
+        return evecs @ (divided * (evecs.mT @ sym @ evecs)) @ evecs.mT
+
+
+def zca_whitener(cov: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """``(cov + eps I)^{-1/2}`` (symmetric, the ZCA whitening matrix) by an eigendecomposition;
+    its gradient stays finite when eigenvalues coincide (see :class:`_InverseSqrtPSD`)."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return _InverseSqrtPSD.apply(cov + eps * eye)

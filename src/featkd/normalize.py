@@ -69,9 +69,9 @@ def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") ->
 
 def _whitener(cov: torch.Tensor, method: str, eps: float) -> torch.Tensor:
     # shrinkage relative to the average variance, so eps means the same at any feature scale
-    # floored at the smallest normal number: constant features (a zero covariance) would
-    # otherwise give a subnormal shrinkage that Cholesky rejects and rsqrt turns into inf
-    shrink = (eps * cov.diagonal().mean()).clamp_min(torch.finfo(cov.dtype).tiny)
+    # floored at sqrt(smallest normal): constant features (a zero covariance) would otherwise
+    # give a shrinkage whose inverse square root, and the cube of it in the gradient, overflow
+    shrink = (eps * cov.diagonal().mean()).clamp_min(torch.finfo(cov.dtype).tiny ** 0.5)
     if method == "cholesky":
         return cholesky_whitener(cov, shrink)
     return zca_whitener(cov, shrink)
