@@ -54,24 +54,34 @@ class TinyViT(nn.Module):
         return tokens, self.head(tokens[:, 0])
 
 
-def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
+def _once(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed_round_robin(
+    fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds of each function, the functions interleaved round by round so that a
+    slow spell of a shared machine hits the student step and the losses alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_once(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def loss_builders(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module], str]]:
@@ -100,6 +110,14 @@ def loss_builders(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module]
         ),
         "GaussianKLLoss (full)": (lambda: featkd.GaussianKLLoss(projector=projector()), "pooled"),
         "MMDLoss (rbf)": (lambda: featkd.MMDLoss(projector=projector()), "pooled"),
+        "VkDLoss (tokens, layer_norm)": (
+            lambda: featkd.VkDLoss(d_s, d_t, teacher_pool="patch_mean"),
+            "tokens",
+        ),
+        "VkDLoss (pooled, whitening)": (
+            lambda: featkd.VkDLoss(d_s, d_t, normalize="whitening"),
+            "pooled",
+        ),
     }
 
 
@@ -107,14 +125,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (default 20 CUDA, 9 CPU)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         batch, depth, tokens, repeats = 256, 12, 197, 20
     else:
-        batch, depth, tokens, repeats = 32, 4, 65, 5
+        batch, depth, tokens, repeats = 32, 4, 65, 9
     if args.quick:
         batch, depth, repeats = 8, 1, 2
+    repeats = args.repeats or repeats
     d_s, d_t, classes = 192, 384, 1000
     torch.manual_seed(0)
 
@@ -130,18 +155,14 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         optimizer.step()
 
-    step_seconds = timed(student_step, device, repeats, warmup=2)
-    print(
-        f"student step: {1000 * step_seconds:.1f} ms (batch {batch}, depth {depth}, {tokens} tokens)"
-    )
-
     inputs = {
         "tokens": (torch.randn(batch, tokens, d_s), torch.randn(batch, tokens, d_t)),
         "pooled": (torch.randn(batch, d_s), torch.randn(batch, d_t)),
         "logits": (torch.randn(batch, classes), torch.randn(batch, classes)),
     }
     class_labels = torch.randint(10, (batch,), device=device)
-    rows = []
+    steps: dict[str, Callable[[], None]] = {"student step": student_step}
+    kinds = {}
     for name, (factory, kind) in loss_builders(d_s, d_t).items():
         loss_fn = factory().to(device)
         s0, t0 = (x.to(device) for x in inputs[kind])
@@ -150,9 +171,23 @@ def main(argv: list[str] | None = None) -> None:
         def loss_step(loss_fn=loss_fn, s=s, t0=t0) -> None:
             loss_fn(s, t0, labels=class_labels).backward()
 
-        seconds = timed(loss_step, device, repeats, warmup=2)
+        steps[name] = loss_step
+        kinds[name] = kind
+
+    medians = timed_round_robin(steps, device, repeats, warmup=2)
+    step_seconds = medians.pop("student step")
+    print(
+        f"student step: {1000 * step_seconds:.1f} ms (batch {batch}, depth {depth}, {tokens} tokens)"
+    )
+    rows = []
+    for name, seconds in medians.items():
         rows.append(
-            {"loss": name, "input": kind, "ms": 1000 * seconds, "fraction": seconds / step_seconds}
+            {
+                "loss": name,
+                "input": kinds[name],
+                "ms": 1000 * seconds,
+                "fraction": seconds / step_seconds,
+            }
         )
         print(
             f"{name:<36} {1000 * seconds:9.2f} ms  {100 * seconds / step_seconds:6.2f}% of a step"
