@@ -23,6 +23,7 @@ from conftest import tolerance
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import featkd
 from featkd import ChoiceError, FeatkdInputError, GlobalBatch, KDLoss, ShapeError
 from featkd.distributed import gather_with_grad, is_distributed
 
@@ -273,7 +274,43 @@ def _scenario_single_rank_group(rank):
     return {"identity": torch.tensor(same), "is_distributed": torch.tensor(is_distributed())}
 
 
+# --------------------------------------------------------------------------------------------
+# featkd's own batch-level losses under GlobalBatch (the table in docs/distributed.md).
+# --------------------------------------------------------------------------------------------
+def _real_losses() -> dict[str, nn.Module]:
+    """Seeded, so every rank and the parent build the same parameters."""
+    torch.manual_seed(5)
+    return {
+        "CosPressLoss": featkd.CosPressLoss(D_T, D_S),
+        "VkDLoss-whitening": featkd.VkDLoss(D_S, D_T, normalize="whitening"),
+        "VkDLoss-batch_standardize": featkd.VkDLoss(D_S, D_T, normalize="batch_standardize"),
+        "GaussianWassersteinLoss": featkd.GaussianWassersteinLoss(projector=nn.Linear(D_S, D_T)),
+        "MMDLoss-conditional": featkd.MMDLoss(conditional=True, projector=nn.Linear(D_S, D_T)),
+    }
+
+
+def _loss_value_and_grads(loss_fn: nn.Module, s, t, labels, owner: nn.Module | None = None) -> dict:
+    """Value and gradients; the parameter gradients are read from ``owner`` (the wrapped loss
+    under GlobalBatch), so that their names match the unwrapped reference's."""
+    s = s.clone().requires_grad_()
+    loss = loss_fn(s, t, labels=labels)
+    loss.backward()
+    owner = loss_fn if owner is None else owner
+    grads = {name: p.grad.clone() for name, p in owner.named_parameters() if p.grad is not None}
+    return {"loss": loss.detach(), "student_grad": s.grad, "param_grads": grads}
+
+
+def _scenario_real_losses(rank):
+    student, _, teacher, labels = _data(EQUAL)
+    shards = [_shard(x, EQUAL, rank) for x in (student, teacher, labels)]
+    return {
+        name: _loss_value_and_grads(GlobalBatch(loss, grad_mode="exact"), *shards, owner=loss)
+        for name, loss in ((n, m.double()) for n, m in _real_losses().items())
+    }
+
+
 SCENARIOS = {
+    "real_losses": _scenario_real_losses,
     "exact": _scenario_exact,
     "ddp_scale": _scenario_ddp_scale,
     "unequal": _scenario_unequal,
@@ -463,6 +500,24 @@ def test_mismatches_raise_on_every_rank(ranks, scenario, error_class, fragments)
         assert result.get("error_class") == error_class, result["message"]
         for fragment in fragments:
             assert fragment in result["message"], (fragment, result["message"])
+
+
+@pytest.mark.parametrize("name", list(_real_losses()))
+def test_featkd_losses_under_global_batch_equal_the_full_batch_loss(ranks, name):
+    """Each rank's loss is the single-process loss on the concatenated batch; its shard gets
+    the matching slice of the student gradient and the owned parameters the full gradient."""
+    student, _, teacher, labels = _data(EQUAL)
+    reference = _loss_value_and_grads(_real_losses()[name].double(), student, teacher, labels)
+    assert reference["param_grads"], "the loss owns parameters that get gradient"
+    for rank in range(WORLD):
+        result = _result(ranks, "real_losses", rank)[name]
+        torch.testing.assert_close(result["loss"], reference["loss"], **TOL)
+        torch.testing.assert_close(
+            result["student_grad"], _shard(reference["student_grad"], EQUAL, rank), **TOL
+        )
+        assert result["param_grads"].keys() == reference["param_grads"].keys()
+        for key, grad in reference["param_grads"].items():
+            torch.testing.assert_close(result["param_grads"][key], grad, **TOL, msg=key)
 
 
 def test_group_of_one_process_is_the_identity(ranks):
