@@ -147,7 +147,7 @@ def test_stiefel_cayley_equals_dense_solve(k, n, scale):
 
 
 @pytest.mark.parametrize("k,n", [(3, 9), (4, 5)])
-@pytest.mark.parametrize("scale", [0.3, 6.0])
+@pytest.mark.parametrize("scale", [0.0, 0.3, 6.0])  # 0.0: the identity init, where B = 0
 def test_gradcheck_stiefel_expm(k, n, scale):
     gen = _random_generator(k, n, scale).requires_grad_()
 
@@ -167,8 +167,9 @@ def test_gradcheck_synchronisation_free_path():
 
 
 @pytest.mark.parametrize("k,n", [(3, 9), (4, 4)])
-def test_gradcheck_stiefel_cayley(k, n):
-    gen = _random_generator(k, n, 2.0).requires_grad_()
+@pytest.mark.parametrize("scale", [0.0, 2.0])  # 0.0: the identity init
+def test_gradcheck_stiefel_cayley(k, n, scale):
+    gen = _random_generator(k, n, scale).requires_grad_()
 
     def weight(g):
         return _linalg.stiefel_cayley(*_linalg.stiefel_blocks(g))

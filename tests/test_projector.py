@@ -177,6 +177,7 @@ SWEEP = [
     ((40, 12), torch.float32),
     ((24, 200), torch.float32),
     ((24, 200), torch.float64),
+    ((64, 1024), torch.float64),  # a realistic width in float64 (the 1e-12 bound)
 ]
 
 

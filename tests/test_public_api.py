@@ -26,6 +26,29 @@ PUBLIC_NAMES = {
     "DeviceError",
     "set_finite_check",
     "__version__",
+    # VkD
+    "OrthogonalProjector",
+    "Whitening",
+    "VkDLoss",
+    # CosPress and its baseline
+    "TeacherCompressionHead",
+    "LinearHead",
+    "CosPressLoss",
+    "ProteusLoss",
+    # FCFD
+    "FCFDLoss",
+    "build_bridge",
+    "FeatureSpec",
+    # KD2M
+    "WassersteinLoss",
+    "JointWassersteinLoss",
+    "GaussianWassersteinLoss",
+    "GaussianKLLoss",
+    "MMDLoss",
+    "KD2MLoss",
+    # multi-process
+    "GlobalBatch",
+    "gather_with_grad",
 }
 
 
@@ -38,6 +61,7 @@ def test_public_names_are_exported():
 
 def test_all_is_sorted_and_unique():
     assert len(set(featkd.__all__)) == len(featkd.__all__)
+    assert featkd.__all__ == sorted(featkd.__all__)
 
 
 def test_version_is_a_string():
