@@ -696,12 +696,12 @@ class FCFDLoss(nn.Module):
 
         Example:
             >>> head = lambda c: nn.Sequential(nn.Flatten(), nn.Linear(c * 16, 3))
-            >>> student = [nn.Conv2d(3, 4, 3, padding=1), head(4)]
-            >>> teacher = [nn.Conv2d(3, 6, 3, padding=1), head(6)]
+            >>> s_body, s_head = nn.Conv2d(3, 4, 3, padding=1), head(4)
+            >>> t_body, t_head = nn.Conv2d(3, 6, 3, padding=1), head(6)
             >>> x = torch.randn(4, 3, 4, 4)
-            >>> fcfd = FCFDLoss(student, teacher, example_input=(x, x))
-            >>> s1, t1 = student[0](x), teacher[0](x).detach()
-            >>> loss = fcfd([s1, student[1](s1)], [t1, teacher[1](t1).detach()])
+            >>> fcfd = FCFDLoss([s_body, s_head], [t_body, t_head], example_input=(x, x))
+            >>> s1, t1 = s_body(x), t_body(x).detach()
+            >>> loss = fcfd([s1, s_head(s1)], [t1, t_head(t1).detach()])
             >>> loss.shape, fcfd.last_paths
             (torch.Size([]), ['s2t@1', 't2s@1'])
         """
