@@ -297,8 +297,9 @@ LABELLED = [c for c in CASES if c.labels]
 
 
 # ------------------------------------------------------------------ FCFD (lists of stage outputs)
-def tiny_fcfd(seed: int = 0):
-    """A two-stage CNN pair on 4x4 images and the FCFD loss over it (every path)."""
+def tiny_fcfd(seed: int = 0, **options):
+    """A two-stage CNN pair on 4x4 images and the FCFD loss over it (every path, unless
+    ``options`` say otherwise)."""
 
     def net(width):
         body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
@@ -308,7 +309,8 @@ def tiny_fcfd(seed: int = 0):
         torch.manual_seed(seed)
         student, teacher = net(4), net(6).eval().requires_grad_(False)
         images = torch.randn(4, 3, 4, 4)
-        fcfd = featkd.FCFDLoss(student, teacher, example_input=(images, images), num_paths="all")
+        options = {"num_paths": "all", **options}
+        fcfd = featkd.FCFDLoss(student, teacher, example_input=(images, images), **options)
     return fcfd, student, teacher
 
 
