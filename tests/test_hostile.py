@@ -416,3 +416,67 @@ def test_fcfd_different_devices(fcfd_setup):
     fcfd, _, s, t = fcfd_setup
     with pytest.raises(DeviceError):
         fcfd([x.cuda() for x in s], [x.cuda() for x in t])  # the bridges stayed on the CPU
+
+
+# ------------------------------------------------------------------ drawn shapes
+def _drawn_cases(d_s: int, d_t: int, tokens: int) -> list[Case]:
+    """One loss or head of every family, built for widths and token counts drawn by hypothesis.
+    ``d_t >= d_s`` (the teacher is the wider one, as every projector here assumes)."""
+    up = lambda: nn.Linear(d_s, d_t)  # noqa: E731 - KD2M compares equal widths
+    pair = lambda b: ((b, d_s), (b, d_t))  # noqa: E731
+    token_pair = lambda b: ((b, tokens, d_s), (b, tokens, d_t))  # noqa: E731
+    return [
+        Case("VkD-tokens", lambda: featkd.VkDLoss(d_s, d_t, teacher_pool="patch_mean"), token_pair),
+        Case("VkD-whitening", lambda: featkd.VkDLoss(d_s, d_t, normalize="whitening"), pair),
+        Case("CosPress-tokens", lambda: featkd.CosPressLoss(d_t, d_s), token_pair),
+        Case("CosPress-pooled", lambda: featkd.CosPressLoss(d_t, d_s), pair),
+        Case("Proteus-tokens", lambda: featkd.ProteusLoss(d_s, d_t), token_pair),
+        Case("W2-sinkhorn", lambda: featkd.WassersteinLoss("sinkhorn", projector=up()), pair),
+        Case("W2-sliced", lambda: featkd.WassersteinLoss("sliced", projector=up(), seed=0), pair),
+        Case("GaussianW2", lambda: featkd.GaussianWassersteinLoss(projector=up()), pair),
+        Case("GaussianKL", lambda: featkd.GaussianKLLoss(projector=up()), pair),
+        Case("MMD-rbf", lambda: featkd.MMDLoss("rbf", projector=up()), pair),
+        Case(
+            "KD2M-conditional",
+            lambda: featkd.KD2MLoss("w2_gaussian", conditional=True, projector=up()),
+            pair,
+            labels=True,
+        ),
+        Case("OrthogonalProjector", lambda: featkd.OrthogonalProjector(d_s, d_t), _head_of(d_s)),
+        Case(
+            "TeacherCompressionHead", lambda: featkd.TeacherCompressionHead(d_t, d_s), _head_of(d_t)
+        ),
+        Case("Whitening", lambda: featkd.Whitening(d_s), _head_of(d_s), names=("x", "x")),
+    ]
+
+
+def _head_of(width: int):
+    return lambda b: ((b, width), None)
+
+
+DRAWN_NAMES = [c.name for c in _drawn_cases(2, 3, 2)]
+
+
+@pytest.mark.parametrize("name", DRAWN_NAMES)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 9),
+    d_s=st.integers(1, 24),
+    extra_width=st.integers(0, 24),
+    tokens=st.integers(1, 6),
+    exponent=st.sampled_from([-6, 0, 6]),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_shapes_give_finite_results_or_named_errors(
+    name, batch, d_s, extra_width, tokens, exponent, seed
+):
+    """Widths, token counts, batch sizes and magnitudes drawn at random: every call either gives
+    a finite loss with finite gradients, or refuses with a named ``FeatkdInputError``."""
+    case = next(c for c in _drawn_cases(d_s, d_s + extra_width, tokens) if c.name == name)
+    s, t, labels = case.inputs(batch, 10.0**exponent, torch.Generator().manual_seed(seed))
+    try:
+        finite_loss_and_grad(case, s, t, labels)
+    except FeatkdInputError as error:
+        message = str(error)
+        assert any(message.startswith(f"{n}:") for n in (*case.names, "labels")), message
+        assert "expect" in message, message
