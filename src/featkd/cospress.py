@@ -398,7 +398,7 @@ class CosPressLoss(nn.Module):
     ``L_fea``, ``L_token``).
 
     The global term is over the batch on this device; with data parallelism each device sees
-    only its own share of the batch. Wrap the loss in :class:`featkd.GlobalBatch` to compute it
+    only its own share of the batch. Wrap the loss in ``featkd.GlobalBatch`` to compute it
     over the global batch of all processes.
 
     Note:
