@@ -34,6 +34,10 @@ D_IN, D_S, D_T, CLASSES = 5, 4, 6, 3
 LR = 0.1
 JOIN_TIMEOUT_S = 120.0
 TOL = tolerance(torch.float64)
+TOKENS = 3  # CLS + 2 patch tokens, for CosPress's local term
+IMAGE = (3, 8, 8)
+STEPS = 2  # a missing find_unused_parameters=True only fails at the second forward
+FCFD_SEED = 1  # samples [s2t@2, t2s@2] then [s2t@1, t2s@1]: each step leaves a t2s bridge unused
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,17 +87,20 @@ class BatchSimilarityLoss(nn.Module):
 
 class Trainee(nn.Module):
     """A student (Linear features + classifier) with a global-batch distillation loss inside,
-    so one DDP wraps the student and the loss's head together."""
+    so one DDP wraps the student and the loss's head together. Token features ``(B, N, D)`` are
+    classified from their first (CLS) token."""
 
-    def __init__(self) -> None:
+    def __init__(self, distill: nn.Module | None = None) -> None:
         super().__init__()
         self.features = nn.Linear(D_IN, D_S)
         self.classifier = nn.Linear(D_S, CLASSES)
-        self.distill = GlobalBatch(BatchSimilarityLoss())  # grad_mode="ddp"
+        if distill is None:  # the toy loss, grad_mode="ddp"
+            distill = GlobalBatch(BatchSimilarityLoss())
+        self.distill = distill
 
     def forward(self, x, teacher, labels, task_scale=None):
         s = self.features(x)
-        logits = self.classifier(s)
+        logits = self.classifier(s[:, 0] if s.ndim == 3 else s)
         if task_scale is None:
             task = F.cross_entropy(logits, labels)  # a local mean, as usual under DDP
         else:  # unequal shards: the sum over the shard, times R / B, averages to the global mean
@@ -228,6 +235,182 @@ def _scenario_ddp_separate(rank):
     return _ddp_step(rank, trainee, plain)
 
 
+# --------------------------------------------------------------------------------------------
+# featkd's own losses with owned parameters in a DDP step, wrapped as docs/distributed.md says
+# ("With DistributedDataParallel", "find_unused_parameters"). Every run is a few SGD steps; the
+# states before and after each step are compared with single-process steps on the full batch.
+# --------------------------------------------------------------------------------------------
+def _sgd_steps(model, params: nn.Module, inputs, steps: int = STEPS) -> list[dict]:
+    """``steps`` SGD steps of ``model(*inputs)`` over ``params``: the state before the first
+    step and after each."""
+
+    def state():
+        return {k: v.detach().clone() for k, v in params.state_dict().items()}
+
+    optimizer = torch.optim.SGD(params.parameters(), lr=LR)
+    states = [state()]
+    for _ in range(steps):
+        loss = model(*inputs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        states.append(state())
+    return states
+
+
+def _token_data(sizes, seed: int = 2):
+    """Full batch of student inputs ``(B, N, D_IN)``, teacher tokens ``(B, N, D_T)``, labels."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, TOKENS, D_IN, generator=g, dtype=torch.float64)
+    teacher = torch.randn(n, TOKENS, D_T, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    return x, teacher, labels
+
+
+def _cospress_trainee() -> Trainee:
+    torch.manual_seed(11)
+    # CosPress's global term compares the batch's CLS vectors: batch-level, so GlobalBatch.
+    return Trainee(GlobalBatch(featkd.CosPressLoss(D_T, D_S))).double()
+
+
+def _cospress_steps(rank: int | None) -> list[dict]:
+    """CosPress (its head) inside the student's DDP on ``rank``'s shard; ``rank=None``: the
+    single-process reference on the full batch, without any distributed code."""
+    trainee = _cospress_trainee()
+    inputs = _token_data(EQUAL)
+    if rank is None:
+        return _sgd_steps(trainee, trainee, inputs)
+    # find_unused_parameters=False (the default): the docs say CosPress gives every parameter
+    # gradient on every call; if it did not, the second step's forward would raise.
+    ddp = DistributedDataParallel(trainee)
+    return _sgd_steps(ddp, trainee, [_shard(t, EQUAL, rank) for t in inputs])
+
+
+class Staged(nn.Module):
+    """A network given as stages; returns every stage's output, the last the logits."""
+
+    def __init__(self, stages) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+
+class StagedTrainee(nn.Module):
+    """A staged student with FCFD inside, so one DDP wraps the student and the bridges."""
+
+    def __init__(self, student: Staged, distill: featkd.FCFDLoss) -> None:
+        super().__init__()
+        self.student = student
+        self.distill = distill
+
+    def forward(self, images, teacher_feats, labels):
+        feats = self.student(images)
+        return F.cross_entropy(feats[-1], labels) + self.distill(feats, teacher_feats)
+
+
+def _cnn_stages(width: int) -> list[nn.Module]:
+    """A small CNN in K = 4 stages (paths may cross after stage 1 or 2: 4 mixed paths), without
+    BatchNorm: the t2s paths run the student's later stages in train mode, and a BatchNorm
+    there would normalise each shard with its own statistics."""
+
+    def conv(c_in: int, c_out: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.ReLU())
+
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, CLASSES))
+    return [
+        conv(IMAGE[0], width, 1),
+        conv(width, 2 * width, 2),
+        conv(2 * width, 2 * width, 1),
+        head,
+    ]
+
+
+def _image_data(sizes, seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    images = torch.randn(n, *IMAGE, generator=g, dtype=torch.float64)
+    return images, torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def _fcfd_setup() -> tuple[StagedTrainee, Staged]:
+    """The student with FCFD inside, and the frozen teacher. Seeded (parameters and FCFD's path
+    generator), so every rank and the parent build the same modules and sample the same paths."""
+    torch.manual_seed(13)
+    student = Staged(_cnn_stages(3)).double()
+    teacher = Staged(_cnn_stages(5)).double().eval().requires_grad_(False)
+    probe = _image_data(EQUAL)[0]  # shapes only (and post_relu="auto": ReLU outputs)
+    fcfd = featkd.FCFDLoss(
+        student.stages,
+        teacher.stages,
+        example_input=(probe, probe),
+        num_paths=2,
+        generator=FCFD_SEED,
+    )
+    # The bridges (conv + BatchNorm2d) run in eval mode. In train mode each process normalises
+    # with its own shard's batch statistics, as any BatchNorm under DDP does, and the step is no
+    # longer the full-batch step this test compares with. SyncBatchNorm
+    # (nn.SyncBatchNorm.convert_sync_batchnorm) would make the statistics global, but it runs
+    # on GPUs only, not under gloo on CPU. The affine parameters still train in eval mode.
+    fcfd.eval()
+    return StagedTrainee(student, fcfd), teacher
+
+
+def _fcfd_steps(rank: int | None, wrap: str = "joint") -> list[dict]:
+    """FCFD with its bridges under DDP on ``rank``'s shard, either in one DDP with the student
+    (``wrap="joint"``) or in a DDP of its own (``"separate"``), with
+    ``find_unused_parameters=True`` where the bridges are (``"off"``: the joint DDP without it);
+    ``rank=None``: the single-process reference on the full batch."""
+    trainee, teacher = _fcfd_setup()
+    images, labels = _image_data(EQUAL)
+    if rank is not None:
+        images, labels = _shard(images, EQUAL, rank), _shard(labels, EQUAL, rank)
+    with torch.no_grad():
+        inputs = (images, teacher(images), labels)  # the teacher stays outside DDP
+    if rank is None:
+        return _sgd_steps(trainee, trainee, inputs)
+    if wrap == "joint":
+        return _sgd_steps(
+            DistributedDataParallel(trainee, find_unused_parameters=True), trainee, inputs
+        )
+    if wrap == "off":
+        return _sgd_steps(DistributedDataParallel(trainee), trainee, inputs)
+    student_ddp = DistributedDataParallel(trainee.student)  # every student parameter is used
+    fcfd_ddp = DistributedDataParallel(trainee.distill, find_unused_parameters=True)
+
+    def model(images, teacher_feats, labels):
+        feats = student_ddp(images)
+        return F.cross_entropy(feats[-1], labels) + fcfd_ddp(feats, teacher_feats)
+
+    return _sgd_steps(model, trainee, inputs)
+
+
+def _scenario_ddp_cospress(rank):
+    return {"states": _cospress_steps(rank)}
+
+
+def _scenario_ddp_fcfd(rank):
+    return {"states": _fcfd_steps(rank, "joint")}
+
+
+def _scenario_ddp_fcfd_separate(rank):
+    return {"states": _fcfd_steps(rank, "separate")}
+
+
+def _scenario_ddp_fcfd_without_find_unused(rank):
+    try:
+        _fcfd_steps(rank, "off")
+    except RuntimeError as error:
+        return {"message": str(error)}
+    return {"message": "no error"}
+
+
 def _scenario_width_mismatch(rank):
     s = torch.randn(4, D_S + rank)
     try:
@@ -286,6 +469,9 @@ def _real_losses() -> dict[str, nn.Module]:
         "VkDLoss-batch_standardize": featkd.VkDLoss(D_S, D_T, normalize="batch_standardize"),
         "GaussianWassersteinLoss": featkd.GaussianWassersteinLoss(projector=nn.Linear(D_S, D_T)),
         "MMDLoss-conditional": featkd.MMDLoss(conditional=True, projector=nn.Linear(D_S, D_T)),
+        "WassersteinLoss-emd": featkd.WassersteinLoss("emd", projector=nn.Linear(D_S, D_T)),
+        "GaussianKLLoss": featkd.GaussianKLLoss(projector=nn.Linear(D_S, D_T)),
+        "KD2MLoss-w2_sinkhorn": featkd.KD2MLoss("w2_sinkhorn", projector=nn.Linear(D_S, D_T)),
     }
 
 
@@ -319,11 +505,16 @@ SCENARIOS = {
     "ddp_joint": _scenario_ddp_joint,
     "ddp_separate": _scenario_ddp_separate,
     "ddp_unequal": _scenario_ddp_unequal,
+    "ddp_cospress": _scenario_ddp_cospress,
+    "ddp_fcfd": _scenario_ddp_fcfd,
+    "ddp_fcfd_separate": _scenario_ddp_fcfd_separate,
     "width_mismatch": _scenario_width_mismatch,
     "pairing_mismatch": _scenario_pairing_mismatch,
     "labels_on_one_rank": _scenario_labels_on_one_rank,
     "teacher_not_a_tensor": _scenario_teacher_not_a_tensor,
     "single_rank_group": _scenario_single_rank_group,
+    # last: it leaves a DDP whose reduction never finished
+    "ddp_fcfd_without_find_unused": _scenario_ddp_fcfd_without_find_unused,
 }
 
 
@@ -346,6 +537,17 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread here too, as in the spawned processes: on tensors this small extra
+    threads only synchronise, and on a busy machine they made the FCFD reference steps (small
+    convolutions) some fifty times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -480,6 +682,52 @@ def test_ddp_step_equals_single_process_step(ranks, scenario, sizes):
     # the step moved every parameter (so the comparison is not vacuous)
     for name, value in initial.state_dict().items():
         assert not torch.allclose(expected[name], value), name
+
+
+REAL_DDP_REFERENCES = {
+    "ddp_cospress": lambda: _cospress_steps(None),
+    "ddp_fcfd": lambda: _fcfd_steps(None),
+    "ddp_fcfd_separate": lambda: _fcfd_steps(None),
+}
+
+
+@pytest.mark.parametrize("scenario", list(REAL_DDP_REFERENCES))
+def test_ddp_steps_with_featkd_losses_equal_single_process_steps(ranks, scenario):
+    """The student and the loss's own head or bridges, after each step, equal the
+    single-process steps on the concatenated batch."""
+    expected = REAL_DDP_REFERENCES[scenario]()
+    for rank in range(WORLD):
+        states = _result(ranks, scenario, rank)["states"]
+        assert len(states) == len(expected) == STEPS + 1
+        for step, (result, want) in enumerate(zip(states, expected, strict=True)):
+            assert set(result) == set(want)
+            for name, value in want.items():
+                msg = f"{scenario}, rank {rank}, step {step}: {name}"
+                torch.testing.assert_close(result[name], value, **TOL, msg=msg)
+    # every parameter moved (student, head, every bridge), so the comparison is not vacuous
+    trainee = _cospress_trainee() if scenario == "ddp_cospress" else _fcfd_setup()[0]
+    assert list(trainee.distill.parameters()), "the loss owns parameters"
+    for name, _ in trainee.named_parameters():
+        assert not torch.equal(expected[-1][name], expected[0][name]), name
+
+
+def test_fcfd_seed_leaves_a_bridge_unused_on_every_step():
+    """The premise of the FCFD DDP scenarios: each step samples one t2s path of the two, so the
+    other t2s bridge gets no gradient (find_unused_parameters=True is needed), and the steps
+    together use both (every bridge trains)."""
+    fcfd = _fcfd_setup()[0].distill
+    assert list(fcfd.t2s) == ["stage1", "stage2"]
+    used = [{k for d, k in fcfd.sample_paths() if d == "t2s"} for _ in range(STEPS)]
+    assert all(len(step) == 1 for step in used), used
+    assert set.union(*used) == {1, 2}
+
+
+def test_fcfd_under_ddp_needs_find_unused_parameters(ranks):
+    """What the docs say: without find_unused_parameters=True, the bridges FCFD did not use on
+    a step stop DDP at the next forward."""
+    for rank in range(WORLD):
+        message = _result(ranks, "ddp_fcfd_without_find_unused", rank)["message"]
+        assert "Expected to have finished reduction in the prior iteration" in message, message
 
 
 # --------------------------------------------------------------------------------------------
