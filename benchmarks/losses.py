@@ -30,12 +30,9 @@ Writes ``benchmarks/results/losses-<device>.json``, ``.md`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
@@ -49,6 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _measure import PeakMemory
+
 import featkd
 from featkd import KD2MLoss, WassersteinLoss
 
@@ -59,52 +58,6 @@ SINKHORN_ITERATIONS = 100
 TOLERANCE = 1e-4
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------ memory
-
-
-class PeakMemory:
-    """Peak extra memory of one call: CUDA allocator statistics, or the CPU resident set."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.libc = None
-        self.method = "cuda.max_memory_allocated"
-        if device.type == "cpu":
-            self.method = "unavailable"
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big buffers are mmapped and freed
-                with open("/proc/self/clear_refs", "w") as handle:
-                    handle.write("5")
-                self.libc = libc
-                self.method = "VmHWM rise (peak resident set)"
-            except OSError:
-                pass
-
-    @staticmethod
-    def _status_kib(field: str) -> int:
-        with open("/proc/self/status") as handle:
-            return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1))
-
-    def measure(self, run: Callable[[], None]) -> float | None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        if self.libc is None:
-            return None
-        self.libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        before = self._status_kib("VmRSS")
-        run()
-        return max(self._status_kib("VmHWM") - before, 0) / 1024
 
 
 # ------------------------------------------------------------------------------------ cases

@@ -69,13 +69,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -90,6 +88,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _measure import PeakMemory, time_once
 
 import featkd
 from featkd import OrthogonalProjector, orthogonality_error
@@ -110,70 +110,6 @@ METHODS = (
     "dense cayley solve",
 )
 FEATKD = "featkd matrix_exp"
-
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-# ------------------------------------------------------------------------------------ memory
-
-
-class PeakMemory:
-    """Peak extra memory of one call: CUDA allocator statistics, or the CPU resident set."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.libc = None
-        self.method = "cuda.max_memory_allocated"
-        if device.type == "cpu":
-            self.method = "unavailable"
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                with open("/proc/self/clear_refs", "w") as handle:
-                    handle.write("5")
-                self.libc = libc
-                self.method = (
-                    "VmHWM rise (peak resident set; mmap threshold pinned at 64 KiB for the call)"
-                )
-            except OSError:
-                pass
-            self._release_pin()
-
-    @staticmethod
-    def _status_kib(field: str) -> int:
-        with open("/proc/self/status") as handle:
-            return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1))
-
-    def _release_pin(self) -> None:
-        """Thresholds for the timed calls: glibc's dynamic maxima, fixed."""
-        if self.libc is not None:
-            self.libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-            self.libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
-
-    def measure(self, run: Callable[[], None]) -> float | None:
-        """MiB above what was in use before ``run()``, at the peak of the call."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        if self.libc is None:
-            run()
-            return None
-        self.libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # big buffers mapped, returned on free
-        self.libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        before = self._status_kib("VmRSS")
-        try:
-            run()
-            return max(self._status_kib("VmHWM") - before, 0) / 1024
-        finally:
-            self._release_pin()
-
 
 # ------------------------------------------------------------------------------------ cases
 
@@ -325,19 +261,6 @@ class Settings:
     seed: int = 0
 
 
-def _once(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def parallel_overhead_ms(repeats: int = 20) -> float:
     """Median time of a tiny elementwise op on this process's threads: about 0.1 ms on idle
     cores, several ms when other processes keep the cores busy and the parallel region waits
@@ -372,7 +295,7 @@ def measure_shape_norm(
         holder: dict[str, float] = {}
 
         def warm(case=case, holder=holder) -> None:
-            holder["s"] = _once(case.step_capturing_weight, device)
+            holder["s"] = time_once(case.step_capturing_weight, device)
 
         if case.name == FEATKD:
             with count_squarings() as squarings:
@@ -394,7 +317,7 @@ def measure_shape_norm(
         shift = round_index % len(cases)
         for case in cases[shift:] + cases[:shift]:
             if len(times[case.name]) < wanted[case.name]:
-                times[case.name].append(_once(case.step, device))
+                times[case.name].append(time_once(case.step, device))
     weights = {case.name: case.weight() for case in cases}
     rows = []
     for case in cases:

@@ -17,11 +17,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _measure import time_once
 from torch import nn
 
 import featkd
@@ -54,19 +54,6 @@ class TinyViT(nn.Module):
         return tokens, self.head(tokens[:, 0])
 
 
-def _once(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def timed_round_robin(
     fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
 ) -> dict[str, float]:
@@ -80,7 +67,7 @@ def timed_round_robin(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_once(fn, device))
+            times[name].append(time_once(fn, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
+    benchmarks = str(ROOT / "benchmarks")
+    if benchmarks not in sys.path:  # the script imports its sibling _measure.py
+        sys.path.insert(0, benchmarks)
     name = "benchmark_orthogonal"
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "orthogonal.py")
     module = importlib.util.module_from_spec(spec)

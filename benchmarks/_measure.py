@@ -1,0 +1,87 @@
+"""Measurement helpers shared by the benchmark scripts: one timed call, and the peak memory
+of one call (CUDA allocator statistics, or the rise of the CPU process's resident set)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import time
+from collections.abc import Callable
+
+import torch
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+class PeakMemory:
+    """Peak extra memory of one call: CUDA allocator statistics, or the CPU resident set."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.libc = None
+        self.method = "cuda.max_memory_allocated"
+        if device.type == "cpu":
+            self.method = "unavailable"
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")
+                self.libc = libc
+                self.method = (
+                    "VmHWM rise (peak resident set; mmap threshold pinned at 64 KiB for the call)"
+                )
+            except OSError:
+                pass
+            self._release_pin()
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as handle:
+            return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1))
+
+    def _release_pin(self) -> None:
+        """Thresholds for the timed calls: glibc's dynamic maxima, fixed."""
+        if self.libc is not None:
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+            self.libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+
+    def measure(self, run: Callable[[], None]) -> float | None:
+        """MiB above what was in use before ``run()``, at the peak of the call."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+        if self.libc is None:
+            run()
+            return None
+        self.libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # big buffers mapped, returned on free
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        before = self._status_kib("VmRSS")
+        try:
+            run()
+            return max(self._status_kib("VmHWM") - before, 0) / 1024
+        finally:
+            self._release_pin()
+
+
+def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of ``fn``: CUDA events on a GPU, the wall clock on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
