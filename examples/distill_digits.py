@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -352,10 +353,10 @@ def _run_in_worker(
     data: Digits,
     seed: int,
     steps: int,
-    threads: int,
 ) -> RunResult:
-    """One (method, seed) run in a worker process: rebuild the teacher from its weights."""
-    torch.set_num_threads(threads)
+    """One (method, seed) run in a worker process (one thread): rebuild the teacher from its
+    weights."""
+    torch.set_num_threads(1)
     method = next(m for m in METHODS if m.name == method_name)
     teacher = make_teacher()
     teacher.load_state_dict(teacher_state)
@@ -385,13 +386,16 @@ def run_all(
             )
             progress.update()
         return runs
-    threads = max(1, (os.cpu_count() or 1) // workers)
     state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    # the children import this file by its module name, also when it was loaded from its path
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     # spawn, not fork: a forked child inherits torch's thread pools in an undefined state
     context = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
         futures = {
-            pool.submit(_run_in_worker, methods[i].name, state, data, seed, steps, threads): (
+            pool.submit(_run_in_worker, methods[i].name, state, data, seed, steps): (
                 i,
                 seed,
             )
@@ -399,7 +403,11 @@ def run_all(
         }
         for future in as_completed(futures):
             i, seed = futures[future]
-            runs[i][seed] = future.result()
+            try:
+                runs[i][seed] = future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # do not wait for the other runs
+                raise
             progress.set_postfix_str(f"{methods[i].name} seed {seed} done")
             progress.update()
     return runs
@@ -491,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.seeds, args.steps, args.teacher_epochs = 1, 25, 3
     if args.workers is None:
         on_cpu = torch.device(args.device).type == "cpu"
-        args.workers = min(2, os.cpu_count() or 1) if on_cpu and not args.quick else 1
+        args.workers = (os.cpu_count() or 1) if on_cpu and not args.quick else 1
     if args.workers > 1 and torch.device(args.device).type != "cpu":
         parser.error("--workers > 1 is for CPU runs; on a GPU the runs go one after another")
 

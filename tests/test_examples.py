@@ -20,6 +20,22 @@ def load_example(name: str):
 
 
 @pytest.mark.slow
+def test_distill_digits_worker_processes_give_the_same_runs(tmp_path):
+    """The (method, seed) runs in spawned worker processes equal the same runs in this one."""
+    pytest.importorskip("sklearn")
+    example = load_example("distill_digits")
+    common = ["--quick", "--no-progress", "--methods", "student alone", "Hinton KD"]
+    pooled = example.main([*common, "--workers", "2", "--out", str(tmp_path / "pool")])
+    inline = example.main([*common, "--workers", "1", "--out", str(tmp_path / "inline")])
+    assert [r["method"] for r in pooled["rows"]] == ["student alone", "Hinton KD", "teacher"]
+    for a, b in zip(pooled["rows"][:-1], inline["rows"][:-1], strict=True):
+        assert len(a["runs"]) == 1  # --quick: one seed, so two jobs for the two workers
+        for run_a, run_b in zip(a["runs"], b["runs"], strict=True):
+            assert run_a["accuracy"] == pytest.approx(run_b["accuracy"], abs=2e-3)
+            assert run_a["cosine_spearman"] == pytest.approx(run_b["cosine_spearman"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_distill_digits_quick(tmp_path):
     pytest.importorskip("sklearn")
     example = load_example("distill_digits")

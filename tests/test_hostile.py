@@ -458,7 +458,9 @@ DRAWN_NAMES = [c.name for c in _drawn_cases(2, 3, 2)]
 
 
 @pytest.mark.parametrize("name", DRAWN_NAMES)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     batch=st.integers(1, 9),
     d_s=st.integers(1, 24),
@@ -474,6 +476,9 @@ def test_drawn_shapes_give_finite_results_or_named_errors(
     a finite loss with finite gradients, or refuses with a named ``FeatkdInputError``."""
     case = next(c for c in _drawn_cases(d_s, d_s + extra_width, tokens) if c.name == name)
     s, t, labels = case.inputs(batch, 10.0**exponent, torch.Generator().manual_seed(seed))
+    if batch >= 4 and tokens >= 2:  # nothing to refuse here: a finite result is required
+        finite_loss_and_grad(case, s, t, labels)
+        return
     try:
         finite_loss_and_grad(case, s, t, labels)
     except FeatkdInputError as error:

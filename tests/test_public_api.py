@@ -49,6 +49,9 @@ PUBLIC_NAMES = {
     # multi-process
     "GlobalBatch",
     "gather_with_grad",
+    # results and errors the above return or raise
+    "CosinePreservation",
+    "UnknownModuleError",
 }
 
 
