@@ -497,10 +497,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.teacher_epochs = 1, 25, 3
+    on_cpu = torch.device(args.device).type == "cpu"
     if args.workers is None:
-        on_cpu = torch.device(args.device).type == "cpu"
         args.workers = (os.cpu_count() or 1) if on_cpu and not args.quick else 1
-    if args.workers > 1 and torch.device(args.device).type != "cpu":
+    if args.workers > 1 and not on_cpu:
         parser.error("--workers > 1 is for CPU runs; on a GPU the runs go one after another")
 
     from tqdm.auto import tqdm

@@ -12,7 +12,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loss_cases import CASES, LABELLED, PAIRS, Case, stage_outputs, tiny_fcfd
+from loss_cases import (
+    CASES,
+    LABELLED,
+    PAIRS,
+    Case,
+    X,
+    _head,
+    _pair,
+    _tokens,
+    stage_outputs,
+    tiny_fcfd,
+)
 from torch import nn
 
 import featkd
@@ -423,8 +434,7 @@ def _drawn_cases(d_s: int, d_t: int, tokens: int) -> list[Case]:
     """One loss or head of every family, built for widths and token counts drawn by hypothesis.
     ``d_t >= d_s`` (the teacher is the wider one, as every projector here assumes)."""
     up = lambda: nn.Linear(d_s, d_t)  # noqa: E731 - KD2M compares equal widths
-    pair = lambda b: ((b, d_s), (b, d_t))  # noqa: E731
-    token_pair = lambda b: ((b, tokens, d_s), (b, tokens, d_t))  # noqa: E731
+    pair, token_pair = _pair(d_s, d_t), _tokens(tokens, d_s, d_t)
     return [
         Case("VkD-tokens", lambda: featkd.VkDLoss(d_s, d_t, teacher_pool="patch_mean"), token_pair),
         Case("VkD-whitening", lambda: featkd.VkDLoss(d_s, d_t, normalize="whitening"), pair),
@@ -442,16 +452,10 @@ def _drawn_cases(d_s: int, d_t: int, tokens: int) -> list[Case]:
             pair,
             labels=True,
         ),
-        Case("OrthogonalProjector", lambda: featkd.OrthogonalProjector(d_s, d_t), _head_of(d_s)),
-        Case(
-            "TeacherCompressionHead", lambda: featkd.TeacherCompressionHead(d_t, d_s), _head_of(d_t)
-        ),
-        Case("Whitening", lambda: featkd.Whitening(d_s), _head_of(d_s), names=("x", "x")),
+        Case("OrthogonalProjector", lambda: featkd.OrthogonalProjector(d_s, d_t), _head(d_s)),
+        Case("TeacherCompressionHead", lambda: featkd.TeacherCompressionHead(d_t, d_s), _head(d_t)),
+        Case("Whitening", lambda: featkd.Whitening(d_s), _head(d_s), names=X),
     ]
-
-
-def _head_of(width: int):
-    return lambda b: ((b, width), None)
 
 
 DRAWN_NAMES = [c.name for c in _drawn_cases(2, 3, 2)]
