@@ -13,6 +13,7 @@ under ``torch.compile``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "FeatkdInputError",
     "NonFiniteError",
     "ShapeError",
+    "check_bool",
     "check_choice",
     "check_feature_pair",
     "check_finite",
@@ -32,15 +34,18 @@ __all__ = [
     "check_int",
     "check_labels",
     "check_min_batch",
+    "check_number",
     "check_positive",
     "check_rank",
     "check_same_batch",
     "check_same_device",
+    "check_seed",
     "check_weights",
     "check_width",
     "compute_dtype",
     "describe_shape",
     "finite_check_enabled",
+    "result_dtype",
     "set_finite_check",
     "validate_features",
 ]
@@ -234,6 +239,18 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss value is returned in, given the student's dtype.
+
+    float64 stays float64; everything else comes back as float32. A loss is a single number,
+    so nothing is saved by returning it in float16 or bfloat16, and float16 silently overflows
+    to ``inf`` above 65504 (a Wasserstein distance between batches whose means differ by 100
+    already does), which neither the user nor ``GradScaler`` would notice: the gradient stays
+    finite. Under autocast, torch's own losses also return float32.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def validate_features(
     x: Any,
     name: str,
@@ -254,6 +271,55 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
     """``value`` is a Python integer (not a bool) ``>= minimum``. Returns it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ChoiceError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` is ``True`` or ``False`` (not merely truthy: ``"no"`` is not ``False``)."""
+    if not isinstance(value, bool):
+        raise ChoiceError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+) -> float:
+    """``value`` is a finite real number (not a bool) within the bounds. Returns it as a float.
+
+    ``exclusive_minimum`` makes the lower bound strict (``> minimum``), likewise the upper.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if exclusive_minimum else value >= minimum
+    if ok and maximum is not None:
+        ok = value < maximum if exclusive_maximum else value <= maximum
+    if not ok:
+        bounds = []
+        if minimum is not None:
+            bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
+        if maximum is not None:
+            bounds.append(f"{'<' if exclusive_maximum else '<='} {maximum}")
+        where = f" {' and '.join(bounds)}" if bounds else ""
+        raise ChoiceError(f"{name}: expected a finite number{where}, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int | torch.Generator | None:
+    """Randomness: ``None`` (torch's global generator), an integer seed ``>= 0`` or a
+    ``torch.Generator``. Returns it unchanged."""
+    if value is None or isinstance(value, torch.Generator):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ChoiceError(
+            f"{name}: expected None, an integer seed >= 0 or a torch.Generator, got {value!r}"
+        )
     return value
 
 

@@ -48,6 +48,7 @@ from featkd._checks import (
     check_weights,
     compute_dtype,
     describe_shape,
+    result_dtype,
     validate_features,
 )
 from featkd.heads import TeacherCompressionHead
@@ -268,7 +269,7 @@ def neighbourhood_kl(
 
     The reference is the target and receives no gradient. Computed in float32 (float64 for
     float64 inputs) with autocast off, chunked over the (set, temperature) items so no working
-    tensor exceeds ``chunk_elements`` elements; returned in the candidate's dtype.
+    tensor exceeds ``chunk_elements`` elements; returned in float32 (float64 for float64 input).
 
     Args:
         reference: the target vectors (the teacher).
@@ -320,7 +321,7 @@ def neighbourhood_kl(
         else:
             per_set = _neighbourhood_kl(ref, cand, temps, style, chunk_elements)
         out = per_set.mean() if reduction == "mean" else per_set
-    return out.to(candidate.dtype)
+    return out.to(result_dtype(candidate.dtype))
 
 
 def _flat_cosine_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -363,7 +364,7 @@ def flat_cosine_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     work = compute_dtype(student, target)
     with torch.autocast(student.device.type, enabled=False):
         loss = _flat_cosine_loss(student.to(work), target.to(work))
-    return loss.to(student.dtype)
+    return loss.to(result_dtype(student.dtype))
 
 
 def _global_vectors(x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -522,7 +523,7 @@ class CosPressLoss(nn.Module):
             weight = dict(zip(_TERMS, self.weights, strict=True))
             total = sum(weight[name] * value for name, value in parts.items())
         self.last_parts = {name: parts[name].detach() for name in _TERMS if name in parts}
-        return total.to(student.dtype)
+        return total.to(result_dtype(student.dtype))
 
     def extra_repr(self) -> str:
         return (

@@ -39,6 +39,7 @@ from featkd._checks import (
     compute_dtype,
     describe_shape,
     finite_check_enabled,
+    result_dtype,
 )
 from featkd.bridges import LAYOUTS, RESAMPLE_MODES, FeatureSpec, build_bridge
 from featkd.pooling import POOL_MODES, pool
@@ -762,7 +763,7 @@ class FCFDLoss(nn.Module):
         parts["loss"] = loss
         self.last_parts = {name: value.detach() for name, value in parts.items()}
         self.last_paths = [f"{d}@{k}" for d, k in paths]
-        return loss.to(student[-1].dtype)
+        return loss.to(result_dtype(student[-1].dtype))
 
     def extra_repr(self) -> str:
         paths = ", ".join(f"{d}@{k}" for d, k in self.paths)

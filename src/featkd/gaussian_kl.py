@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from featkd._checks import check_choice, check_positive, compute_dtype
+from featkd._checks import check_choice, check_positive, compute_dtype, result_dtype
 from featkd._covariance import (
     centre,
     shrunk_covariance,
@@ -88,7 +88,7 @@ def _gaussian_kl(
     }
     if conditional:
         parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss.to(student.dtype), parts
+    return loss.to(result_dtype(student.dtype)), parts
 
 
 def gaussian_kl_loss(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from featkd._checks import check_choice, compute_dtype
+from featkd._checks import check_choice, compute_dtype, result_dtype
 from featkd._covariance import centre, cross_nuclear_norm
 from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
 
@@ -60,7 +60,7 @@ def _gaussian_wasserstein(
     }
     if conditional:
         parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss.to(student.dtype), parts
+    return loss.to(result_dtype(student.dtype)), parts
 
 
 def gaussian_wasserstein_loss(

@@ -12,6 +12,7 @@ from featkd._checks import (
     check_same_device,
     check_width,
     compute_dtype,
+    result_dtype,
     validate_features,
 )
 
@@ -52,7 +53,7 @@ def kd_loss(
         log_q = F.log_softmax(student_logits.to(work) / temperature, dim=1)
         log_p = F.log_softmax(teacher_logits.detach().to(work) / temperature, dim=1)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
-    return (kl * temperature**2).to(student_logits.dtype)
+    return (kl * temperature**2).to(result_dtype(student_logits.dtype))
 
 
 class KDLoss(nn.Module):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from featkd._checks import ChoiceError, check_choice, check_positive, compute_dtype
+from featkd._checks import ChoiceError, check_choice, check_positive, compute_dtype, result_dtype
 from featkd._matching import (
     CONDITIONAL_NEEDS_LABELS,
     MatchingLoss,
@@ -199,7 +199,7 @@ def _mmd(
     parts = {"mmd2": loss.detach(), **parts}
     if conditional:
         parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss.to(student.dtype), parts
+    return loss.to(result_dtype(student.dtype)), parts
 
 
 def mmd_loss(

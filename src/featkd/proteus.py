@@ -21,6 +21,7 @@ from featkd._checks import (
     check_same_device,
     check_weights,
     compute_dtype,
+    result_dtype,
 )
 from featkd.heads import LinearHead
 from featkd.pooling import pool
@@ -117,7 +118,7 @@ class ProteusLoss(nn.Module):
             weight = dict(zip(_TERMS, self.weights, strict=True))
             total = sum(weight[name] * value for name, value in parts.items())
         self.last_parts = {name: parts[name].detach() for name in _TERMS if name in parts}
-        return total.to(student.dtype)
+        return total.to(result_dtype(student.dtype))
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,7 @@ from featkd._checks import (
     check_width,
     compute_dtype,
     describe_shape,
+    result_dtype,
 )
 from featkd.normalize import Whitening, batch_standardize, layer_norm, whiten
 from featkd.pooling import pool
@@ -123,7 +124,7 @@ def vkd_loss(
             projected = batch_standardize(projected, eps, name="student")
         elif normalize == "whitening":
             target = whiten(target, "cholesky", eps, name="teacher")
-        return _distance(projected, target, distance).to(student.dtype)
+        return _distance(projected, target, distance).to(result_dtype(student.dtype))
 
 
 class VkDLoss(nn.Module):

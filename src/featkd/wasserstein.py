@@ -20,6 +20,7 @@ from featkd._checks import (
     check_same_device,
     compute_dtype,
     describe_shape,
+    result_dtype,
     validate_features,
 )
 from featkd._matching import (
@@ -297,7 +298,7 @@ def _wasserstein(
     parts = {"wasserstein": loss.detach(), **parts}
     if conditional:
         parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss.to(student.dtype), parts
+    return loss.to(result_dtype(student.dtype)), parts
 
 
 def wasserstein_loss(
