@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,19 @@ def test_docstring_examples_run(module_name):
     module = importlib.import_module(module_name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+def test_packaging_files():
+    """MIT licence text, the PEP 561 marker shipped with the package, a citation file naming
+    the four methods' papers."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    assert (root / "src" / "featkd" / "py.typed").exists()
+    pyproject = (root / "pyproject.toml").read_text()
+    assert 'featkd = ["py.typed"]' in pyproject
+    citation = yaml.safe_load((root / "CITATION.cff").read_text())
+    titles = " | ".join(ref["title"] for ref in citation["references"])
+    for method in ("VkD", "Preserving Angles", "Function-Consistent", "KD2M"):
+        assert method in titles
