@@ -8,8 +8,22 @@ import gc
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
+
+
+def figure_path(stem: Path, publish: bool) -> Path:
+    """Where a run's figure goes: a published run's (a full run into ``benchmarks/results``)
+    to the docs' assets only, so that each figure is committed once; any other beside its
+    JSON."""
+    if publish:
+        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
+        return DOCS_ASSETS / f"{stem.name}.png"
+    return stem.with_suffix(".png")
+
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1

@@ -18,8 +18,9 @@ it is ``torch.cuda.max_memory_allocated``. Part A runs on one thread (tiny model
 only adds overhead); part B uses torch's default thread count.
 
 Run: ``python benchmarks/cospress_vs_proteus.py [--quick] [--device cuda]``. Writes
-``benchmarks/results/cospress_vs_proteus.{json,md,png}`` (a full run also copies the figure to
-``docs/assets/benchmarks/`` for the docs page).
+``benchmarks/results/cospress_vs_proteus.{json,md}``; a full run's figure goes to
+``docs/assets/benchmarks/`` (the docs page's copy, the only one committed), a quick run's
+beside its JSON.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import figure_path
 
 from featkd import CosPressLoss, ProteusLoss, cosine_preservation
 from featkd.cospress import DEFAULT_TEMPERATURES, neighbourhood_kl
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +533,7 @@ def main():
         result = json.loads(Path(args.from_json).read_text())
         out = Path(args.from_json).with_suffix("")
         write_markdown(result, out.with_suffix(".md"))
-        plot(result, out.with_suffix(".png"))
+        plot(result, figure_path(out, out.parent == RESULTS))
         return
     device = torch.device(args.device)
     if args.threads:
@@ -588,13 +591,9 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out.with_suffix(".md"))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out}.json/.md/.png")
-    if not args.quick and out.parent == RESULTS:  # the docs page shows the figure
-        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-        (DOCS_ASSETS / out.with_suffix(".png").name).write_bytes(
-            out.with_suffix(".png").read_bytes()
-        )
+    figure = figure_path(out, not args.quick and out.parent == RESULTS)
+    plot(result, figure)
+    print(f"wrote {out}.json/.md and {figure}")
 
 
 if __name__ == "__main__":

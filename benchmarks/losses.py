@@ -24,7 +24,8 @@ Usage::
     python benchmarks/losses.py --quick    # a small check that everything runs
     python benchmarks/losses.py --threads 1 --device cpu
 
-Writes ``benchmarks/results/losses-<device>.json``, ``.md`` and ``.png``.
+Writes ``benchmarks/results/losses-<device>.json`` and ``.md``; the figure of a full run goes to
+``docs/assets/benchmarks/losses-<device>.png`` (the one committed copy).
 """
 
 from __future__ import annotations
@@ -46,13 +47,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _measure import PeakMemory
+from _measure import PeakMemory, figure_path
 
 import featkd
 from featkd import KD2MLoss, WassersteinLoss
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 REG_FRACTION = 0.05  # eps = 0.05 * mean cost (featkd's default relative_reg)
 SINKHORN_ITERATIONS = 100
 TOLERANCE = 1e-4
@@ -543,10 +543,7 @@ def main() -> None:
         stem = args.out / f"losses-{name}{'-partial' if partial else ''}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(result))
-        plot(result, stem.with_suffix(".png"))
-        if not partial:  # the docs show the figure of the latest full run
-            DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-            plot(result, DOCS_ASSETS / f"losses-{name}.png")
+        plot(result, figure_path(stem, not partial))  # the docs show the latest full run
         print(f"wrote {stem}.json/.md/.png in {result['meta']['wall_s']:.0f} s")
         for entry in result["summary"]:
             print(

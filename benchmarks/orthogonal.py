@@ -60,9 +60,10 @@ Usage::
     python benchmarks/orthogonal.py --threads 1 --tag=-1thread
     python benchmarks/orthogonal.py --replot          # markdown and PNG again from the JSON
 
-Writes ``benchmarks/results/orthogonal-<device><tag>.json``, ``.md`` and ``.png`` (with
-``-partial`` in the name for a ``--quick`` or filtered run); a full run also writes the figure
-to ``docs/assets/benchmarks/orthogonal-<device><tag>.png``.
+Writes ``benchmarks/results/orthogonal-<device><tag>.json`` and ``.md`` (with ``-partial`` in
+the name for a ``--quick`` or filtered run); a full run's figure goes to
+``docs/assets/benchmarks/orthogonal-<device><tag>.png`` (the one committed copy), any other
+run's beside its JSON.
 """
 
 from __future__ import annotations
@@ -89,13 +90,12 @@ from torch.nn.utils.parametrizations import orthogonal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _measure import PeakMemory, time_once
+from _measure import PeakMemory, figure_path, time_once
 
 import featkd
 from featkd import OrthogonalProjector, orthogonality_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 
 BATCH = 256
 SHAPES = ((384, 768), (384, 1024), (384, 1536), (192, 3024), (384, 3024), (768, 768))
@@ -763,12 +763,12 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, stem: Path) -> None:
-    """``stem.json``, ``stem.md`` and ``stem.png``."""
+def write(result: dict, stem: Path, publish: bool) -> None:
+    """``stem.json``, ``stem.md`` and the figure (see ``figure_path``)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
+    plot(result, figure_path(stem, publish))
 
 
 # ------------------------------------------------------------------------------------ main
@@ -804,9 +804,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             stem = args.out / f"orthogonal-{name}{args.tag}"
             result = json.loads(stem.with_suffix(".json").read_text())
             result["targets"] = targets(result)
-            write(result, stem)
-            if args.out == RESULTS:
-                plot(result, DOCS_ASSETS / f"{stem.name}.png")
+            write(result, stem, publish=args.out == RESULTS)
             print(f"rewrote {stem}.md/.png")
         return None
 
@@ -832,10 +830,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for name in devices:
         result = benchmark(torch.device(name), shapes, norms, names, settings, quick=args.quick)
         stem = args.out / f"orthogonal-{name}{args.tag}{'-partial' if partial else ''}"
-        write(result, stem)
-        if not partial and args.out == RESULTS:  # the docs show the latest full run
-            DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-            plot(result, DOCS_ASSETS / f"{stem.name}.png")
+        write(result, stem, publish=not partial and args.out == RESULTS)  # the docs' figure
         print(f"wrote {stem}.json/.md/.png in {result['meta']['wall_s']:.0f} s")
         for t in result["targets"]:
             values = {k: (None if v is None else round(v, 2)) for k, v in t["values"].items()}

@@ -8,7 +8,7 @@ FCFD is excluded: its cost is running the networks' later stages, not a loss on 
 
     python benchmarks/overhead.py [--device cuda] [--quick]
 
-Writes benchmarks/results/overhead-<device>.{json,md,png}.
+Writes benchmarks/results/overhead-<device>.{json,md} and the figure docs/assets/benchmarks/overhead-<device>.png.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _measure import time_once
+from _measure import figure_path, time_once
 from torch import nn
 
 import featkd
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.invert_yaxis()
     ax.legend()
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    fig.savefig(figure_path(stem, publish=True), dpi=120)
     print(f"saved {stem}.json/.md/.png")
 
 
