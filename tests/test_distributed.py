@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import featkd
-from featkd import ChoiceError, FeatkdInputError, GlobalBatch, KDLoss, ShapeError
+from featkd import ChoiceError, DeviceError, FeatkdInputError, GlobalBatch, KDLoss, ShapeError
 from featkd.distributed import gather_with_grad, is_distributed
 
 WORLD = 2
@@ -38,6 +38,16 @@ TOKENS = 3  # CLS + 2 patch tokens, for CosPress's local term
 IMAGE = (3, 8, 8)
 STEPS = 2  # a missing find_unused_parameters=True only fails at the second forward
 FCFD_SEED = 1  # samples [s2t@2, t2s@2] then [s2t@1, t2s@1]: each step leaves a t2s bridge unused
+# A rank that raised alone leaves the other blocked in a collective; on this scenario's own
+# group that ends after this long instead of the default group's 30 s.
+DEVICE_GROUP_TIMEOUT_S = 10
+# Rank 1's (student, teacher) devices for each bad step; rank 0's inputs are always good.
+DEVICE_CASES = {
+    "teacher_on_meta": ("cpu", "meta"),
+    "student_on_meta": ("meta", "cpu"),
+    "all_on_meta": ("meta", "meta"),
+}
+NEXT_STEP_SEED = 7  # the good step after the bad ones draws new data: mixed steps show
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +460,48 @@ def _scenario_teacher_not_a_tensor(rank):
     return {"message": "no error"}
 
 
+def _guarded_step(loss_fn, s, t, y) -> dict:
+    """One step of a loop that logs a failing step and goes on: the loss, or the error."""
+    try:
+        return {"loss": loss_fn(s, t, labels=y).detach()}
+    except Exception as error:  # a collective's timeout too, not only featkd's errors
+        return {"error_class": type(error).__name__, "message": str(error)}
+
+
+def _scenario_device_mismatch(rank):
+    """Rank 1 puts its tensors on the wrong device for a few steps, then every rank runs a good
+    step on fresh data. Every rank must raise on every bad step, and the good step must gather
+    that step's shards, not a shard left over from a step some rank skipped."""
+    group = dist.new_group(timeout=datetime.timedelta(seconds=DEVICE_GROUP_TIMEOUT_S))
+    torch.manual_seed(0)  # the head's parameters, as in the parent's reference
+    loss_fn = GlobalBatch(BatchSimilarityLoss().double(), group=group, grad_mode="exact")
+    result = {}
+    for case, devices in DEVICE_CASES.items():
+        student, _, teacher, labels = _data(EQUAL)
+        s, t, y = (_shard(x, EQUAL, rank) for x in (student, teacher, labels))
+        if rank == 1:
+            s, t = s.to(devices[0]), t.to(devices[1])
+        result[case] = _guarded_step(loss_fn, s, t, y)
+    student, _, teacher, labels = _data(EQUAL, seed=NEXT_STEP_SEED)
+    shards = [_shard(x, EQUAL, rank) for x in (student, teacher, labels)]
+    result["next_step"] = _guarded_step(loss_fn, *shards)
+    return result
+
+
+def _scenario_equal_shards_device_mismatch(rank):
+    # equal_shards skips the exchange: each rank judges its own devices and names itself
+    loss_fn = GlobalBatch(BatchSimilarityLoss(), equal_shards=True)
+    return _guarded_step(loss_fn, torch.randn(4, D_S), torch.randn(4, D_T, device="meta"), None)
+
+
+def _scenario_gather_none(rank):
+    try:
+        gather_with_grad(None, name="student")
+    except FeatkdInputError as error:
+        return {"error_class": type(error).__name__, "message": str(error)}
+    return {"message": "no error"}
+
+
 def _scenario_single_rank_group(rank):
     groups = [dist.new_group([0]), dist.new_group([1])]  # every rank creates every group
     x = torch.randn(3, 2, requires_grad=True)
@@ -513,6 +565,9 @@ SCENARIOS = {
     "labels_on_one_rank": _scenario_labels_on_one_rank,
     "teacher_not_a_tensor": _scenario_teacher_not_a_tensor,
     "single_rank_group": _scenario_single_rank_group,
+    "device_mismatch": _scenario_device_mismatch,
+    "equal_shards_device_mismatch": _scenario_equal_shards_device_mismatch,
+    "gather_none": _scenario_gather_none,
     # last: it leaves a DDP whose reduction never finished
     "ddp_fcfd_without_find_unused": _scenario_ddp_fcfd_without_find_unused,
 }
@@ -740,6 +795,7 @@ def test_fcfd_under_ddp_needs_find_unused_parameters(ranks):
         ("pairing_mismatch", "ShapeError", ["teacher", "batch size 4 on rank 1", "got 3"]),
         ("labels_on_one_rank", "ShapeError", ["labels", "None", "rank 1"]),
         ("teacher_not_a_tensor", "FeatkdInputError", ["teacher", "torch.Tensor", "rank 1"]),
+        ("gather_none", "FeatkdInputError", ["student: expected a torch.Tensor", "got None"]),
     ],
 )
 def test_mismatches_raise_on_every_rank(ranks, scenario, error_class, fragments):
@@ -748,6 +804,52 @@ def test_mismatches_raise_on_every_rank(ranks, scenario, error_class, fragments)
         assert result.get("error_class") == error_class, result["message"]
         for fragment in fragments:
             assert fragment in result["message"], (fragment, result["message"])
+
+
+DEVICE_FRAGMENTS = {
+    "teacher_on_meta": [
+        "teacher: expected a tensor on cpu on rank 1 (the device of student there)",
+        "got one on meta",
+    ],
+    "student_on_meta": [  # blamed first: no backend gathers from meta
+        "student: expected a tensor on a device the gloo process group gathers from",
+        "got one on meta on rank 1",
+    ],
+    "all_on_meta": ["student: expected a tensor on a device", "got one on meta on rank 1"],
+}
+
+
+@pytest.mark.parametrize("case", list(DEVICE_CASES))
+def test_device_mismatch_on_one_rank_raises_the_same_error_on_every_rank(ranks, case):
+    """Issue 11: the device check ran on each rank alone, before the shape exchange, so only
+    the rank with the wrong device raised, and the other one gathered with its next step."""
+    results = [_result(ranks, "device_mismatch", rank)[case] for rank in range(WORLD)]
+    for result in results:
+        assert result.get("error_class") == DeviceError.__name__, result
+        for fragment in DEVICE_FRAGMENTS[case]:
+            assert fragment in result["message"], (fragment, result["message"])
+    assert results[0]["message"] == results[1]["message"]
+
+
+def test_equal_shards_device_mismatch_raises_on_the_rank_that_has_it(ranks):
+    """Without the exchange the device check is local: each rank names itself, not rank 0."""
+    for rank in range(WORLD):
+        result = _result(ranks, "equal_shards_device_mismatch", rank)
+        assert result.get("error_class") == DeviceError.__name__, result
+        assert f"teacher: expected a tensor on cpu on rank {rank}" in result["message"]
+
+
+def test_step_after_a_device_mismatch_gathers_its_own_shards(ranks):
+    """After the bad steps every rank is still in step: the good step's loss is the
+    single-process loss on that step's batch."""
+    torch.manual_seed(0)
+    reference = BatchSimilarityLoss().double()
+    student, _, teacher, labels = _data(EQUAL, seed=NEXT_STEP_SEED)
+    expected = reference(student, teacher, labels=labels).detach()
+    for rank in range(WORLD):
+        result = _result(ranks, "device_mismatch", rank)["next_step"]
+        assert "loss" in result, result
+        torch.testing.assert_close(result["loss"], expected, **TOL)
 
 
 @pytest.mark.parametrize("name", list(_real_losses()))

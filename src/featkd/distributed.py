@@ -31,43 +31,19 @@ every rank and the average leaves them right, whatever the mode.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from featkd._checks import (
-    FeatkdInputError,
-    ShapeError,
-    check_choice,
-    check_same_device,
-    describe_shape,
-)
+from featkd._checks import FeatkdInputError, check_choice
+from featkd._gather import all_gather_padded, batch_sizes, exchange_metadata
 
 __all__ = ["GRAD_MODES", "GlobalBatch", "gather_with_grad", "is_distributed"]
 
 GRAD_MODES = ("ddp", "exact", "all_reduce")
-
-# Shape metadata exchanged before a gather: [kind, ndim, dtype code, d_0, ..., d_{MAX-1}].
-_MAX_DIMS = 8
-_ABSENT, _TENSOR, _NOT_A_TENSOR, _BAD_RANK = 0, 1, 2, 3
-_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-    torch.complex64,
-    torch.complex128,
-)
-_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 
 
 def _group_size(group: Any) -> int:
@@ -97,113 +73,6 @@ def _group_rank(group: Any) -> int:
     return rank
 
 
-def _describe(row: Sequence[int]) -> str:
-    kind = row[0]
-    if kind == _ABSENT:
-        return "None"
-    if kind == _NOT_A_TENSOR:
-        return "a non-tensor"
-    ndim, code = row[1], row[2]
-    if kind == _BAD_RANK:
-        return f"a tensor with {ndim} dimensions"
-    dtype = _DTYPES[code] if 0 <= code < len(_DTYPES) else "an unusual dtype"
-    return f"{describe_shape(row[3 : 3 + ndim])} {dtype}"
-
-
-def _meta_row(x: Any) -> list[int]:
-    row = [0] * (3 + _MAX_DIMS)
-    if x is None:
-        return row
-    if not isinstance(x, torch.Tensor):
-        row[0] = _NOT_A_TENSOR
-        return row
-    row[1], row[2] = x.ndim, _DTYPE_CODE.get(x.dtype, -1)
-    if x.ndim == 0 or x.ndim > _MAX_DIMS:
-        row[0] = _BAD_RANK
-        return row
-    row[0] = _TENSOR
-    row[3 : 3 + x.ndim] = list(x.shape)
-    return row
-
-
-def _exchange_shapes(
-    tensors: Sequence[tuple[str, Any]], group: Any, world: int, equal_shards: bool
-) -> list[list[list[int]]]:
-    """Every rank's metadata for every named tensor: ``result[rank][i]`` describes tensor ``i``.
-
-    One small all-gather and one host synchronisation for all the tensors together. Every rank
-    receives the same table, so every rank raises the same error on a mismatch (no hang).
-    With ``equal_shards`` the exchange is skipped: every rank is assumed to hold this rank's
-    shapes.
-    """
-    names = [name for name, _ in tensors]
-    local = [_meta_row(x) for _, x in tensors]
-    if equal_shards:
-        table = [local] * world
-    else:
-        device = next(
-            (x.device for _, x in tensors if isinstance(x, torch.Tensor)), torch.device("cpu")
-        )
-        mine = torch.tensor(local, dtype=torch.int64, device=device)
-        everyone = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(everyone, mine, group=group)
-        table = torch.stack(everyone).tolist()  # the one host sync
-    _validate_table(names, table)
-    return table
-
-
-def _validate_table(names: Sequence[str], table: list[list[list[int]]]) -> None:
-    """The same argument must have the same kind, ndim, dtype and trailing shape on every rank;
-    arguments paired per sample (student, teacher, labels) the same batch size per rank."""
-    for i, name in enumerate(names):
-        rows = [ranks[i] for ranks in table]
-        for rank, row in enumerate(rows):
-            if row[0] == _NOT_A_TENSOR:
-                raise FeatkdInputError(
-                    f"{name}: expected a torch.Tensor on every process, "
-                    f"got {_describe(row)} on rank {rank}"
-                )
-            if row[0] == _BAD_RANK:
-                raise ShapeError(
-                    f"{name}: expected a batch-first tensor with 1 to {_MAX_DIMS} dimensions "
-                    f"on every process, got {_describe(row)} on rank {rank}"
-                )
-        first = rows[0]
-        for rank, row in enumerate(rows[1:], start=1):
-            if row[0] != first[0] or row[1:3] != first[1:3] or row[4:] != first[4:]:
-                raise ShapeError(
-                    f"{name}: expected the same number of dimensions, dtype and trailing "
-                    f"shape on every process (only the batch size may differ), "
-                    f"got {_describe(first)} on rank 0 and {_describe(row)} on rank {rank}"
-                )
-    for rank, ranks in enumerate(table):
-        present = [(names[i], row) for i, row in enumerate(ranks) if row[0] == _TENSOR]
-        if not present:
-            continue
-        first_name, first = present[0]
-        for name, row in present[1:]:
-            if row[3] != first[3]:
-                raise ShapeError(
-                    f"{name}: expected batch size {first[3]} on rank {rank} (the batch of "
-                    f"{first_name} there), got {row[3]} (shape {_describe(row)})"
-                )
-
-
-def _all_gather(x: torch.Tensor, sizes: Sequence[int], group: Any) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along dim 0; shards may differ in size (padded to the
-    largest for the collective, unpadded after)."""
-    largest = max(sizes)
-    x = x.contiguous()
-    if x.shape[0] < largest:
-        pad = x.new_zeros((largest - x.shape[0], *x.shape[1:]))
-        x = torch.cat([x, pad])
-    pieces = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(pieces, x, group=group)
-    if all(size == largest for size in sizes):
-        return torch.cat(pieces)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """Forward: all-gather along dim 0. Backward: this rank's slice of the incoming gradient,
     scaled or summed over ranks according to ``grad_mode``."""
@@ -211,7 +80,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, rank, group, grad_mode):  # type: ignore[override]
         ctx.sizes, ctx.rank, ctx.group, ctx.grad_mode = sizes, rank, group, grad_mode
-        return _all_gather(x, sizes, group)
+        return all_gather_padded(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -232,7 +101,7 @@ def _gather_one(
 ) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _GatherWithGrad.apply(x, sizes, rank, group, grad_mode)
-    return _all_gather(x.detach(), sizes, group)
+    return all_gather_padded(x.detach(), sizes, group)
 
 
 def gather_with_grad(
@@ -265,7 +134,9 @@ def gather_with_grad(
     unchanged. Inputs that do not require gradient are gathered without the autograd node.
     Shards may differ in batch size (the sizes are exchanged first: one small all-gather and one
     host synchronisation); rank, dtype and the trailing dimensions must agree, or every rank
-    raises the same :class:`~featkd.ShapeError`. Every process of the group must call this.
+    raises the same :class:`~featkd.ShapeError`. A shard on a device the group's backend cannot
+    gather from (``meta``, a CPU tensor under NCCL) raises the same
+    :class:`~featkd.DeviceError` on every rank. Every process of the group must call this.
 
     Args:
         x: this rank's shard, batch first.
@@ -273,7 +144,9 @@ def gather_with_grad(
         grad_mode: ``"ddp"``, ``"exact"`` or ``"all_reduce"``, see above.
         equal_shards: promise that every rank passes the same shape; skips the size exchange
             and its host synchronisation. A broken promise is undefined behaviour (the
-            collective may fail, hang or, with NCCL, gather garbage).
+            collective may fail, hang or, with NCCL, gather garbage). Without the exchange a
+            bad device raises only on the rank that has it, while the others wait in the
+            gather.
         name: the argument's name in error messages.
 
     Shape:
@@ -290,9 +163,8 @@ def gather_with_grad(
     if world == 1:
         return x
     rank = _group_rank(group)
-    table = _exchange_shapes([(name, x)], group, world, equal_shards)
-    sizes = [ranks[0][3] for ranks in table]
-    return _gather_one(x, sizes, rank, group, grad_mode)
+    table = exchange_metadata([(name, x)], group, world, rank, equal_shards, required=[name])
+    return _gather_one(x, batch_sizes(table), rank, group, grad_mode)
 
 
 class GlobalBatch(nn.Module):
@@ -317,8 +189,11 @@ class GlobalBatch(nn.Module):
         with the student, or in a DDP of their own (see ``docs/distributed.md``).
 
     Every process must call it in the same order (it runs collectives). Bad input on any rank
-    (mismatched widths, a missing teacher) is reported on every rank; errors the wrapped loss
-    raises on the gathered batch are raised on every rank too.
+    (mismatched widths, a missing teacher, a teacher on another device than the student) is
+    reported on every rank, with the same error; errors the wrapped loss raises on the gathered
+    batch are raised on every rank too. With ``equal_shards=True`` nothing is exchanged, and a
+    device mismatch raises only on the rank that has it (the others wait in the gather until
+    the backend's timeout).
 
     Args:
         loss_fn: a loss ``loss_fn(student, teacher, *, labels=None)``; an ``nn.Module`` or any
@@ -326,7 +201,8 @@ class GlobalBatch(nn.Module):
         group: the process group (``None``: the default group).
         grad_mode: ``"ddp"`` (default), ``"exact"`` or ``"all_reduce"``; see
             :func:`gather_with_grad`.
-        equal_shards: promise equal shard shapes on every rank to skip the shape exchange.
+        equal_shards: promise equal shard shapes on every rank to skip the shape exchange
+            (and the checks it makes on every rank's devices).
 
     Shape:
         - student: ``(B_r, *)`` on rank ``r``
@@ -385,17 +261,16 @@ class GlobalBatch(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rank = _group_rank(self.group)
         named = [("student", student), ("teacher", teacher), ("labels", labels)]
-        # Checked before any collective: a process-local mistake, made alike on every rank.
-        check_same_device({n: x for n, x in named if isinstance(x, torch.Tensor)})
-        table = _exchange_shapes(named, self.group, world, self.equal_shards)
-        if table[0][1][0] == _ABSENT or table[0][0][0] == _ABSENT:
-            which = "student" if table[0][0][0] == _ABSENT else "teacher"
-            raise FeatkdInputError(f"{which}: expected a torch.Tensor on every rank, got None")
-        sizes = [ranks[0][3] for ranks in table]
+        # Devices are checked in the exchange too, not before it: a device that is wrong on
+        # one rank only must raise on every rank, or the others wait in the gather.
+        table = exchange_metadata(
+            named, self.group, world, rank, self.equal_shards, required=["student", "teacher"]
+        )
+        sizes = batch_sizes(table)
         student = _gather_one(student, sizes, rank, self.group, self.grad_mode)
-        teacher = _all_gather(teacher.detach(), sizes, self.group)
+        teacher = all_gather_padded(teacher.detach(), sizes, self.group)
         if labels is not None:
-            labels = _all_gather(labels, sizes, self.group)
+            labels = all_gather_padded(labels, sizes, self.group)
         return student, teacher, labels
 
     def extra_repr(self) -> str:
