@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tolerance
 
-from featkd import ChoiceError, FeatkdInputError, MMDLoss, ShapeError
+from featkd import ChoiceError, FeatkdInputError, GlobalBatch, MMDLoss, ShapeError
 from featkd.functional import mmd_loss
 
 
@@ -195,3 +195,194 @@ def test_errors():
         mmd_loss(s[:1], s[:1], estimator="unbiased")
     with pytest.raises(FeatkdInputError, match="labels"):
         mmd_loss(s, s, conditional=True)
+
+
+def _pooled_squared(s, t):
+    """Squared distances between distinct points (i < j) of the pooled rows, exactly."""
+    pooled = np.concatenate([s, t])
+    return np.array(
+        [
+            np.sum((pooled[i] - pooled[j]) ** 2)
+            for i in range(len(pooled))
+            for j in range(i + 1, len(pooled))
+        ]
+    )
+
+
+def _median_sigma_apart(s, t, eps):
+    """The documented median rule: the (lower) median of the pooled squared distances above
+    ``sqrt(eps)`` times their mean; sigma = 1 if every distance is 0."""
+    squared = _pooled_squared(s, t)
+    apart = np.sort(squared[squared > math.sqrt(eps) * squared.mean()])
+    return math.sqrt(apart[(len(apart) - 1) // 2]) if len(apart) else 1.0
+
+
+def _rbf_mmd_and_gradient(s, t, sigma, estimator):
+    """Gaussian-kernel MMD^2 and its gradient in ``s`` with sigma held fixed, written out:
+    d k(x, y) / dx = -k(x, y) (x - y) / sigma^2; ``s_a`` enters the ``ss`` block twice."""
+    n = len(s)
+    k_ss = np.exp(-((s[:, None] - s[None]) ** 2).sum(-1) / (2 * sigma**2))
+    k_st = np.exp(-((s[:, None] - t[None]) ** 2).sum(-1) / (2 * sigma**2))
+    k_tt = np.exp(-((t[:, None] - t[None]) ** 2).sum(-1) / (2 * sigma**2))
+    grad_ss = -(k_ss[:, :, None] * (s[:, None] - s[None])).sum(1) / sigma**2
+    grad_st = -(k_st[:, :, None] * (s[:, None] - t[None])).sum(1) / sigma**2
+    if estimator == "biased" or n == 1:
+        within = 1.0 / n**2
+        value = (k_ss.sum() + k_tt.sum()) * within
+    else:
+        within = 1.0 / (n * (n - 1))
+        value = (k_ss.sum() - np.trace(k_ss) + k_tt.sum() - np.trace(k_tt)) * within
+    value -= 2 * k_st.sum() / n**2
+    return value, 2 * within * grad_ss - 2 * grad_st / n**2
+
+
+def _duplicated_rows():
+    # issue 11: most pooled points coincide, so the plain median squared distance is 0
+    s, t = np.zeros((4, 2)), np.zeros((4, 2))
+    s[0], t[0, 1] = 1000.0, 3000.0
+    return s, t
+
+
+def _duplicated_random_rows():
+    # the same with rows that are not 0 after the shift: the Gram expansion rounds their
+    # zero distances to small non-zero values in float32
+    rng = np.random.default_rng(3)
+    a, b, c = 1e3 * rng.standard_normal((3, 5))
+    return np.array([a, a, a, b]), np.array([a, c, a, a])
+
+
+@pytest.mark.parametrize("make", [_duplicated_rows, _duplicated_random_rows])
+@pytest.mark.parametrize("form", ["biased", "unbiased", "conditional", "global_batch"])
+def test_median_bandwidth_leaves_out_coincident_pairs(dtype, form, make):
+    s, t = make()
+    s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
+    labels = np.array([0, 1, 0, 1])
+    estimator = "unbiased" if form == "unbiased" else "biased"
+    conditional = form in ("conditional", "global_batch")
+    sigma = _median_sigma_apart(s, t, torch.finfo(dtype).eps)
+    assert sigma > 1.0  # far from the 1e-19 of the plain median
+    if conditional:  # the mean over classes, one bandwidth from the whole batch
+        value, grad = 0.0, np.zeros_like(s)
+        for c in (0, 1):
+            v, g = _rbf_mmd_and_gradient(s[labels == c], t[labels == c], sigma, estimator)
+            value, grad[labels == c] = value + v / 2, g / 2
+    else:
+        value, grad = _rbf_mmd_and_gradient(s, t, sigma, estimator)
+    loss_fn = MMDLoss(estimator=estimator, conditional=conditional)
+    model = GlobalBatch(loss_fn) if form == "global_batch" else loss_fn
+    student = torch.tensor(s, dtype=dtype, requires_grad=True)
+    extra = {"labels": torch.tensor(labels)} if conditional else {}
+    loss = model(student, torch.tensor(t, dtype=dtype), **extra)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    assert float(loss_fn.last_parts["bandwidth"]) == pytest.approx(sigma, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(value, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(
+        student.grad.double().numpy(), grad, rtol=1e-4, atol=1e-4 * np.abs(grad).max()
+    )
+
+
+def test_median_bandwidth_of_one_point():
+    # every pooled point the same: sigma = 1, the loss 0 and its gradient 0
+    x = torch.full((5, 3), 0.1, dtype=torch.float64, requires_grad=True)
+    loss_fn = MMDLoss()
+    loss = loss_fn(x, x.detach().clone())
+    loss.backward()
+    assert float(loss_fn.last_parts["bandwidth"]) == 1.0
+    assert float(loss.detach()) == 0.0 and torch.all(x.grad.abs() < 1e-12)
+
+
+def _poly_mmd(s, t, degree, coef0, estimator):
+    """Polynomial-kernel MMD^2 in float64 numpy, the kernel (x.y + c)^d on the raw features."""
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    n = len(s)
+    k_ss, k_tt, k_st = ((a @ b.T + coef0) ** degree for a, b in ((s, s), (t, t), (s, t)))
+    if estimator == "biased":
+        return k_ss.mean() + k_tt.mean() - 2 * k_st.mean()
+    within = k_ss.sum() - np.trace(k_ss) + k_tt.sum() - np.trace(k_tt)
+    return within / (n * (n - 1)) - 2 * k_st.mean()
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+@pytest.mark.parametrize(("degree", "coef0"), [(2, 0.0), (3, 1.0)])
+def test_poly_far_from_the_origin_matches_float64(estimator, degree, coef0):
+    # a common offset of 1e4: float32 kernel sums of ~1e17 cancelled to 0 or to -7e10
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        s = (rng.standard_normal((8, 6)) + 1e4).astype(np.float32)
+        t = (rng.standard_normal((8, 6)) * 1.5 + 1e4).astype(np.float32)
+        expected = _poly_mmd(s, t, degree, coef0, estimator)
+        got = mmd_loss(
+            torch.tensor(s),
+            torch.tensor(t),
+            kernel="poly",
+            degree=degree,
+            coef0=coef0,
+            estimator=estimator,
+        )
+        assert got.dtype == torch.float32
+        assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_poly_biased_is_never_negative():
+    rng = np.random.default_rng(5)
+    for offset in (1e2, 1e4, 1e6, 1e7):
+        for degree in (1, 2, 3):
+            s = (rng.standard_normal((6, 4)) * rng.uniform(0.1, 3) + offset).astype(np.float32)
+            t = (rng.standard_normal((6, 4)) + offset).astype(np.float32)
+            got = mmd_loss(torch.tensor(s), torch.tensor(t), kernel="poly", degree=degree)
+            assert float(got) >= 0
+
+
+def test_poly_high_degree():
+    torch.manual_seed(1)
+    unit = torch.nn.functional.normalize(torch.randn(2, 8, 5), dim=-1)
+    # ||x||^2 = 10: each kernel value 10^40 overflows float32, the biased MMD^2 does not (the
+    # unbiased estimate of that pair is -2.5e39: no float32 holds it)
+    big = unit[0] * math.sqrt(10)
+    near = torch.nn.functional.normalize(big + 1e-3 * torch.randn(8, 5), dim=-1) * math.sqrt(10)
+    cases = [(unit[0], unit[1], "biased"), (unit[0], unit[1], "unbiased"), (big, near, "biased")]
+    for s, t, estimator in cases:
+        expected = _poly_mmd(s.double().numpy(), t.double().numpy(), 40, 0.0, estimator)
+        assert abs(expected) < 1e37
+        student = s.clone().requires_grad_()
+        got = mmd_loss(student, t, kernel="poly", degree=40, estimator=estimator)
+        got.backward()
+        assert float(got.detach()) == pytest.approx(expected, rel=1e-4)
+        assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("conditional", "no"),
+        ("conditional", 1),
+        ("conditional", None),
+        ("degree", True),
+        ("degree", 2.0),
+        ("degree", 0),
+        ("coef0", -1.0),
+        ("coef0", float("nan")),
+        ("coef0", float("inf")),
+        ("coef0", True),
+        ("coef0", "1"),
+        ("bandwidth", True),
+        ("bandwidth", float("inf")),
+        ("bandwidth", [1.0, -2.0]),
+        ("bandwidth", (1.0, float("nan"))),
+        ("multipliers", ()),
+        ("multipliers", "12"),
+        ("multipliers", (0.0,)),
+        ("multipliers", (True,)),
+        ("multipliers", 2.0),
+        ("estimator", "u"),
+        ("kernel", None),
+    ],
+)
+def test_every_option_is_checked_at_construction(option, value):
+    kwargs = {"kernel": "poly"} if option != "kernel" else {}
+    with pytest.raises(ChoiceError, match=f"^{option}: expected"):
+        MMDLoss(**{**kwargs, option: value})
+    s = torch.randn(6, 3)
+    with pytest.raises(ChoiceError, match=f"^{option}: expected"):
+        mmd_loss(s, s, **{**kwargs, option: value})

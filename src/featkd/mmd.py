@@ -9,7 +9,16 @@ from collections.abc import Sequence
 
 import torch
 
-from featkd._checks import ChoiceError, check_choice, check_positive, compute_dtype, result_dtype
+from featkd._checks import (
+    ChoiceError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive,
+    compute_dtype,
+    result_dtype,
+)
 from featkd._matching import (
     CONDITIONAL_NEEDS_LABELS,
     MatchingLoss,
@@ -33,6 +42,7 @@ def _check_options(
     estimator: str,
     degree: int,
     coef0: float,
+    conditional: bool,
 ) -> None:
     check_choice(kernel, "kernel", KERNELS)
     check_choice(estimator, "estimator", ESTIMATORS)
@@ -48,17 +58,36 @@ def _check_options(
             "bandwidth: expected 'median', 'mean', a number > 0 or a non-empty list of numbers, "
             f"got {bandwidth!r}"
         )
-    if not isinstance(multipliers, Sequence) or len(multipliers) == 0:
+    # a string is a Sequence too: "12" would pass as the multipliers ("1", "2") otherwise
+    if isinstance(multipliers, str) or not isinstance(multipliers, Sequence) or not multipliers:
         raise ChoiceError(f"multipliers: expected a non-empty list of numbers, got {multipliers!r}")
     for value in multipliers:
         check_positive(value, "multipliers")
-    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
-        raise ChoiceError(f"degree: expected an integer >= 1, got {degree!r}")
-    check_positive(coef0, "coef0", allow_zero=True)
+    check_int(degree, "degree", minimum=1)
+    check_number(coef0, "coef0", minimum=0)
+    check_bool(conditional, "conditional")
 
 
-def _pair_statistic(values: torch.Tensor, rule: str) -> torch.Tensor:
-    return values.median() if rule == "median" else values.mean()
+def _pair_statistic(pairs: torch.Tensor, rule: str) -> torch.Tensor:
+    """``sigma^2`` before the multipliers: the median or the mean of the pooled squared
+    distances ``pairs`` (no gradient).
+
+    The median leaves out the pairs closer than ``sqrt(eps)`` times the mean (duplicated rows,
+    collapsed or dead features, the Gram expansion's rounding of a zero distance): they say
+    nothing about the scale of the data, and when they are the majority the plain median is 0
+    and ``1 / sigma^2`` overflows the gradient to NaN. What is left is never empty: its largest
+    pair is at least the mean. When every distance is 0 (all points equal) the kernel is 1 for
+    every pair whatever ``sigma``, and ``sigma^2 = 1`` keeps it and its gradient finite.
+    """
+    mean = pairs.mean()
+    if rule == "median":
+        resolution = mean * torch.finfo(pairs.dtype).eps ** 0.5
+        # NaN marks the left-out pairs for nanmedian: a mask, not a data-dependent shape
+        apart = torch.where(pairs > resolution, pairs, torch.full_like(pairs, torch.nan))
+        value = apart.nanmedian()
+    else:
+        value = mean
+    return torch.where(mean > 0, value, torch.ones_like(value))
 
 
 def _pooled_pair_distances(
@@ -77,7 +106,7 @@ def _squared_bandwidths(
     like: torch.Tensor,
 ) -> torch.Tensor:
     """``sigma_k^2`` ``(K,)``: given, or a statistic of the pooled squared pairwise distances
-    ``pairs`` (detached) times each multiplier squared."""
+    ``pairs`` (detached, see :func:`_pair_statistic`) times each multiplier squared."""
     if not isinstance(bandwidth, str):
         values = [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
         return torch.tensor(values, dtype=like.dtype, device=like.device).square()
@@ -123,9 +152,13 @@ def _estimate(
 
     The unbiased within-set terms drop the ``i = j`` pairs; a group of one sample has none,
     so it falls back to its biased value.
+
+    The biased value is ``||mean phi(s) - mean phi(t)||^2 >= 0`` for a positive semi-definite
+    kernel; the difference of sums that computes it can round below 0 (the polynomial kernel
+    far from the origin), so it is clamped there.
     """
     pairs = counts.square()
-    biased = (sum_ss + sum_tt - 2 * sum_st) / pairs
+    biased = ((sum_ss + sum_tt - 2 * sum_st) / pairs).clamp_min(0)
     if estimator == "biased":
         return biased
     several = counts > 1
@@ -147,7 +180,7 @@ def _mmd(
     coef0: float,
     conditional: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0)
+    _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
     unbiased_needs_two = estimator == "unbiased" and not conditional
     validate_pair(
         student,
@@ -157,8 +190,11 @@ def _mmd(
         min_batch=2 if unbiased_needs_two else 1,
         min_batch_why="the unbiased estimator needs pairs of distinct samples",
     )
-    work = compute_dtype(student, teacher)
+    # (x.y + c)^d is not translation invariant, so no shift can keep a large common offset from
+    # cancelling between the three kernel blocks: poly sums them in float64 instead
+    work = torch.float64 if kernel == "poly" else compute_dtype(student, teacher)
     parts: dict[str, torch.Tensor] = {}
+    scale = None
     with torch.autocast(student.device.type, enabled=False):
         source = student.to(work)
         target = teacher.detach().to(work)
@@ -174,8 +210,13 @@ def _mmd(
             diag_ss = xs.square().sum(dim=(-2, -1))
             diag_tt = xt.square().sum(dim=(-2, -1))
         elif kernel == "poly":  # k(x, y) = (x.y + c)^d (NST)
+            # divided by S >= |x.y + c| (Cauchy-Schwarz: S = max ||x||^2 + c) the kernel lies in
+            # [-1, 1] and no sum overflows at a large degree; S^d goes back on at the end
+            scale = torch.cat([source, target]).detach().square().sum(dim=-1).amax() + coef0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             kernels = [
-                (matmul_nt(a, b) + coef0).pow(degree) for a, b in ((xs, xs), (xt, xt), (xs, xt))
+                ((matmul_nt(a, b) + coef0) / scale).pow(degree)
+                for a, b in ((xs, xs), (xt, xt), (xs, xt))
             ]
             sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
         else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
@@ -196,10 +237,14 @@ def _mmd(
             sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
         per_group = _estimate(sum_ss, sum_tt, sum_st, diag_ss, diag_tt, counts, estimator)
         loss = per_group.mean()
+        if scale is not None:
+            # past the float64 range the factor saturates: 0 stays 0 (not 0 * inf = NaN)
+            loss = loss * scale.pow(degree).clamp_max(torch.finfo(work).max)
+        loss = loss.to(result_dtype(student.dtype))
     parts = {"mmd2": loss.detach(), **parts}
     if conditional:
         parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss.to(result_dtype(student.dtype)), parts
+    return loss, parts
 
 
 def mmd_loss(
@@ -219,7 +264,8 @@ def mmd_loss(
 
     ``MMD^2 = E k(s, s') + E k(t, t') - 2 E k(s, t)``, estimated from the batches:
 
-    * ``estimator="biased"``: the V-statistic, all pairs, ``i = j`` included (``>= 0``);
+    * ``estimator="biased"``: the V-statistic, all pairs, ``i = j`` included (``>= 0``: a
+      rounding below 0 is clamped to 0);
     * ``estimator="unbiased"``: the U-statistic of Gretton et al. (2012, Lemma 6), within-set
       pairs ``i != j``, all cross pairs (can be slightly negative).
 
@@ -229,19 +275,31 @@ def mmd_loss(
       (or ``"mean"``) sets ``sigma^2`` to the median (mean) squared distance between distinct
       points of the pooled ``2B`` rows, detached, times each ``multipliers`` value squared
       (``multipliers=(0.5, 1, 2)`` gives a multi-bandwidth kernel); a number or a list of
-      numbers gives ``sigma`` directly.
+      numbers gives ``sigma`` directly. The median leaves out the pairs closer than
+      ``sqrt(eps)`` times the mean squared distance (``eps`` of the compute dtype: ``3.5e-4``
+      in float32, ``1.5e-8`` in float64), so duplicated rows (dead or collapsed features) cannot
+      drive ``sigma`` to 0, where the gradient would be NaN: ``sigma^2`` is then the median of
+      the pairs that are apart, never below that floor. If every point is the same, ``sigma =
+      1`` (the kernel is 1 for every pair whatever ``sigma``).
     * ``"linear"``: ``k = x.y``; the biased ``MMD^2`` is ``||mu_s - mu_t||^2``, computed in
       ``O(B D)``.
     * ``"poly"``: ``k = (x.y + coef0)^degree``, the polynomial kernel of NST (Huang and Wang,
       2017: ``degree=2``, ``coef0=0``, on L2-normalised samples; normalise the inputs to
-      reproduce it).
+      reproduce it). This kernel is not translation invariant, so unlike rbf and linear it
+      cannot be computed on shifted features: a large common offset makes the three kernel
+      sums nearly cancel, and they are computed in float64 whatever the input dtype (slow on
+      GPUs with little float64 throughput). The kernel is divided by ``S^degree`` (``S = max
+      ||x||^2 + coef0``, detached) while it is summed and the result multiplied back, so no sum
+      overflows at a large degree; a result too large for float32 comes back as ``inf`` (one
+      too large for float64 saturates near its largest value).
 
     ``conditional=True`` averages ``MMD^2`` over the classes present in ``labels`` (one
     bandwidth from the whole batch); with the unbiased estimator a class seen once contributes
     its biased value ``k(s,s) + k(t,t) - 2 k(s,t)`` (it has no distinct pairs).
 
-    Computed in float32 (float64 for float64 inputs) with autocast off; returned in the
-    student's dtype. The teacher gets no gradient.
+    Computed in float32 (float64 for float64 inputs, and always for ``"poly"``) with autocast
+    off; returned in the student's dtype (float32 for half-precision students). The teacher gets
+    no gradient.
 
     Args:
         student: student features.
@@ -331,14 +389,14 @@ class MMDLoss(MatchingLoss):
         projector: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(projector)
-        _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0)
+        _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
         self.kernel = kernel
         self.bandwidth = bandwidth if isinstance(bandwidth, (str, int, float)) else tuple(bandwidth)
         self.multipliers = tuple(float(m) for m in multipliers)
         self.estimator = estimator
         self.degree = degree
         self.coef0 = float(coef0)
-        self.conditional = bool(conditional)
+        self.conditional = conditional
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
