@@ -28,7 +28,9 @@ from featkd.functional import flat_cosine_loss, neighbourhood_kl
 
 
 def ref_cosines(x: np.ndarray) -> np.ndarray:
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    """A zero vector has cosine 0 with everything."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     return unit @ unit.T
 
 
@@ -453,6 +455,120 @@ def test_trained_head_preserves_held_out_cosines_better_than_random_and_pca():
 
 
 # ----------------------------------------------------------------------------------------------
+# dead and extreme vectors
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["image", "cls", "pooled"])
+def test_dead_student_vector_gets_a_gradient_of_normal_size(case, input_dtype):
+    """Issue 11.3: an all-zero image (tokens), a dead CLS token, or a zero row of pooled input
+    got a gradient of about 1e7 in float32 (inf in float16) against about 0.01 for the other
+    samples: torch's cosine divides by max(||x||, 1e-8). Now finite, within 10x of the largest
+    other sample's, and still a descent direction towards the target."""
+    generator = torch.Generator().manual_seed(0)
+    pooled = case == "pooled"
+    tokens = () if pooled else (17,)
+    student = torch.randn(8, *tokens, 32, generator=generator)
+    teacher = torch.randn(8, *tokens, 64, generator=generator)
+    dead = (3, 0) if case == "cls" else (3,)
+    student[dead] = 0
+    loss_fn = CosPressLoss(64, 32)
+    student = student.to(input_dtype).requires_grad_()
+    loss_fn(student, teacher.to(input_dtype)).backward()
+    grad = student.grad.float()
+    assert bool(torch.isfinite(grad).all())
+    others = torch.cat([grad[:3], grad[4:]])
+    others = others[:, 0] if case == "cls" else others  # the other CLS tokens
+    largest_other = float(others.abs().max())
+    assert float(grad[dead].abs().max()) <= 10 * largest_other
+    with torch.no_grad():
+        target = loss_fn.compress(teacher)[dead]
+    assert float((-grad[dead] * target).sum()) > 0
+
+
+def test_short_and_dead_student_gradients_against_reference():
+    """flat_cosine_loss in float64 against numpy. Values are exact (a zero sample has cosine
+    0). The gradient of 1 - cos_b is -(t_b - cos_b s_b) / (B ||s_b||) with unit s_b, t_b; a
+    sample shorter than f = median non-zero norm / 4 gets ||s_b|| replaced by f, and a dead
+    one -t_b / (B f). (An odd count of non-zero samples: torch's median of an even count is
+    the lower middle value.)"""
+    student = torch.randn(6, 4, 3, dtype=torch.float64)
+    target = torch.randn(6, 4, 3, dtype=torch.float64)
+    student[1] = 0  # dead
+    student[2] *= 0.02  # short
+    student.requires_grad_()
+    value = flat_cosine_loss(student, target)
+    value.backward()
+
+    s, t = numpy64(student).reshape(6, -1), numpy64(target).reshape(6, -1)
+    norms = np.linalg.norm(s, axis=1)
+    floor = 0.25 * np.median(norms[norms > 0])
+    assert norms[2] < floor < norms[[0, 3, 4, 5]].min()
+    unit_t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    expected_value, expected_grad = 0.0, np.zeros_like(s)
+    for b in range(6):
+        if norms[b] == 0:
+            expected_value += 1.0 / 6
+            expected_grad[b] = -unit_t[b] / (6 * floor)
+            continue
+        unit_s = s[b] / norms[b]
+        cos = unit_s @ unit_t[b]
+        expected_value += (1 - cos) / 6
+        expected_grad[b] = -(unit_t[b] - cos * unit_s) / (6 * max(norms[b], floor))
+    np.testing.assert_allclose(float(value.detach()), expected_value, rtol=1e-12)
+    np.testing.assert_allclose(numpy64(student.grad).reshape(6, -1), expected_grad, rtol=1e-10)
+
+
+def test_flat_cosine_loss_twice_differentiable():
+    """The custom normalisation keeps the double backward torch's cosine_similarity had."""
+    student = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda s: flat_cosine_loss(s, target), (student,))
+
+
+def test_dead_candidate_vector_in_neighbourhood_kl():
+    """A zero candidate vector (cosine 0 with all others, as in the reference) had a gradient of
+    about 1e12: torch's normalize divides by max(||x||, 1e-12). Now of the others' order."""
+    reference = torch.randn(2, 9, 7)
+    candidate = torch.randn(2, 9, 4)
+    candidate[0, 2] = 0
+    candidate.requires_grad_()
+    value = neighbourhood_kl(reference, candidate, reduction="none")
+    expected = [
+        ref_neighbourhood_kl(numpy64(reference[i]), numpy64(candidate[i]), DEFAULT_TEMPERATURES)
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(numpy64(value), expected, **tolerance(torch.float32))
+    value.sum().backward()
+    grad = candidate.grad
+    assert bool(torch.isfinite(grad).all())
+    largest_other = float(torch.cat([grad[0, :2], grad[0, 3:]]).abs().max())
+    assert 0 < float(grad[0, 2].abs().max()) <= 10 * largest_other
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_extreme_magnitudes_in_float32(scale):
+    """Norms are taken after dividing by the largest entry: in float32 the squares of 1e-30
+    underflow and those of 1e30 overflow, and the loss read 1.0 as if every vector were zero."""
+    student = torch.randn(4, 6, 5, dtype=torch.float64)
+    target = torch.randn(4, 6, 5, dtype=torch.float64)
+    small = (scale * student).float().requires_grad_()
+    value = flat_cosine_loss(small, target.float())
+    expected = np.mean(
+        [ref_one_minus_cos(numpy64(a), numpy64(b)) for a, b in zip(student, target, strict=True)]
+    )
+    np.testing.assert_allclose(float(value.detach()), expected, rtol=1e-5)
+    value.backward()
+    assert bool(torch.isfinite(small.grad).all()) and bool(small.grad.abs().sum() > 0)
+    kl = neighbourhood_kl((scale * student).float(), target.float(), reduction="none")
+    expected_kl = [
+        ref_neighbourhood_kl(numpy64(a), numpy64(b), DEFAULT_TEMPERATURES)
+        for a, b in zip(student, target, strict=True)
+    ]
+    np.testing.assert_allclose(numpy64(kl), expected_kl, **tolerance(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
 # errors
 
 
@@ -486,8 +602,13 @@ def test_input_errors_name_the_argument():
 def test_option_errors():
     with pytest.raises(ChoiceError, match=r"style: expected one of 'full', 'half', got 'sym'"):
         CosPressLoss(8, 4, style="sym")
-    for bad in ((), (0.1, -0.1), (float("nan"),), "0.1", (True,)):
+    for bad in ((), "0.1", None, 0.1j):
         with pytest.raises(ChoiceError, match=r"temperatures: expected a non-empty sequence"):
+            CosPressLoss(8, 4, temperatures=bad)
+    for bad in ((0.1, -0.1), (0.1, float("nan")), (0.1, True), (0.1, "0.2")):
+        with pytest.raises(
+            ChoiceError, match=r"temperatures\[1\]: expected a finite number >= 1e-06"
+        ):
             CosPressLoss(8, 4, temperatures=bad)
     for bad in ((1, 1, 1), (1, 1, 1, -1), (1, 1, 1, float("inf"))):
         with pytest.raises(ChoiceError, match=r"weights: expected 4 finite numbers >= 0 .*local"):
@@ -496,8 +617,31 @@ def test_option_errors():
         CosPressLoss(8, 4, num_prefix_tokens=-1)
     with pytest.raises(ChoiceError, match=r"chunk_elements: expected an integer >= 1, got 0"):
         CosPressLoss(8, 4, chunk_elements=0)
-    with pytest.raises(ChoiceError, match=r"teacher_dim: expected a positive integer"):
+    with pytest.raises(ChoiceError, match=r"teacher_dim: expected an integer >= 1, got 0"):
         CosPressLoss(0, 4)
+    with pytest.raises(ChoiceError, match=r"student_dim: expected an integer >= 1, got 4.0"):
+        CosPressLoss(8, 4.0)
+
+
+def test_constructor_refuses_what_used_to_fail_later():
+    """Issue 11.7: arguments that were accepted and then gave NaN, a torch error or a silently
+    different loss are refused at construction, naming the argument."""
+    # tau = 1e-32: the diagonal mask 1e8 / tau overflowed float32 and the loss was NaN
+    with pytest.raises(ChoiceError, match=r"temperatures\[0\]: expected .* got 1e-32"):
+        CosPressLoss(8, 4, temperatures=(1e-32,))
+    with pytest.raises(ChoiceError, match=r"temperatures\[0\]: expected .* got 1e-32"):
+        neighbourhood_kl(torch.randn(5, 3), torch.randn(5, 2), temperatures=(1e-32,))
+    # tau = 1e8: the mask no longer removed the self-similarity (the KL of anything was 0)
+    with pytest.raises(ChoiceError, match=r"temperatures\[1\]: expected .* <= 1000000.0"):
+        CosPressLoss(8, 4, temperatures=(0.1, 1e8))
+    # integer and complex heads failed in torch (RuntimeError) or at the first call, naming x
+    for bad in (torch.int64, torch.complex64, torch.float8_e4m3fn, "float32"):
+        with pytest.raises(ChoiceError, match=r"dtype: expected one of None, torch.float16"):
+            CosPressLoss(8, 4, dtype=bad)
+    # a mistyped device was torch's RuntimeError
+    for bad in ("gpu", "cuda:x", True, 1.5):
+        with pytest.raises(ChoiceError, match=r"device: expected None, a torch.device"):
+            CosPressLoss(8, 4, device=bad)
 
 
 def test_function_errors():

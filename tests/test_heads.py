@@ -95,7 +95,27 @@ def test_bad_inputs_and_arguments():
     with pytest.raises(ShapeError, match=r"no zero-sized dimension, got \(0, 4\)"):
         LinearHead(4, 2)(torch.zeros(0, 4))
     for bad in (0, -3, 2.5, True, "8"):
-        with pytest.raises(ChoiceError, match=r"in_features: expected a positive integer"):
+        with pytest.raises(ChoiceError, match=r"in_features: expected an integer >= 1"):
             LinearHead(bad, 2)
-        with pytest.raises(ChoiceError, match=r"student_dim: expected a positive integer"):
+        with pytest.raises(ChoiceError, match=r"student_dim: expected an integer >= 1"):
             TeacherCompressionHead(4, bad)
+
+
+def test_constructor_refuses_what_used_to_fail_later():
+    """Issue 11.7: a dtype or device that torch rejected with its own error (or a complex
+    dtype that failed at the first call, naming x), and a truthy string for finite_check that
+    silently counted as True, are refused with a named featkd error."""
+    for cls in (LinearHead, TeacherCompressionHead):
+        for bad in (torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn, "float32"):
+            with pytest.raises(ChoiceError, match=r"dtype: expected one of None, torch.float16"):
+                cls(4, 2, dtype=bad)
+        for bad in ("gpu", "cuda:x", True, 1.5):
+            with pytest.raises(ChoiceError, match=r"device: expected None, a torch.device"):
+                cls(4, 2, device=bad)
+    for ok in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert LinearHead(4, 2, dtype=ok, device="cpu").weight.dtype == (ok or torch.float32)
+    head = LinearHead(4, 2)
+    for bad in ("no", 0, None):
+        with pytest.raises(ChoiceError, match=r"finite_check: expected True or False"):
+            head(torch.randn(3, 4), finite_check=bad)
+    assert head(torch.randn(3, 4), finite_check=False).shape == (3, 2)

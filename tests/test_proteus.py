@@ -139,3 +139,20 @@ def test_errors():
         ProteusLoss(5, 9, weights=(1.0,))
     with pytest.raises(ChoiceError, match=r"num_prefix_tokens: expected an integer >= 0"):
         ProteusLoss(5, 9, num_prefix_tokens=1.5)
+
+
+def test_constructor_names_the_arguments_the_user_wrote():
+    """Issue 11.7: a bad width was reported as the head's in_features / out_features; a bad
+    dtype or device raised torch's own error."""
+    for bad in (0, 2.5, True):
+        with pytest.raises(ChoiceError, match=r"^student_dim: expected an integer >= 1"):
+            ProteusLoss(bad, 9)
+        with pytest.raises(ChoiceError, match=r"^teacher_dim: expected an integer >= 1"):
+            ProteusLoss(5, bad)
+    with pytest.raises(ChoiceError, match=r"^dtype: expected one of None, torch.float16"):
+        ProteusLoss(5, 9, dtype=torch.int64)
+    with pytest.raises(ChoiceError, match=r"^device: expected None, a torch.device"):
+        ProteusLoss(5, 9, device="gpu")
+    for bad in ((1.0, float("nan")), (1.0, True), "11"):
+        with pytest.raises(ChoiceError, match=r"^weights: expected 2 finite numbers >= 0"):
+            ProteusLoss(5, 9, weights=bad)

@@ -33,7 +33,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -44,6 +43,7 @@ from featkd._checks import (
     check_feature_pair,
     check_int,
     check_min_batch,
+    check_number,
     check_same_device,
     check_weights,
     compute_dtype,
@@ -68,6 +68,16 @@ KL_STYLES = ("full", "half")
 
 # Subtracted from the self-similarity before the softmax: far below any cosine / tau, yet finite.
 _DIAGONAL_MASK = 1e8
+# The gradient of a cosine in x is (I - u u^T) / ||x||: unbounded at a dead (all-zero) vector,
+# where torch's cosine_similarity and normalize give grad / eps (eps 1e-8, 1e-12). _Normalize's
+# backward divides by max(||x||, floor) instead, floor this fraction of the median non-zero norm
+# of the vectors normalised together (the batch, or one set of the KL): a dead or very short
+# vector's gradient is at most about 1 / 0.25 = 4 times a typical one's. Values stay exact.
+_NORM_FLOOR = 0.25
+# Accepted temperatures. Below 1e-6, float32 rounding of a cosine (6e-8) moves its logit by more
+# than 0.06, and below 3e-31 the masked diagonal 1e8 / tau overflows float32 (NaN loss). Above
+# 1e6 the mask lowers the self-similarity by less than 100 nats: it starts to count.
+_TEMPERATURE_RANGE = (1e-6, 1e6)
 # Floor of exp's argument on CPU (see _exp_).
 _EXP_FLOOR = -80.0
 # Bound on the elements of one (s, t, M, M) block; a block keeps about five such tensors alive.
@@ -84,24 +94,73 @@ def _check_temperatures(temperatures: Sequence[float]) -> tuple[float, ...]:
     if isinstance(temperatures, (int, float)) and not isinstance(temperatures, bool):
         temperatures = (temperatures,)
     try:
-        values = tuple(temperatures)
+        # a string is a sequence, of characters
+        values = None if isinstance(temperatures, (str, bytes)) else tuple(temperatures)
     except TypeError:
         values = None
-    ok = bool(values) and all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
-        for t in values
-    )
-    if not ok:
+    if not values:
         raise ChoiceError(
-            f"temperatures: expected a non-empty sequence of finite numbers > 0, "
-            f"got {temperatures!r}"
+            f"temperatures: expected a non-empty sequence of numbers, got {temperatures!r}"
         )
-    return tuple(float(t) for t in values)
+    low, high = _TEMPERATURE_RANGE
+    return tuple(
+        check_number(t, f"temperatures[{i}]", minimum=low, maximum=high)
+        for i, t in enumerate(values)
+    )
+
+
+def _unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x / ||x||`` over the last axis (a zero vector stays zero) and ``||x||`` (size-1 last
+    axis). Scaled by the largest entry first: squaring 1e-30 underflows and 1e20 overflows in
+    float32, where a plain norm gives 0 (and ``x / 0``) or inf."""
+    peak = x.abs().amax(dim=-1, keepdim=True)
+    scaled = x / torch.where(peak > 0, peak, 1.0)
+    length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # 0 or in [1, sqrt(D)]
+    return scaled / torch.where(length > 0, length, 1.0), peak * length
+
+
+def _typical_norm(norms: torch.Tensor) -> torch.Tensor:
+    """Median of the non-zero ``norms`` ``(..., M, 1)`` over the set axis ``M``: ``(..., 1, 1)``;
+    NaN where every norm of the set is zero."""
+    nonzero = norms.masked_fill(norms == 0, math.nan)
+    # the median, not the mean: one outlier (a high-norm token) must not lift the floor
+    return nonzero.nanmedian(dim=-2, keepdim=True).values
+
+
+class _Normalize(torch.autograd.Function):
+    """``x / ||x||`` over the last axis of ``(..., M, D)``, a zero vector staying zero: the exact
+    value. The backward divides by ``max(||x||, floor)`` instead of ``||x||``, with ``floor``
+    ``_NORM_FLOOR`` times the median non-zero norm of the ``M`` vectors of each set (``fallback``
+    where all ``M`` are zero, if given): the exact gradient for a vector at least ``floor``
+    long; for a shorter one the same direction scaled down to the size it has at length
+    ``floor``; ``grad / floor`` at a zero vector, where no gradient exists to be exact about.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fallback):
+        unit, norm = _unit_and_norm(x)
+        typical = _typical_norm(norm)
+        if fallback is not None:
+            typical = torch.where(typical.isnan(), fallback, typical)
+        # no scale at all (every vector zero): any positive floor avoids 0/0; the KL then has
+        # zero gradient for these vectors
+        floor = (typical.nan_to_num(nan=0.0) * _NORM_FLOOR).clamp_min(torch.finfo(x.dtype).tiny)
+        ctx.save_for_backward(x, floor)
+        return unit
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, floor = ctx.saved_tensors
+        # recomputed with differentiable operations, so that a double backward works
+        unit, norm = _unit_and_norm(x)
+        # the Jacobian (I - u u^T) / ||x||, with 1 / ||x|| capped at 1 / floor
+        tangent = grad - (grad * unit).sum(dim=-1, keepdim=True) * unit
+        return tangent / torch.maximum(norm, floor), None
 
 
 def _cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     """``n(x) n(x)^T`` per set, made exactly symmetric: ``(S, M, D) -> (S, M, M)``."""
-    unit = F.normalize(x, dim=-1)
+    unit = _Normalize.apply(x, None)
     sims = unit @ unit.mT
     # a batched matmul need not round (i, j) and (j, i) alike; the KL below relies on symmetry
     return (sims + sims.mT) / 2
@@ -271,10 +330,17 @@ def neighbourhood_kl(
     float64 inputs) with autocast off, chunked over the (set, temperature) items so no working
     tensor exceeds ``chunk_elements`` elements; returned in float32 (float64 for float64 input).
 
+    A zero vector has cosine 0 with every vector. The candidate's gradient is exact, except for
+    a vector shorter than a quarter of the median non-zero norm of its set: the cosine's
+    gradient grows as ``1 / ||x||``, so such a vector gets its gradient's direction at the size
+    it has at that length. A dead (all-zero) vector's gradient is thus finite and about the size
+    of the others'.
+
     Args:
         reference: the target vectors (the teacher).
         candidate: the vectors whose neighbourhoods should match (the compressed teacher).
-        temperatures: softmax temperatures to average over (CosPress: 0.01, 0.02, ..., 0.10).
+        temperatures: softmax temperatures to average over (CosPress: 0.01, 0.02, ..., 0.10),
+            each in ``[1e-6, 1e6]``.
         style: ``"full"`` (symmetrised joint distribution, the default of the official code)
             or ``"half"`` (row-wise conditional KL).
         reduction: ``"mean"`` over the sets or ``"none"`` for one value per set.
@@ -326,7 +392,11 @@ def neighbourhood_kl(
 
 def _flat_cosine_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Unchecked core of :func:`flat_cosine_loss`, in the inputs' dtype."""
-    cos = F.cosine_similarity(student.flatten(1), target.detach().flatten(1), dim=1)
+    target_unit, target_norm = _unit_and_norm(target.detach().flatten(1))
+    # the batch is the set whose median norm sets the gradient floor; a batch of dead students
+    # has no scale of its own, and the target's stands in
+    unit = _Normalize.apply(student.flatten(1), _typical_norm(target_norm))
+    cos = (unit * target_unit).sum(dim=1)
     return (1 - cos).mean()
 
 
@@ -337,8 +407,13 @@ def flat_cosine_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     cosine between two ``N*D`` vectors per image (not a mean of per-token cosines): the
     student must reproduce the relative norms of its tokens as well as their directions. The
     CosPress student loss, with ``target = h(teacher)``. The target receives no gradient.
-    Computed in float32 (float64 for float64 inputs) with autocast off; returned in the
-    student's dtype.
+    Computed in float32 (float64 for float64 inputs) with autocast off; returned in float32
+    (float64 for float64 inputs).
+
+    A zero vector has cosine 0. The student's gradient is exact, except for a sample shorter
+    than a quarter of the median non-zero norm of the batch's samples (of the targets', when
+    every student sample is zero): it gets its gradient's direction at the size it has at that
+    length, so a dead (all-zero) sample's gradient is finite and about the size of the others'.
 
     Shape:
         - student: ``(B, D)`` or ``(B, N, D)``
@@ -393,8 +468,9 @@ class CosPressLoss(nn.Module):
     gradient from the two KL terms only; the student from the two cosine terms only; the
     teacher never. Follows the official code: symmetrised joint distributions (``style="full"``),
     temperatures 0.01 to 0.10, all weights 1; ``style="half"`` is the row-wise conditional KL.
-    The KL maths runs in float32 or wider with autocast off; the loss comes back in the
-    student's dtype. After each call ``last_parts`` holds the detached terms that exist
+    The KL maths runs in float32 or wider with autocast off; the loss comes back in float32
+    (float64 for float64 students). A dead (all-zero) student sample or CLS token gets a finite
+    gradient of the usual size (see :func:`flat_cosine_loss`). After each call ``last_parts`` holds the detached terms that exist
     (``local``, ``global``, ``tokens``, ``cls``; the paper's ``L_local``, ``L_global``,
     ``L_fea``, ``L_token``).
 
@@ -409,7 +485,7 @@ class CosPressLoss(nn.Module):
     Args:
         teacher_dim: teacher width ``D_t``.
         student_dim: student width ``D_s``.
-        temperatures: softmax temperatures of the KL terms.
+        temperatures: softmax temperatures of the KL terms, each in ``[1e-6, 1e6]``.
         style: ``"full"`` or ``"half"`` (see :func:`neighbourhood_kl`).
         weights: weights of the terms ``(local, global, tokens, cls)``.
         num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the

@@ -18,8 +18,11 @@ from featkd._checks import (
     ChoiceError,
     DTypeError,
     ShapeError,
+    check_bool,
+    check_choice,
     check_finite,
     check_floating,
+    check_int,
     check_same_device,
     check_width,
     describe_shape,
@@ -28,10 +31,8 @@ from featkd._checks import (
 __all__ = ["LinearHead", "TeacherCompressionHead"]
 
 
-def _check_dim(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ChoiceError(f"{name}: expected a positive integer width, got {value!r}")
-    return value
+# the dtypes featkd computes in (see check_floating); others fail inside torch, or later
+_PARAMETER_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LinearHead(nn.Module):
@@ -66,8 +67,17 @@ class LinearHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_dim(in_features, "in_features")
-        self.out_features = _check_dim(out_features, "out_features")
+        self.in_features = check_int(in_features, "in_features", 1)
+        self.out_features = check_int(out_features, "out_features", 1)
+        check_choice(dtype, "dtype", _PARAMETER_DTYPES)
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as error:
+                raise ChoiceError(
+                    f"device: expected None, a torch.device, a device string such as 'cpu' or "
+                    f"'cuda:0' or a device index, got {device!r} ({error})"
+                ) from None
         self.norm = nn.LayerNorm(self.in_features, device=device, dtype=dtype)
         self.linear = nn.Linear(self.in_features, self.out_features, device=device, dtype=dtype)
 
@@ -89,6 +99,7 @@ class LinearHead(nn.Module):
                 ``False``.
         """
         name = self._input_name
+        check_bool(finite_check, "finite_check")
         check_floating(x, name)
         if x.ndim == 0 or x.numel() == 0:
             raise ShapeError(
@@ -144,8 +155,8 @@ class TeacherCompressionHead(LinearHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_dim(teacher_dim, "teacher_dim")
-        _check_dim(student_dim, "student_dim")
+        check_int(teacher_dim, "teacher_dim", 1)
+        check_int(student_dim, "student_dim", 1)
         super().__init__(teacher_dim, student_dim, device=device, dtype=dtype)
 
     @property

@@ -39,8 +39,8 @@ class ProteusLoss(nn.Module):
     s (``LayerNorm(D_s) -> Linear(D_s, D_t)``). For pooled ``(B, D)`` inputs only the CLS term
     exists, on the pooled vectors. The heads and the student get gradient from every term; the
     teacher never. The heads run with autocast off in their own dtype and the MSE in float32
-    or wider; the loss comes back in the student's dtype. After each call ``last_parts`` holds
-    the detached terms that exist (``tokens``, ``cls``).
+    or wider; the loss comes back in float32 (float64 for float64 students). After each call
+    ``last_parts`` holds the detached terms that exist (``tokens``, ``cls``).
 
     Note:
         Owns parameters (the two heads): add ``loss_fn.parameters()`` to the optimiser.
@@ -79,6 +79,9 @@ class ProteusLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # checked here, or the heads would report them as in_features and out_features
+        check_int(student_dim, "student_dim", 1)
+        check_int(teacher_dim, "teacher_dim", 1)
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.weights = check_weights(weights, "weights", _TERMS)
         self.token_head = LinearHead(student_dim, teacher_dim, device=device, dtype=dtype)
