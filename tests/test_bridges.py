@@ -10,6 +10,7 @@ from featkd import ChoiceError, FeatkdInputError, ShapeError
 from featkd.bridges import (
     FeatureSpec,
     MapToTokens,
+    PoolFeatures,
     Resize,
     TokensToMap,
     build_bridge,
@@ -256,6 +257,73 @@ def test_bad_options():
         build_bridge(_tokens(4, 2), FeatureSpec("vector", 3), token_pool="max")
     with pytest.raises(FeatkdInputError, match="source: expected a FeatureSpec, got tuple"):
         build_bridge((4, 4, 4), _map(4, 4))
+
+
+# ------------------------------------------------------------------ checked at construction (issue 11)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layout": "grid", "channels": 8, "grid": (4, 4)}, "layout: expected one of 'map'"),
+        ({"layout": "map", "channels": 0, "grid": (4, 4)}, "channels: expected an integer >= 1"),
+        ({"layout": "map", "channels": 8.0, "grid": (4, 4)}, "channels: expected an integer"),
+        ({"layout": "map", "channels": True, "grid": (4, 4)}, "channels: expected an integer"),
+        ({"layout": "map", "channels": 8}, r"grid: expected a positive int or a pair \(H, W\)"),
+        ({"layout": "map", "channels": 8, "grid": (4.5, 4)}, "grid: expected a positive int"),
+        ({"layout": "tokens", "channels": 8, "grid": (4, 0), "num_prefix_tokens": 1}, "grid:"),
+        ({"layout": "vector", "channels": 8, "grid": (4, 4)}, "grid: expected None for a 'vector'"),
+        (
+            {"layout": "tokens", "channels": 8, "grid": (4, 4), "num_prefix_tokens": -1},
+            "num_prefix_tokens: expected an integer >= 0, got -1",
+        ),
+        (
+            {"layout": "map", "channels": 8, "grid": (4, 4), "num_prefix_tokens": 1},
+            "num_prefix_tokens: expected 0 for a 'map' layout",
+        ),
+    ],
+)
+def test_feature_spec_checks_every_field(kwargs, message):
+    with pytest.raises(ChoiceError, match=message):
+        FeatureSpec(**kwargs)
+
+
+def test_feature_spec_grid_is_normalised_to_a_tuple():
+    assert FeatureSpec("map", 8, [4, 5]) == FeatureSpec("map", 8, (4, 5))
+    assert FeatureSpec("tokens", 8, 3, 1).grid == (3, 3)
+
+
+@pytest.mark.parametrize(("grid", "got"), [((2.5, 6.4), r"\(2.5, 6.4\)"), (4.0, "4.0")])
+def test_feature_spec_of_refuses_a_non_integer_grid(grid, got):
+    # (2.5, 6.4) used to be truncated to (2, 6) and reported as the wrong patch count
+    with pytest.raises(ChoiceError, match=f"grid: expected a positive int or a pair.*got {got}"):
+        FeatureSpec.of(torch.zeros(2, 17, 4), num_prefix_tokens=1, grid=grid)
+
+
+def test_feature_spec_of_num_prefix_tokens_is_not_a_bool():
+    with pytest.raises(ChoiceError, match="num_prefix_tokens: expected an integer >= 0"):
+        FeatureSpec.of(torch.zeros(2, 17, 4), num_prefix_tokens=True)
+
+
+@pytest.mark.parametrize("post_relu", ["no", None, 1])
+def test_build_bridge_post_relu_is_a_bool(post_relu):
+    with pytest.raises(ChoiceError, match="post_relu: expected True or False"):
+        build_bridge(_map(4, 4), _map(4, 4), post_relu=post_relu)
+
+
+def test_bridge_layers_check_their_arguments():
+    with pytest.raises(ChoiceError, match="mode: expected one of 'mean'.*got 'max'"):
+        PoolFeatures("max")
+    with pytest.raises(ChoiceError, match="num_prefix_tokens: expected an integer >= 0"):
+        PoolFeatures("cls", -1)
+    with pytest.raises(ChoiceError, match=r"size: expected a positive int or a pair"):
+        Resize(0)
+    with pytest.raises(ChoiceError, match="num_prefix_tokens: expected an integer >= 0"):
+        TokensToMap(-1, (2, 2))
+    with pytest.raises(ChoiceError, match="grid: expected a positive int or a pair"):
+        TokensToMap(1, (2, 2.0))
+    with pytest.raises(ChoiceError, match="num_prefix_tokens: expected an integer >= 0"):
+        MapToTokens(8, -1)
+    with pytest.raises(ChoiceError, match="channels: expected an integer >= 1"):
+        MapToTokens(0, 1)
 
 
 @pytest.mark.parametrize(

@@ -676,7 +676,7 @@ def test_option_errors():
         FCFDLoss(student, teacher, post_relu={"forward": True}, **kw)
     with pytest.raises(ChoiceError, match=r"pool: expected one of"):
         FCFDLoss(student, teacher, pool="max", **kw)
-    with pytest.raises(FeatkdInputError, match=r"generator: expected a torch.Generator"):
+    with pytest.raises(ChoiceError, match=r"generator: expected None, an integer seed >= 0"):
         FCFDLoss(student, teacher, generator="seed", **kw)
     with pytest.raises(ShapeError, match=r"student_layouts: expected 3 layouts"):
         FCFDLoss(student, teacher, student_layouts=["map"], **kw)
@@ -689,6 +689,30 @@ def test_option_errors():
         fcfd.warmup = -0.5
     with pytest.raises(ChoiceError, match=r"epoch: expected an integer >= 0"):
         fcfd.set_epoch(-1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"generator": -1}, r"generator: expected None, an integer seed >= 0 .* got -1"),
+        ({"crossings": 2}, r"crossings: expected None or a sequence of stage numbers .* got 2"),
+        ({"directions": 5}, r"directions: expected 's2t', 't2s' or a sequence of them, got 5"),
+        ({"pool": "cls"}, r"pool: mode 'cls' cannot pool the teacher's last features"),
+        ({"pool": "none"}, r"pool: mode 'none' cannot pool .* \(B, 16, 4, 4\) \(map\)"),
+        ({"pool": "patch_mean"}, r"pool: mode 'patch_mean' cannot pool"),
+    ],
+)
+def test_options_checked_at_construction(options, message):
+    # each was accepted, then failed at the first call (or with a TypeError from inside)
+    student, teacher, images = make_pair("cpu")
+    with pytest.raises(ChoiceError, match=message):
+        FCFDLoss(student, teacher, example_input=(images, images), **options)
+
+
+def test_layouts_must_be_a_sequence():
+    student, teacher, images = make_pair("cpu")
+    with pytest.raises(ShapeError, match=r"teacher_layouts: expected 3 layouts .* got 5"):
+        FCFDLoss(student, teacher, example_input=(images, images), teacher_layouts=5)
 
 
 def test_feature_list_errors(built):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from featkd import ChoiceError, ShapeError, Whitening
+from featkd import ChoiceError, DTypeError, FeatkdInputError, ShapeError, Whitening
 from featkd.functional import batch_standardize, layer_norm, whiten
 
 
@@ -100,3 +100,54 @@ def test_whitening_module_errors():
     with pytest.raises(ShapeError, match="at least 2"):
         Whitening(4)(torch.randn(1, 4))
     assert "method='cholesky'" in repr(Whitening(4))
+
+
+# ------------------------------------------------------------------ arguments checked (issue 11)
+def test_whitening_momentum_must_be_in_0_1():
+    # momentum 5 extrapolated the running covariance out of the positive-definite cone: the
+    # module was built, trained, and failed in Cholesky in eval mode
+    for momentum in (5.0, 0.0, -0.1, float("nan"), True):
+        with pytest.raises(ChoiceError, match=r"momentum: expected a finite number > 0 and <= 1"):
+            Whitening(4, momentum=momentum)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"track_running_stats": "yes"}, "track_running_stats: expected True or False"),
+        ({"track_running_stats": None}, "track_running_stats: expected True or False"),
+        ({"dtype": torch.int64}, "dtype: expected None or a floating-point torch.dtype"),
+        ({"dtype": "float32"}, "dtype: expected None or a floating-point torch.dtype"),
+    ],
+)
+def test_whitening_options_checked_at_construction(options, message):
+    with pytest.raises(ChoiceError, match=message):
+        Whitening(4, **options)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), None])
+def test_standardisations_refuse_eps_that_cannot_guard_a_division(eps):
+    x = torch.randn(6, 4)
+    x[:, 0] = 2.0  # a constant channel: eps=0 divided 0 by 0
+    with pytest.raises(ChoiceError, match="eps: expected a finite number > 0"):
+        batch_standardize(x, eps)
+    with pytest.raises(ChoiceError, match="eps: expected a finite number > 0"):
+        layer_norm(x, eps)
+
+
+def test_layer_norm_checks_its_input():
+    with pytest.raises(FeatkdInputError, match="x: expected a torch.Tensor, got list"):
+        layer_norm([[1.0, 2.0]])
+    with pytest.raises(DTypeError, match="x: expected a floating-point tensor"):
+        layer_norm(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"x: expected \(\.\.\., D\), got a scalar"):
+        layer_norm(torch.tensor(1.0))
+
+
+def test_tiny_eps_on_constant_features_gives_zero_with_finite_gradients():
+    # 1e-300 is > 0 but rounds to 0 in float32: NaN before the floor
+    x = torch.full((4, 3), 2.0, requires_grad=True)
+    for out in (layer_norm(x, 1e-300), batch_standardize(x, 1e-300)):
+        assert torch.equal(out.detach(), torch.zeros(4, 3))
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert bool(torch.isfinite(grad).all())

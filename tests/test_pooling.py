@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from featkd import ChoiceError, ShapeError, align_tokens, pool, to_tokens
+from featkd import (
+    ChoiceError,
+    DTypeError,
+    FeatkdInputError,
+    ShapeError,
+    align_tokens,
+    pool,
+    to_tokens,
+)
 
 
 def tokens_123():
@@ -157,3 +165,62 @@ def test_pool_is_differentiable():
     expected = torch.zeros(3, 5, 4)
     expected[:, 1:] = 0.25
     torch.testing.assert_close(x.grad, expected)
+
+
+# ------------------------------------------------------------------ bad arguments (issue 11)
+@pytest.mark.parametrize("mode", ["mean", "cls", "patch_mean", "gap", "flatten", "none"])
+def test_pool_refuses_a_non_tensor(mode):
+    with pytest.raises(FeatkdInputError, match="x: expected a torch.Tensor, got list"):
+        pool([[1.0, 2.0], [3.0, 4.0]], mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [("mean", (2, 3, 4)), ("patch_mean", (2, 3, 4)), ("cls", (2, 3, 4)), ("gap", (2, 3, 2, 2))],
+)
+def test_pool_refuses_integer_features(mode, shape):
+    with pytest.raises(DTypeError, match="feats: expected a floating-point tensor.*int64"):
+        pool(torch.ones(shape, dtype=torch.long), mode, name="feats")
+
+
+def test_pool_num_prefix_tokens_is_not_a_bool():
+    with pytest.raises(ChoiceError, match=r"num_prefix_tokens: expected an integer >= 0"):
+        pool(tokens_123(), "patch_mean", num_prefix_tokens=True)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls"])
+def test_pool_refuses_more_prefix_tokens_than_tokens(mode):
+    with pytest.raises(ShapeError, match=r"x: num_prefix_tokens=4 expects at least 4 tokens"):
+        pool(tokens_123(), mode, num_prefix_tokens=4)
+
+
+def test_to_tokens_refuses_integers():
+    with pytest.raises(DTypeError, match="x: expected a floating-point tensor"):
+        to_tokens(torch.ones(2, 3, 4, 4, dtype=torch.int32))
+
+
+def test_align_tokens_refuses_integer_tokens():
+    # interpolated as floats and truncated back to integers before the fix
+    x = torch.arange(1 + 4).reshape(1, 5, 1)
+    with pytest.raises(DTypeError, match="tokens: expected a floating-point tensor.*int64"):
+        align_tokens(x, 3)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, None])
+def test_align_tokens_num_prefix_tokens_must_be_an_int_at_least_zero(bad):
+    # -1 took the last patch for a prefix token and resampled the rest: a wrong layout, silently
+    x = torch.randn(2, 1 + 9, 4)
+    with pytest.raises(ChoiceError, match=r"num_prefix_tokens: expected an integer >= 0"):
+        align_tokens(x, 4, num_prefix_tokens=bad)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, None])
+def test_align_tokens_target_size_must_be_positive_ints(bad):
+    with pytest.raises(ChoiceError, match=r"size: expected a positive int or a pair \(H, W\)"):
+        align_tokens(torch.randn(2, 1 + 9, 4), bad)
+
+
+@pytest.mark.parametrize("bad", [3.0, (True, 9)])
+def test_align_tokens_input_size_must_be_positive_ints(bad):
+    with pytest.raises(ChoiceError, match=r"input_size: expected a positive int or a pair"):
+        align_tokens(torch.randn(2, 1 + 9, 4), 4, input_size=bad)

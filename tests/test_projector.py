@@ -278,7 +278,7 @@ def test_errors():
         OrthogonalProjector(4, 8, map="expm")
     with pytest.raises(ChoiceError, match="init"):
         OrthogonalProjector(4, 8, init="orthogonal")
-    with pytest.raises(ChoiceError, match="in_features: expected a positive integer, got 0"):
+    with pytest.raises(ChoiceError, match="in_features: expected an integer >= 1, got 0"):
         OrthogonalProjector(0, 8)
     with pytest.raises(ChoiceError, match="out_features"):
         OrthogonalProjector(4, 2.5)
@@ -305,3 +305,9 @@ def test_diverged_generator_is_reported():
         proj.generator[6, 1] = math.inf
     with pytest.raises(NonFiniteError, match="generator: expected finite values"):
         proj(torch.randn(2, 4))
+
+
+def test_dtype_given_as_a_string_is_a_featkd_error():
+    # an AttributeError ('str' object has no attribute 'is_floating_point') before
+    with pytest.raises(ChoiceError, match="dtype: expected None or a floating-point torch.dtype"):
+        OrthogonalProjector(4, 8, dtype="float32")

@@ -170,3 +170,71 @@ def test_errors():
         VkDLoss(8, 16, normalize="batch_standardize")(torch.randn(1, 8), torch.randn(1, 16))
     token_teacher = VkDLoss(8, 16, teacher_pool="cls")
     assert torch.isfinite(token_teacher(torch.randn(4, 5, 8), torch.randn(4, 5, 16)))
+
+
+# ------------------------------------------------------------------ options checked at construction (issue 11)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # eps=-1 and eps=nan returned NaN losses; eps=None raised a TypeError from inside torch
+        ({"eps": -1.0}, r"eps: expected a finite number > 0, got -1.0"),
+        ({"eps": float("nan")}, r"eps: expected a finite number > 0, got nan"),
+        ({"eps": float("inf")}, r"eps: expected a finite number > 0, got inf"),
+        ({"eps": None}, r"eps: expected a finite number > 0, got None"),
+        ({"eps": 0, "normalize": "batch_standardize"}, r"eps: expected a finite number > 0"),
+        ({"eps": True}, r"eps: expected a finite number > 0, got True"),
+        # accepted, then refused by pool at the first call under the name "mode"
+        ({"student_pool": "cls_token"}, r"student_pool: expected one of 'mean', 'cls'"),
+        ({"teacher_pool": "avg"}, r"teacher_pool: expected one of 'mean', 'cls'"),
+        ({"student_pool": "cls", "num_prefix_tokens": 0}, r"student_pool: 'cls' takes the first"),
+        ({"num_prefix_tokens": -1}, r"num_prefix_tokens: expected an integer >= 0, got -1"),
+        ({"num_prefix_tokens": 1.0}, r"num_prefix_tokens: expected an integer >= 0, got 1.0"),
+    ],
+)
+def test_vkd_options_checked_at_construction(options, message):
+    with pytest.raises(ChoiceError, match=message):
+        VkDLoss(8, 16, **options)
+
+
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        ((0, 16), r"student_dim: expected an integer >= 1, got 0"),
+        ((8, 16.0), r"teacher_dim: expected an integer >= 1, got 16.0"),
+        ((True, 16), r"student_dim: expected an integer >= 1, got True"),
+    ],
+)
+def test_vkd_widths_are_named_as_the_user_wrote_them(dims, message):
+    # reported as in_features / out_features of the projector, or a TypeError, before
+    with pytest.raises(ChoiceError, match=message):
+        VkDLoss(*dims)
+
+
+def test_vkd_dtype_must_be_a_floating_torch_dtype():
+    with pytest.raises(ChoiceError, match="dtype: expected None or a floating-point torch.dtype"):
+        VkDLoss(8, 16, dtype="float32")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"eps": -1.0}, "eps: expected a finite number > 0"),
+        ({"eps": float("nan")}, "eps: expected a finite number > 0"),
+        ({"eps": 0.0, "normalize": "batch_standardize"}, "eps: expected a finite number > 0"),
+        ({"student_pool": "cls_token"}, "student_pool: expected one of"),
+    ],
+)
+def test_vkd_loss_function_checks_its_options(options, message):
+    student, teacher = torch.randn(4, 1 + 4, 8), torch.randn(4, 16, 2, 2)
+    with pytest.raises(ChoiceError, match=message):
+        vkd_loss(student, teacher, torch.eye(16, 8), **options)
+
+
+def test_vkd_tiny_eps_on_a_constant_channel_stays_finite():
+    # 1e-300 rounds to 0 in float32: (0 + 0)^(-1/2) made the loss and its gradient NaN
+    for normalize in ("layer_norm", "batch_standardize"):
+        loss_fn = VkDLoss(4, 8, normalize=normalize, eps=1e-300)
+        student = torch.randn(6, 4, requires_grad=True)
+        loss = loss_fn(student, torch.full((6, 8), 3.0))
+        loss.backward()
+        assert torch.isfinite(loss) and bool(torch.isfinite(student.grad).all())

@@ -31,6 +31,7 @@ __all__ = [
     "check_feature_pair",
     "check_finite",
     "check_floating",
+    "check_floating_dtype",
     "check_int",
     "check_labels",
     "check_min_batch",
@@ -137,6 +138,14 @@ def check_floating(x: torch.Tensor, name: str) -> None:
             f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {x.dtype}"
         )
+
+
+def check_floating_dtype(value: Any, name: str = "dtype") -> torch.dtype | None:
+    """A ``dtype=`` argument: ``None`` (the default) or a floating-point ``torch.dtype``.
+    Returns it."""
+    if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
+        raise ChoiceError(f"{name}: expected None or a floating-point torch.dtype, got {value!r}")
+    return value
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:

@@ -56,11 +56,14 @@ from featkd._checks import (
     ChoiceError,
     FeatkdInputError,
     ShapeError,
+    check_bool,
     check_choice,
+    check_int,
     check_rank,
     describe_shape,
 )
-from featkd.pooling import align_tokens, pool
+from featkd.pooling import POOL_MODES, align_tokens, pool
+from featkd.pooling import _pair as _grid_pair
 
 __all__ = [
     "LAYOUTS",
@@ -87,8 +90,12 @@ class FeatureSpec:
     Attributes:
         layout: ``"map"``, ``"tokens"`` or ``"vector"``.
         channels: ``C`` of a map, ``D`` of tokens or a vector.
-        grid: ``(H, W)`` of a map, the patch grid ``(h, w)`` of tokens, ``None`` for a vector.
+        grid: ``(H, W)`` of a map, the patch grid ``(h, w)`` of tokens (one int for a square
+            grid), ``None`` for a vector.
         num_prefix_tokens: leading non-patch tokens (tokens only; 0 otherwise).
+
+    Every field is checked at construction (:class:`~featkd.ChoiceError` naming the field), so
+    a wrong spec fails where it is written, not when a bridge built from it first runs.
 
     Example:
         >>> FeatureSpec.of(torch.zeros(2, 1 + 16, 32), num_prefix_tokens=1)
@@ -101,6 +108,25 @@ class FeatureSpec:
     channels: int
     grid: tuple[int, int] | None = None
     num_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.layout, "layout", LAYOUTS)
+        check_int(self.channels, "channels", 1)
+        check_int(self.num_prefix_tokens, "num_prefix_tokens", 0)
+        if self.layout == "vector":
+            if self.grid is not None:
+                raise ChoiceError(
+                    f"grid: expected None for a 'vector' layout (pooled features have no grid), "
+                    f"got {self.grid!r}"
+                )
+        else:
+            # frozen: normalise a list or one int to the (H, W) tuple the bridges compare
+            object.__setattr__(self, "grid", _grid_pair(self.grid, "grid"))
+        if self.layout != "tokens" and self.num_prefix_tokens != 0:
+            raise ChoiceError(
+                f"num_prefix_tokens: expected 0 for a {self.layout!r} layout (only token "
+                f"sequences have prefix tokens), got {self.num_prefix_tokens!r}"
+            )
 
     @classmethod
     def of(
@@ -127,10 +153,7 @@ class FeatureSpec:
             return cls("map", int(x.shape[1]), (int(x.shape[2]), int(x.shape[3])))
         if layout == "vector":
             return cls("vector", int(x.shape[1]))
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ChoiceError(
-                f"num_prefix_tokens: expected an integer >= 0, got {num_prefix_tokens!r}"
-            )
+        check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         patches = int(x.shape[1]) - num_prefix_tokens
         if patches < 1:
             raise ShapeError(
@@ -146,7 +169,7 @@ class FeatureSpec:
                     "explicitly (a FeatureSpec) or check num_prefix_tokens"
                 )
             grid = (side, side)
-        grid = (int(grid[0]), int(grid[1]))
+        grid = _grid_pair(grid, "grid")
         if grid[0] * grid[1] != patches:
             raise ShapeError(
                 f"{name}: grid {grid} holds {grid[0] * grid[1]} patches, got {patches} "
@@ -207,8 +230,8 @@ class TokensToMap(nn.Module):
 
     def __init__(self, num_prefix_tokens: int, grid: tuple[int, int]) -> None:
         super().__init__()
-        self.num_prefix_tokens = num_prefix_tokens
-        self.grid = tuple(grid)
+        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+        self.grid = _grid_pair(grid, "grid")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         patches = tokens[:, self.num_prefix_tokens :]
@@ -236,7 +259,8 @@ class MapToTokens(nn.Module):
 
     def __init__(self, channels: int, num_prefix_tokens: int) -> None:
         super().__init__()
-        self.num_prefix_tokens = num_prefix_tokens
+        check_int(channels, "channels", 1)
+        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.prefix_offset = nn.Parameter(torch.zeros(num_prefix_tokens, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +289,7 @@ class Resize(nn.Module):
 
     def __init__(self, size: tuple[int, int]) -> None:
         super().__init__()
-        self.size = tuple(size)
+        self.size = _grid_pair(size, "size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shrink = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
@@ -291,8 +315,9 @@ class PoolFeatures(nn.Module):
 
     def __init__(self, mode: str, num_prefix_tokens: int = 0) -> None:
         super().__init__()
+        check_choice(mode, "mode", POOL_MODES)
         self.mode = mode
-        self.num_prefix_tokens = num_prefix_tokens
+        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pool(x, self.mode, num_prefix_tokens=self.num_prefix_tokens)
@@ -446,6 +471,7 @@ def build_bridge(
         check_choice(spec.layout, f"{arg}.layout", LAYOUTS)
     check_choice(resample, "resample", RESAMPLE_MODES)
     check_choice(token_pool, "token_pool", ("auto", "cls", "mean", "patch_mean"))
+    check_bool(post_relu, "post_relu")
     pair = f"{source.describe()} {source.layout} -> {target.describe()} {target.layout}"
     layers: list[nn.Module] = []
     if source.layout == "vector" and target.layout != "vector":

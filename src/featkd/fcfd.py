@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from featkd._checks import (
     check_floating,
     check_positive,
     check_same_device,
+    check_seed,
     compute_dtype,
     describe_shape,
     finite_check_enabled,
@@ -171,8 +172,8 @@ class FCFDLoss(nn.Module):
             with the stages in eval mode). Bridges are created on the probe's device, in float64
             for a float64 probe and float32 otherwise.
         num_paths: mixed paths sampled (uniformly, without replacement) per call, or ``"all"``.
-        generator: a ``torch.Generator`` or an integer seed for the path sampling; ``None`` uses
-            torch's global RNG.
+        generator: a ``torch.Generator`` or an integer seed ``>= 0`` for the path sampling;
+            ``None`` uses torch's global RNG.
         temperature: ``T`` of the KL terms (4; 8 for some pairs in the paper).
         kl_weight: ``beta``, the weight of each path's KL term.
         mse_weight: the weight of the MSE terms (before the warm-up factor).
@@ -189,7 +190,9 @@ class FCFDLoss(nn.Module):
             CLS of tokens with a prefix token, else the token mean; no pooled term when the last
             features are already vectors), a :func:`~featkd.pool` mode, a callable ``(x) ->
             (B, D)`` (e.g. ``lambda x: F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)`` for a
-            head that starts with a ReLU), or ``None`` (no pooled terms).
+            head that starts with a ReLU), or ``None`` (no pooled terms). A mode is tried on the
+            probed last teacher features at construction, so one that does not fit their layout
+            fails there.
         num_prefix_tokens: prefix tokens of token features, one int for both networks or a pair
             ``(student, teacher)``.
         student_layouts: per-stage layouts of the ``K - 1`` student features: ``None`` (read
@@ -329,7 +332,7 @@ class FCFDLoss(nn.Module):
                     name=f"t2s bridge after stage {k}",
                 )
         self.to(device=probe.device, dtype=dtype)
-        self.pool_fn = self._pool_fn(pool, self.teacher_specs[-1])
+        self.pool_fn = self._pool_fn(pool, self.teacher_specs[-1], teacher_probe[-2])
         self.last_parts: dict[str, torch.Tensor] = {}
         self.last_paths: list[str] = []
 
@@ -357,6 +360,10 @@ class FCFDLoss(nn.Module):
     def _check_directions(directions: Sequence[str]) -> tuple[str, ...]:
         if isinstance(directions, str):
             directions = (directions,)
+        if not isinstance(directions, Iterable):
+            raise ChoiceError(
+                f"directions: expected 's2t', 't2s' or a sequence of them, got {directions!r}"
+            )
         directions = tuple(directions)
         if not directions:
             raise ChoiceError("directions: expected 's2t', 't2s' or both, got none")
@@ -368,6 +375,11 @@ class FCFDLoss(nn.Module):
     def _check_crossings(crossings: Sequence[int] | None, k_total: int) -> tuple[int, ...]:
         if crossings is None:
             return tuple(range(1, k_total - 1)) if k_total > 2 else (1,)
+        if not isinstance(crossings, Iterable) or isinstance(crossings, str):
+            raise ChoiceError(
+                f"crossings: expected None or a sequence of stage numbers in 1..{k_total - 1}, "
+                f"got {crossings!r}"
+            )
         crossings = tuple(crossings)
         if not crossings:
             raise ChoiceError(
@@ -396,14 +408,10 @@ class FCFDLoss(nn.Module):
 
     @staticmethod
     def _make_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-        if generator is None or isinstance(generator, torch.Generator):
-            return generator
-        if isinstance(generator, int) and not isinstance(generator, bool):
+        generator = check_seed(generator, "generator")
+        if isinstance(generator, int):
             return torch.Generator().manual_seed(generator)
-        raise FeatkdInputError(
-            f"generator: expected a torch.Generator, an integer seed or None, "
-            f"got {type(generator).__name__}"
-        )
+        return generator
 
     @staticmethod
     def _prefix_pair(num_prefix_tokens: int | tuple[int, int]) -> tuple[int, int]:
@@ -486,7 +494,7 @@ class FCFDLoss(nn.Module):
         count = self.num_stages - 1
         if layouts is None:
             layouts = [None] * count
-        elif isinstance(layouts, str) or len(layouts) != count:
+        elif not isinstance(layouts, Sequence) or isinstance(layouts, str) or len(layouts) != count:
             raise ShapeError(
                 f"{arg}: expected {count} layouts (one per stage before the logits), got "
                 f"{layouts!r}"
@@ -552,24 +560,35 @@ class FCFDLoss(nn.Module):
 
     @staticmethod
     def _pool_fn(
-        mode: str | Callable[[torch.Tensor], torch.Tensor] | None, spec: FeatureSpec
+        mode: str | Callable[[torch.Tensor], torch.Tensor] | None,
+        spec: FeatureSpec,
+        probe: torch.Tensor,
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if mode is None:
             return None
         if callable(mode):
             return mode
         check_choice(mode, "pool", ("auto", *POOL_MODES))
+        chosen = mode
         if mode == "auto":
             if spec.layout == "vector":
                 return None  # the last features are pooled already: the stage term covers them
             if spec.layout == "map":
-                mode = "gap"
+                chosen = "gap"
             else:
-                mode = "cls" if spec.num_prefix_tokens > 0 else "mean"
+                chosen = "cls" if spec.num_prefix_tokens > 0 else "mean"
         # a partial, not a closure: the loss module stays picklable
-        return functools.partial(
-            pool, mode=mode, num_prefix_tokens=spec.num_prefix_tokens, name="last features"
+        pool_fn = functools.partial(
+            pool, mode=chosen, num_prefix_tokens=spec.num_prefix_tokens, name="last features"
         )
+        try:  # a mode that does not fit the layout would otherwise fail at the first call
+            pool_fn(probe)
+        except FeatkdInputError as error:
+            raise ChoiceError(
+                f"pool: mode {mode!r} cannot pool the teacher's last features "
+                f"{spec.describe()} ({spec.layout}): {error}"
+            ) from None
+        return pool_fn
 
     # ---------------------------------------------------------------- warm-up and sampling
     @property

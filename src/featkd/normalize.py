@@ -12,10 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd._checks import (
-    ChoiceError,
+    ShapeError,
+    check_bool,
     check_choice,
+    check_floating,
+    check_floating_dtype,
+    check_int,
     check_min_batch,
-    check_positive,
+    check_number,
     compute_dtype,
     validate_features,
 )
@@ -27,8 +31,22 @@ WHITENING_METHODS = ("cholesky", "zca")
 _VECTORS = {2: "(B, D)"}
 
 
-def layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def _check_eps(eps: float) -> float:
+    """``eps`` guards a division: a finite number > 0 (0, negative or NaN give NaN outputs)."""
+    return check_number(eps, "eps", minimum=0, exclusive_minimum=True)
+
+
+def _eps_floor(eps: float, dtype: torch.dtype) -> float:
+    # an eps below sqrt(smallest normal) rounds to 0 in float32 (1e-300 does), and the
+    # gradient of (var + eps)^(-1/2), its cube, overflows: NaN on a constant channel
+    return max(eps, torch.finfo(dtype).tiny ** 0.5)
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.Tensor:
     """Standardise each sample across its channels, no affine (VkD's classification prior).
+
+    ``eps`` (a number > 0) is added to the variance; below the square root of the compute
+    dtype's smallest normal number it is raised to it (so a constant sample gives 0).
 
     Shape:
         - x: ``(..., D)``
@@ -39,14 +57,19 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
         >>> bool(torch.allclose(y, torch.tensor([[-1.2247, 0.0, 1.2247]]), atol=1e-4))
         True
     """
+    check_floating(x, name)
+    if x.ndim == 0:
+        raise ShapeError(f"{name}: expected (..., D), got a scalar")
+    eps = _check_eps(eps)
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x.to(work), x.shape[-1:], eps=eps).to(x.dtype)
+        return F.layer_norm(x.to(work), x.shape[-1:], eps=_eps_floor(eps, work)).to(x.dtype)
 
 
 def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.Tensor:
     """Standardise each channel over the batch (VkD's detection prior): zero mean, unit
-    (biased) variance per channel.
+    (biased) variance per channel. ``eps`` (> 0) is added to the variance, floored as in
+    :func:`layer_norm`.
 
     Shape:
         - x: ``(B, D)`` with ``B >= 2``
@@ -59,12 +82,13 @@ def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") ->
     """
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "batch statistics need two samples")
+    eps = _check_eps(eps)
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         xw = x.to(work)
         mean = xw.mean(0, keepdim=True)
         var = xw.var(0, unbiased=False, keepdim=True)
-        return ((xw - mean) * (var + eps).rsqrt()).to(x.dtype)
+        return ((xw - mean) * (var + _eps_floor(eps, work)).rsqrt()).to(x.dtype)
 
 
 def _whitener(cov: torch.Tensor, method: str, eps: float) -> torch.Tensor:
@@ -108,7 +132,7 @@ def whiten(
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "a covariance needs two samples")
     check_choice(method, "method", WHITENING_METHODS)
-    check_positive(eps, "eps")
+    eps = _check_eps(eps)
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         xw = x.to(work)
@@ -126,9 +150,12 @@ class Whitening(nn.Module):
     Args:
         dim: feature width ``D``.
         method: ``"cholesky"`` (default, as in VkD) or ``"zca"``.
-        eps: shrinkage relative to the average variance (needed when ``B <= D``).
-        momentum: weight of the new batch in the running estimates.
+        eps: shrinkage relative to the average variance (needed when ``B <= D``), > 0.
+        momentum: weight of the new batch in the running estimates, in ``(0, 1]`` (beyond 1
+            the update extrapolates and the running covariance stops being positive definite).
         track_running_stats: keep running mean/covariance buffers for eval mode.
+        device: where the buffers live.
+        dtype: the buffers' floating-point dtype (default float32).
 
     Shape:
         - x: ``(B, D)``
@@ -156,12 +183,13 @@ class Whitening(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ChoiceError(f"dim: expected a positive integer, got {dim!r}")
+        check_int(dim, "dim", 1)
         check_choice(method, "method", WHITENING_METHODS)
-        check_positive(eps, "eps")
-        check_positive(momentum, "momentum")
-        self.dim, self.method, self.eps, self.momentum = dim, method, float(eps), float(momentum)
+        eps = _check_eps(eps)
+        momentum = check_number(momentum, "momentum", minimum=0, maximum=1, exclusive_minimum=True)
+        check_bool(track_running_stats, "track_running_stats")
+        check_floating_dtype(dtype)
+        self.dim, self.method, self.eps, self.momentum = dim, method, eps, momentum
         self.track_running_stats = track_running_stats
         if track_running_stats:
             factory = {"device": device, "dtype": dtype or torch.float32}

@@ -13,12 +13,21 @@ pooled embeddings and unpooled features with one call.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from featkd._checks import ChoiceError, ShapeError, check_choice, check_rank, describe_shape
+from featkd._checks import (
+    ChoiceError,
+    ShapeError,
+    check_choice,
+    check_floating,
+    check_int,
+    check_rank,
+    describe_shape,
+)
 
 __all__ = ["POOL_MODES", "align_tokens", "pool", "to_tokens"]
 
@@ -33,6 +42,15 @@ _MODE_LAYOUTS = {
     "flatten": _ANY_LAYOUT,
     "none": {2: "(B, D)"},
 }
+
+
+def _check_prefix_fits(x: torch.Tensor, num_prefix_tokens: int, name: str) -> None:
+    # more prefix tokens than tokens is a layout that cannot be this tensor's
+    if num_prefix_tokens > x.shape[1]:
+        raise ShapeError(
+            f"{name}: num_prefix_tokens={num_prefix_tokens} expects at least "
+            f"{num_prefix_tokens} tokens, got {describe_shape(x.shape)}"
+        )
 
 
 def pool(
@@ -52,6 +70,12 @@ def pool(
     Returns:
         ``(B, D)`` (``(B, N*D)`` or ``(B, C*H*W)`` for ``flatten``).
 
+    Raises:
+        ChoiceError: an unknown ``mode``, or ``num_prefix_tokens`` not an int ``>= 0``.
+        DTypeError: ``x`` is not floating point.
+        ShapeError: ``x`` has a rank the mode cannot pool, or fewer tokens than
+            ``num_prefix_tokens``.
+
     Shape:
         - x: ``(B, D)``, ``(B, N, D)`` or ``(B, C, H, W)`` as the mode allows.
         - output: ``(B, D)``.
@@ -65,8 +89,8 @@ def pool(
         torch.Size([4, 8])
     """
     check_choice(mode, "mode", POOL_MODES)
-    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ChoiceError(f"num_prefix_tokens: expected an integer >= 0, got {num_prefix_tokens!r}")
+    check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+    check_floating(x, name)  # also rejects a non-tensor before its .ndim is read
     layouts = _MODE_LAYOUTS[mode]
     if x.ndim not in layouts and x.ndim in _ANY_LAYOUT:
         hint = {3: "for tokens use 'mean', 'cls' or 'patch_mean'", 4: "for conv maps use 'gap'"}
@@ -79,6 +103,8 @@ def pool(
     check_rank(x, name, layouts)
     if x.ndim == 2:
         return x
+    if mode in ("mean", "cls", "patch_mean"):
+        _check_prefix_fits(x, num_prefix_tokens, name)
     if mode == "flatten":
         return rearrange(x, "b ... -> b (...)")
     if mode == "gap":
@@ -110,6 +136,7 @@ def to_tokens(x: torch.Tensor, *, name: str = "x") -> torch.Tensor:
         torch.Size([2, 20, 16])
     """
     check_rank(x, name, {4: "(B, C, H, W)"})
+    check_floating(x, name)
     return rearrange(x, "b c h w -> b (h w) c")
 
 
@@ -122,11 +149,14 @@ def _grid_of(num_patches: int, name: str) -> tuple[int, int]:
     return side, side
 
 
-def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or any(not isinstance(s, int) or s < 1 for s in pair):
-        raise ChoiceError(f"{name}: expected a positive int or a pair (H, W), got {size!r}")
-    return pair  # type: ignore[return-value]
+def _pair(size: Any, name: str) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else size
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2
+    # bools are ints to Python, but True is no grid size
+    ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair)
+    if not ok:
+        raise ChoiceError(f"{name}: expected a positive int or a pair (H, W) of them, got {size!r}")
+    return (pair[0], pair[1])
 
 
 def align_tokens(
@@ -151,6 +181,12 @@ def align_tokens(
         input_size: the input grid ``(h, w)``; inferred when the patch count is a square.
         mode: ``"bilinear"``, ``"bicubic"``, ``"nearest"`` or ``"area"``.
 
+    Raises:
+        ChoiceError: a bad ``mode``, ``size`` or ``input_size`` (positive ints), or
+            ``num_prefix_tokens`` not an int ``>= 0``.
+        DTypeError: ``tokens`` is not floating point.
+        ShapeError: no patch tokens after the prefix, or a patch count that does not fit the grid.
+
     Shape:
         - tokens: ``(B, P + h*w, D)``
         - output: ``(B, P + H*W, D)``
@@ -161,15 +197,17 @@ def align_tokens(
         torch.Size([2, 257, 192])
     """
     check_rank(tokens, name, {3: "(B, N, D)"})
+    check_floating(tokens, name)  # interpolating integers would truncate the result
     check_choice(mode, "mode", ("bilinear", "bicubic", "nearest", "area"))
+    check_int(num_prefix_tokens, "num_prefix_tokens", 0)
     target = _pair(size, "size")
-    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
-    n = patches.shape[1]
-    if n == 0:
+    if num_prefix_tokens >= tokens.shape[1]:
         raise ShapeError(
             f"{name}: expected patch tokens after {num_prefix_tokens} prefix tokens, "
             f"got {describe_shape(tokens.shape)}"
         )
+    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    n = patches.shape[1]
     h, w = _pair(input_size, "input_size") if input_size is not None else _grid_of(n, name)
     if h * w != n:
         raise ShapeError(f"{name}: input_size {(h, w)} holds {h * w} patches, got {n}")

@@ -35,6 +35,8 @@ from featkd._checks import (
     check_choice,
     check_finite,
     check_floating,
+    check_floating_dtype,
+    check_int,
     check_same_device,
     check_width,
     describe_shape,
@@ -44,12 +46,6 @@ __all__ = ["ORTHOGONAL_MAPS", "OrthogonalProjector"]
 
 ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
 _INITS = ("identity", "random")
-
-
-def _check_features(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ChoiceError(f"{name}: expected a positive integer, got {value!r}")
-    return value
 
 
 class OrthogonalProjector(nn.Module):
@@ -114,8 +110,8 @@ class OrthogonalProjector(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_features(in_features, "in_features")
-        self.out_features = _check_features(out_features, "out_features")
+        self.in_features = check_int(in_features, "in_features", 1)
+        self.out_features = check_int(out_features, "out_features", 1)
         check_choice(map, "map", ORTHOGONAL_MAPS)
         check_choice(init, "init", _INITS)
         if max_squarings is not None and (
@@ -128,8 +124,7 @@ class OrthogonalProjector(nn.Module):
             )
         if max_squarings is not None and map != "matrix_exp":
             raise ChoiceError(f"max_squarings: only used by map='matrix_exp', got map={map!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise ChoiceError(f"dtype: expected a floating-point dtype, got {dtype}")
+        check_floating_dtype(dtype)
         self.map = map
         self.init = init
         self.max_squarings = max_squarings

@@ -6,6 +6,8 @@ orthonormal columns (matrix exponential of a skew-symmetric generator, first ``D
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,9 @@ from featkd._checks import (
     check_choice,
     check_finite,
     check_floating,
+    check_int,
     check_min_batch,
+    check_number,
     check_rank,
     check_same_batch,
     check_same_device,
@@ -26,7 +30,7 @@ from featkd._checks import (
     result_dtype,
 )
 from featkd.normalize import Whitening, batch_standardize, layer_norm, whiten
-from featkd.pooling import pool
+from featkd.pooling import POOL_MODES, pool
 from featkd.projector import OrthogonalProjector
 
 __all__ = ["DISTANCES", "NORMALIZATIONS", "VkDLoss", "vkd_loss"]
@@ -41,6 +45,25 @@ def _pooled(x: torch.Tensor, name: str, layouts, mode: str, num_prefix_tokens: i
     check_rank(x, name, layouts)
     check_floating(x, name)
     return pool(x, mode, num_prefix_tokens=num_prefix_tokens, name=name)
+
+
+def _check_options(
+    normalize: Any, distance: Any, student_pool: Any, teacher_pool: Any, prefix: Any, eps: Any
+) -> float:
+    """The options shared by :func:`vkd_loss` and :class:`VkDLoss`; returns ``eps``."""
+    check_choice(normalize, "normalize", NORMALIZATIONS)
+    check_choice(distance, "distance", DISTANCES)
+    check_choice(student_pool, "student_pool", POOL_MODES)
+    check_choice(teacher_pool, "teacher_pool", POOL_MODES)
+    check_int(prefix, "num_prefix_tokens", 0)
+    for side, mode in (("student_pool", student_pool), ("teacher_pool", teacher_pool)):
+        if mode == "cls" and prefix == 0:
+            raise ChoiceError(
+                f"{side}: 'cls' takes the first prefix token, but num_prefix_tokens is 0"
+            )
+    # eps divides (layer norm, standardisation) or regularises a Cholesky factor: 0, negative
+    # or NaN give NaN losses
+    return check_number(eps, "eps", minimum=0, exclusive_minimum=True)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
@@ -93,8 +116,7 @@ def vkd_loss(
         >>> vkd_loss(student, teacher, proj).shape
         torch.Size([])
     """
-    check_choice(normalize, "normalize", NORMALIZATIONS)
-    check_choice(distance, "distance", DISTANCES)
+    eps = _check_options(normalize, distance, student_pool, teacher_pool, num_prefix_tokens, eps)
     s = _pooled(student, "student", _STUDENT, student_pool, num_prefix_tokens)
     t = _pooled(teacher, "teacher", _TEACHER, teacher_pool, num_prefix_tokens)
     check_same_batch(s, t, "student", "teacher")
@@ -152,7 +174,11 @@ class VkDLoss(nn.Module):
         teacher_pool: pooling mode for teacher maps or tokens (``"gap"`` for CNN maps; use
             ``"mean"``, ``"cls"`` or ``"patch_mean"`` for a token teacher).
         num_prefix_tokens: leading non-patch tokens of token inputs.
-        eps: layer norm / standardisation epsilon, and relative whitening shrinkage.
+        eps: layer norm / standardisation epsilon, and relative whitening shrinkage; > 0.
+
+    Every option is checked when the loss is built (:class:`~featkd.ChoiceError` naming it):
+    an ``eps`` that is not a finite number > 0, a pool mode :func:`featkd.pool` does not know
+    (or ``"cls"`` with ``num_prefix_tokens=0``), widths that are not positive ints.
 
     Shape:
         - student: ``(B, D_s)``, ``(B, N, D_s)`` or ``(B, D_s, H, W)``
@@ -185,13 +211,12 @@ class VkDLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_choice(normalize, "normalize", NORMALIZATIONS)
-        check_choice(distance, "distance", DISTANCES)
-        if (
-            isinstance(teacher_dim, int)
-            and isinstance(student_dim, int)
-            and teacher_dim < student_dim
-        ):
+        check_int(student_dim, "student_dim", 1)
+        check_int(teacher_dim, "teacher_dim", 1)
+        eps = _check_options(
+            normalize, distance, student_pool, teacher_pool, num_prefix_tokens, eps
+        )
+        if teacher_dim < student_dim:
             raise ChoiceError(
                 f"teacher_dim: expected >= student_dim={student_dim} (VkD projects the student "
                 f"up into the teacher's width), got {teacher_dim}"
