@@ -52,6 +52,7 @@ PUBLIC_NAMES = {
     "gather_with_grad",
     # results and errors the above return or raise
     "CosinePreservation",
+    "NotCapturedError",
     "UnknownModuleError",
 }
 

@@ -26,7 +26,7 @@ from featkd.fcfd import FCFDLoss
 from featkd.gaussian_kl import GaussianKLLoss
 from featkd.gaussian_wasserstein import GaussianWassersteinLoss
 from featkd.heads import LinearHead, TeacherCompressionHead
-from featkd.hooks import FeatureTap, UnknownModuleError
+from featkd.hooks import FeatureTap, NotCapturedError, UnknownModuleError
 from featkd.joint_wasserstein import JointWassersteinLoss
 from featkd.kd import KDLoss
 from featkd.kd2m import KD2MLoss
@@ -59,6 +59,7 @@ __all__ = [
     "LinearHead",
     "MMDLoss",
     "NonFiniteError",
+    "NotCapturedError",
     "OrthogonalProjector",
     "ProteusLoss",
     "ShapeError",
