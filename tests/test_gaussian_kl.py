@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,148 @@ def test_errors():
         gaussian_kl_loss(s[:1], s[:1])
     with pytest.raises(FeatkdInputError, match="labels: expected class indices"):
         GaussianKLLoss(conditional=True)(s, s)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_conditional_must_be_a_bool(value):
+    # accepted before and read as bool(value) ("no" meant True); refused when the module is
+    # built, and by the function before any maths
+    s, labels = torch.randn(8, 4), torch.arange(8) % 2
+    expected = rf"conditional: expected True or False, got {re.escape(repr(value))}"
+    with pytest.raises(ChoiceError, match=expected):
+        GaussianKLLoss(conditional=value)
+    with pytest.raises(ChoiceError, match=expected):
+        gaussian_kl_loss(s, s, labels=labels, conditional=value)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "0.1", None])
+def test_eps_must_be_a_finite_positive_number(value):
+    s = torch.randn(8, 4)
+    expected = rf"eps: expected a finite number > 0, got {re.escape(repr(value))}"
+    with pytest.raises(ChoiceError, match=expected):
+        GaussianKLLoss(eps=value)
+    with pytest.raises(ChoiceError, match=expected):
+        gaussian_kl_loss(s, s, eps=value)
+
+
+def test_valid_options_are_kept():
+    loss_fn = GaussianKLLoss("diag", direction="teacher_student", eps=2, conditional=True)
+    assert (loss_fn.covariance, loss_fn.direction, loss_fn.conditional) == (
+        "diag",
+        "teacher_student",
+        True,
+    )
+    assert loss_fn.eps == 2.0 and isinstance(loss_fn.eps, float)
+
+
+SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6]
+
+
+def _labels(batch: int) -> torch.Tensor:
+    """Two classes of several rows and a class seen once."""
+    return torch.tensor([i % 2 for i in range(batch - 1)] + [2])
+
+
+def _batch(rng, batch: int, width: int, scale: float) -> np.ndarray:
+    """Features of size ``scale`` with a mean of ``3 * scale``."""
+    return (rng.standard_normal((batch, width)) * rng.uniform(0.5, 2, width) + 3) * scale
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_identical_batches_give_zero_at_every_scale(rng, dtype, scale, covariance, conditional):
+    # KL has no units and is of order D: zero to rounding is |KL| <= 1e-12 D, with eps = 1e-3
+    # far above (scale 1e-6) and far below (scale 1e6: S + eps I has condition ~1e15) the
+    # features. The Woodbury form |v|^2 - |R^-T F v|^2 of B < D left up to ~1 at scale 1e6
+    for batch, width in SIZES:
+        z = torch.tensor(_batch(rng, batch, width, scale), dtype=dtype)
+        for direction in ("student_teacher", "teacher_student"):
+            got = gaussian_kl_loss(
+                z,
+                z.clone(),
+                labels=_labels(batch),
+                covariance=covariance,
+                direction=direction,
+                conditional=conditional,
+            )
+            assert abs(float(got)) <= 1e-12 * width, (batch, width, direction)
+
+
+def _kl_high_precision(p: np.ndarray, q: np.ndarray, eps: float) -> float:
+    """KL(N_p || N_q) of the shrunk fitted Gaussians with D x D matrices, 50 digits: a float64
+    transcription loses everything when S + eps I has condition ~1e15."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    batch, width = p.shape
+
+    def moments(x):
+        mean = mpmath.matrix(width, 1)
+        for j in range(width):
+            mean[j] = mpmath.fsum(mpmath.mpf(v) for v in x[:, j]) / batch
+        centred = mpmath.matrix(x.tolist()) - mpmath.ones(batch, 1) * mean.T
+        return mean, centred.T * centred / batch + mpmath.mpf(eps) * mpmath.eye(width)
+
+    mean_p, cov_p = moments(p)
+    mean_q, cov_q = moments(q)
+    inverse_q = mpmath.inverse(cov_q)
+    delta = mean_q - mean_p
+    trace = mpmath.fsum((inverse_q * cov_p)[i, i] for i in range(width))
+    mahalanobis = (delta.T * inverse_q * delta)[0, 0]
+    logdets = mpmath.log(mpmath.det(cov_q)) - mpmath.log(mpmath.det(cov_p))
+    return float((trace + mahalanobis - width + logdets) / 2)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
+@pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize(("batch", "width"), [(6, 10), (16, 5)])
+def test_scaled_batches_at_large_scale_match_references(
+    rng, dtype, batch, width, covariance, direction, conditional
+):
+    # scale 1e6 and eps = 1e-3: in each compared set (the batch or a class) a teacher 1.5 times
+    # wider than the student, its mean offset in the span of the rows, so that the KL is of
+    # order D rather than scale^2 / eps, which would hide errors of order 1
+    scale, eps = 1e6, 1e-3
+    labels = _labels(batch)
+    groups = [labels.numpy() == c for c in (0, 1, 2)] if conditional else [np.full(batch, True)]
+    s = _batch(rng, batch, width, scale)
+    t = s.copy()
+    for g in groups:
+        centred = s[g] - s[g].mean(0)
+        t[g] += 0.5 * centred + 0.1 * rng.standard_normal(g.sum()) @ centred / g.sum()
+    s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
+    p, q = (s, t) if direction == "student_teacher" else (t, s)
+    if covariance == "full":
+        expected = np.mean([_kl_high_precision(p[g], q[g], eps) for g in groups])
+    else:  # diagonal covariances are well conditioned: float64 suffices
+        expected = np.mean([_kl_reference(p[g], q[g], eps, diagonal=True) for g in groups])
+    got = gaussian_kl_loss(
+        torch.tensor(s, dtype=dtype),
+        torch.tensor(t, dtype=dtype),
+        labels=labels,
+        covariance=covariance,
+        direction=direction,
+        eps=eps,
+        conditional=conditional,
+    )
+    # the full form computes in float64 whatever the input dtype (float32 inputs: a float32
+    # result, rounded to 6e-8); the diagonal one in the input's dtype
+    rel = {"full": 1e-6, "diag": 1e-4}[covariance] if dtype == torch.float32 else 1e-9
+    assert float(got) == pytest.approx(expected, rel=rel), expected
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize(("batch", "width"), [(6, 10), (16, 5)])
+def test_scale_invariance_with_eps_in_the_callers_units(rng, dtype, batch, width, covariance):
+    # KL(c s, c t; eps c^2) = KL(s, t; eps): both Gaussians are mapped by x -> c x. With c a
+    # power of two the inputs scale exactly, so the values must agree to rounding even where
+    # squares of the features leave float32 (c = 2^-75: 1e-45, c = 2^62: 2e37 each)
+    s = rng.standard_normal((batch, width))
+    t = 0.7 * rng.standard_normal((batch, width)) + 0.3
+    student, teacher = torch.tensor(s, dtype=dtype), torch.tensor(t, dtype=dtype)
+    unit = float(gaussian_kl_loss(student, teacher, covariance=covariance, eps=0.05))
+    assert unit == pytest.approx(_kl_reference(s, t, 0.05, diagonal=covariance == "diag"), rel=1e-4)
+    for c in (2.0**-75, 2.0**62):
+        got = gaussian_kl_loss(c * student, c * teacher, covariance=covariance, eps=0.05 * c**2)
+        assert float(got) == pytest.approx(unit, rel=1e-12), c

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -9,7 +11,7 @@ import torch
 from conftest import tolerance
 
 from featkd import ChoiceError, FeatkdInputError, GaussianWassersteinLoss, ShapeError
-from featkd._covariance import cross_nuclear_norm
+from featkd._covariance import bures_residual
 from featkd.functional import gaussian_wasserstein_loss
 
 
@@ -101,12 +103,14 @@ def test_closed_forms(rng):
 
 
 @pytest.mark.parametrize(("batch", "width"), [*SIZES, (3, 1)])
-def test_cross_nuclear_norm_matches_svd(rng, batch, width):
+def test_bures_residual_matches_svd(rng, batch, width):
     a, b = rng.standard_normal((2, batch, width))
-    expected = np.linalg.svd(a @ b.T, compute_uv=False).sum()
-    got = cross_nuclear_norm(torch.tensor(a), torch.tensor(b))
+    # ||a||^2 + ||b||^2 - 2 ||a b^T||_*, the Bures term times n, with numpy's singular values
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    expected = np.sum(a**2) + np.sum(b**2) - 2 * nuclear
+    got = bures_residual(torch.tensor(a), torch.tensor(b))
     assert float(got) == pytest.approx(expected, rel=1e-12)
-    batched = cross_nuclear_norm(torch.tensor(np.stack([a, b])), torch.tensor(np.stack([b, a])))
+    batched = bures_residual(torch.tensor(np.stack([a, b])), torch.tensor(np.stack([b, a])))
     assert float(batched[1]) == pytest.approx(expected, rel=1e-12)
 
 
@@ -119,7 +123,7 @@ def test_gradcheck(rng, batch, width):
             lambda x, c=covariance: gaussian_wasserstein_loss(x, t, covariance=c), (s,)
         )
     a = torch.tensor(rng.standard_normal((batch, width)), requires_grad=True)
-    assert torch.autograd.gradcheck(cross_nuclear_norm, (a, s))
+    assert torch.autograd.gradcheck(bures_residual, (a, s))
 
 
 def test_gradient_vanishes_for_identical_batches(rng):
@@ -201,3 +205,123 @@ def test_errors():
         gaussian_wasserstein_loss(s, s, conditional=True)
     with pytest.raises(FeatkdInputError, match="teacher: expected finite values"):
         gaussian_wasserstein_loss(s, torch.full((8, 4), float("nan")))
+    with pytest.raises(ChoiceError, match="covariance: expected one of 'full', 'diag', got None"):
+        gaussian_wasserstein_loss(s, s, covariance=None)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_conditional_must_be_a_bool(value):
+    # accepted before and read as bool(value) ("no" meant True); refused when the module is
+    # built, and by the function before any maths
+    s, labels = torch.randn(8, 4), torch.arange(8) % 2
+    expected = rf"conditional: expected True or False, got {re.escape(repr(value))}"
+    with pytest.raises(ChoiceError, match=expected):
+        GaussianWassersteinLoss(conditional=value)
+    with pytest.raises(ChoiceError, match=expected):
+        gaussian_wasserstein_loss(s, s, labels=labels, conditional=value)
+
+
+SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6]
+
+
+def _labels(batch: int) -> torch.Tensor:
+    """Two classes of several rows and a class seen once."""
+    return torch.tensor([i % 2 for i in range(batch - 1)] + [2])
+
+
+def _batch(rng, batch: int, width: int, scale: float) -> np.ndarray:
+    """Well-conditioned features of size ``scale`` with a mean of ``3 * scale``."""
+    return (rng.standard_normal((batch, width)) * rng.uniform(0.5, 2, width) + 3) * scale
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_identical_batches_give_zero_at_every_scale(rng, dtype, scale, covariance, conditional):
+    # W2^2 scales as scale^2; its natural size here is tr(S) = E ||z - mean||^2. Equal batches
+    # must give zero to squared rounding, (100 u)^2 tr(S) (u the unit roundoff of dtype): the
+    # value is a sum of squared residuals, not a difference of traces (which left ~u tr(S))
+    unit = torch.finfo(dtype).eps
+    for batch, width in SIZES:
+        z = torch.tensor(_batch(rng, batch, width, scale), dtype=dtype)
+        rounded = z.double().numpy()
+        trace = float(np.sum((rounded - rounded.mean(0)) ** 2) / batch)
+        got = gaussian_wasserstein_loss(
+            z, z.clone(), labels=_labels(batch), covariance=covariance, conditional=conditional
+        )
+        assert 0 <= float(got) <= (100 * unit) ** 2 * trace, (batch, width)
+
+
+def _bures_high_precision(s: np.ndarray, t: np.ndarray) -> float:
+    """Squared Bures-Wasserstein distance of the fitted Gaussians, 40 significant digits."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+
+    def psd_sqrt(a):
+        values, vectors = mpmath.eigsy(a)
+        return vectors * mpmath.diag([mpmath.sqrt(max(v, 0)) for v in values]) * vectors.T
+
+    def moments(x):
+        mean = mpmath.matrix(x.shape[1], 1)
+        for j in range(x.shape[1]):
+            mean[j] = mpmath.fsum(mpmath.mpf(v) for v in x[:, j]) / x.shape[0]
+        centred = mpmath.matrix(x.tolist()) - mpmath.ones(x.shape[0], 1) * mean.T
+        return mean, centred.T * centred / x.shape[0]
+
+    mean_s, cov_s = moments(s)
+    mean_t, cov_t = moments(t)
+    root_s = psd_sqrt(cov_s)
+    cross = psd_sqrt(root_s * cov_t * root_s)
+    width = s.shape[1]
+    bures = mpmath.fsum(cov_s[i, i] + cov_t[i, i] - 2 * cross[i, i] for i in range(width))
+    return float(mpmath.fsum((mean_s[i] - mean_t[i]) ** 2 for i in range(width)) + bures)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize(("batch", "width"), [(6, 10), (16, 5)])
+def test_nearly_equal_batches_at_large_scale_match_references(
+    rng, dtype, batch, width, covariance, conditional
+):
+    # a teacher 0.01% wider than the student and slightly shifted, at scale 1e6 (a distillation
+    # that has converged): the distance is ~1e-8 tr(S). A difference of traces has rounding
+    # ~u tr(S), relative error ~u / 1e-8 (all digits in float32); the sum of squared residuals
+    # ~u / sqrt(1e-8). The reference sees the inputs rounded to dtype.
+    scale = 1e6
+    s = _batch(rng, batch, width, scale)
+    t = (1 + 1e-4) * s + 1e-4 * scale * rng.standard_normal((batch, width))
+    s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
+    labels = _labels(batch)
+    groups = [labels.numpy() == c for c in (0, 1, 2)] if conditional else [np.full(batch, True)]
+    # the diagonal form subtracts standard deviations, not traces: float64 numpy suffices
+    reference = _bures_high_precision if covariance == "full" else _diag_reference
+    expected = np.mean([reference(s[g], t[g]) for g in groups])
+    got = gaussian_wasserstein_loss(
+        torch.tensor(s, dtype=dtype),
+        torch.tensor(t, dtype=dtype),
+        labels=labels,
+        covariance=covariance,
+        conditional=conditional,
+    )
+    rel = 1e-2 if dtype == torch.float32 else 5e-12
+    assert float(got) == pytest.approx(expected, rel=rel)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize(("batch", "width"), [(6, 10), (16, 5)])
+def test_scaling_law_up_to_the_range_of_the_result(rng, batch, width, covariance):
+    # W2^2(c s, c t) = c^2 W2^2(s, t). With c a power of two the inputs scale exactly, so in
+    # float32 the values must agree to rounding as long as the result itself is a normal
+    # float32: c = 2^-60 (squares of features ~1e-37) and 2^62, where the sums of squares of
+    # the features (~2^130) overflow float32 although the loss between these close batches
+    # (~2^120) does not
+    s = rng.standard_normal((batch, width))
+    t = s + 0.1 * rng.standard_normal((batch, width)) + 0.05
+    student, teacher = torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
+    unit = float(gaussian_wasserstein_loss(student, teacher, covariance=covariance))
+    reference = _bures_reference if covariance == "full" else _diag_reference
+    assert unit == pytest.approx(reference(s, t), rel=1e-4)
+    for c in (2.0**-60, 2.0**62):
+        assert c**2 * unit < float(torch.finfo(torch.float32).max) / 2
+        got = gaussian_wasserstein_loss(c * student, c * teacher, covariance=covariance)
+        assert float(got) == pytest.approx(c**2 * unit, rel=1e-6), c

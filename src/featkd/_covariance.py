@@ -8,8 +8,9 @@ matrix wastes ``O(D^3)`` work on a known null space. Two identities keep the wor
 
 * Bures fidelity. With centred ``X_s, X_t`` (``n x D``) and ``S = X^T X / n``,
   ``tr((S_s^{1/2} S_t S_s^{1/2})^{1/2}) = ||X_s X_t^T||_* / n`` (the eigenvalues of
-  ``S_s S_t`` are the squared singular values of ``X_s X_t^T / n``). For ``n > D``, QR factors
-  ``X = Q R`` give the same nuclear norm from the ``D x D`` product ``R_s R_t^T``.
+  ``S_s S_t`` are the squared singular values of ``X_s X_t^T / n``), and the Bures term is
+  ``min_O ||X_s - O X_t||_F^2 / n`` over orthogonal ``O``. For ``n > D``, QR factors
+  ``X = Q R`` give the same from the ``D x D`` factors ``R_s, R_t``.
 * Shrunk covariances ``S + eps I = F^T F + eps I`` (``F = X / sqrt(n)``): the Woodbury identity
   and the matrix determinant lemma move inverses and log-determinants onto the ``n x n`` matrix
   ``F F^T + eps I``.
@@ -27,14 +28,37 @@ from featkd._matching import matmul_nt
 
 __all__ = [
     "ShrunkCovariance",
+    "bures_residual",
     "centre",
-    "cross_nuclear_norm",
+    "common_frame",
     "masked_mean",
     "shrunk_covariance",
     "shrunk_logdet",
     "shrunk_mahalanobis",
     "shrunk_trace_inverse_product",
 ]
+
+
+def common_frame(
+    student: torch.Tensor, teacher: torch.Tensor, *, floor: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(student - m) / c``, ``(teacher - m) / c`` and ``c``: ``m`` the joint mean of the two
+    ``(B, D)`` batches, ``c`` the power of two at or just above ``max(floor, largest |entry|)``
+    of the shifted batches (``1`` when both are zero), both detached.
+
+    The Gaussian losses depend on differences only and scale as known powers of ``c``, so they
+    are computed on entries in ``[-1, 1]`` and rescaled: no overflow or underflow of squares at
+    extreme scales, and with ``c`` a power of two the division and the rescaling are exact,
+    so values equal the unscaled computation's. No host synchronisation.
+    """
+    shift = 0.5 * (student.detach().mean(dim=0) + teacher.detach().mean(dim=0))
+    student, teacher = student - shift, teacher - shift
+    largest = torch.maximum(student.detach().abs().amax(), teacher.detach().abs().amax())
+    if floor > 0:
+        largest = largest.clamp_min(floor)
+    _, exponent = torch.frexp(largest)  # largest = mantissa * 2^exponent, mantissa in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(largest), exponent)
+    return student / scale, teacher / scale, scale
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
@@ -65,8 +89,13 @@ def _polar_factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.T
     return (u * keep[..., None, :]) @ vh
 
 
-class _CrossNuclearNorm(torch.autograd.Function):
-    """``||a b^T||_*`` for ``a, b`` of shape ``(..., n, D)`` with the polar-factor gradient."""
+class _BuresResidual(torch.autograd.Function):
+    """``min_O ||a - O b||_F^2`` over orthogonal ``O``, for ``a, b`` of shape ``(..., n, D)``.
+
+    The value is the squared residual at the optimal ``O``, the full polar factor of ``a b^T``
+    (null directions included: any orthogonal completion attains the minimum). The gradient is
+    ``2 (a - P b)`` with ``P`` the polar factor over the non-zero singular values only.
+    """
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -74,86 +103,102 @@ class _CrossNuclearNorm(torch.autograd.Function):
         n, d = a.shape[-2], a.shape[-1]
         ctx.batch_route = n <= d
         if n <= d:  # (n x n) cross-Gram
-            cross = matmul_nt(a, b)
-            if not (need_a or need_b):
-                return torch.linalg.svdvals(cross).sum(dim=-1)
-            u, s, vh = torch.linalg.svd(cross, full_matrices=False)
-            ctx.save_for_backward(_polar_factor(u, s, vh), a, b)
-            return s.sum(dim=-1)
-        # (D x D) product of QR factors: a b^T = Q_a (R_a R_b^T) Q_b^T
-        q_a, r_a = torch.linalg.qr(a) if need_a else (None, torch.linalg.qr(a, mode="r")[1])
-        q_b, r_b = torch.linalg.qr(b) if need_b else (None, torch.linalg.qr(b, mode="r")[1])
-        product = r_a @ r_b.mT
-        if not (need_a or need_b):
-            return torch.linalg.svdvals(product).sum(dim=-1)
-        u, s, vh = torch.linalg.svd(product, full_matrices=False)
-        ctx.q_a, ctx.q_b = q_a, q_b
-        ctx.save_for_backward(_polar_factor(u, s, vh), r_a, r_b)
-        return s.sum(dim=-1)
+            left, right = a, b
+        else:  # a = Q_a R_a: the Gram a^T a = R_a^T R_a, so the R factors stand in for a and b
+            q_a, left = torch.linalg.qr(a) if need_a else (None, torch.linalg.qr(a, mode="r")[1])
+            q_b, right = torch.linalg.qr(b) if need_b else (None, torch.linalg.qr(b, mode="r")[1])
+            ctx.q_a, ctx.q_b = q_a, q_b
+        u, s, vh = torch.linalg.svd(matmul_nt(left, right), full_matrices=False)
+        # a sum of squares, not ||a||^2 + ||b||^2 - 2 ||a b^T||_*: no cancellation, so equal
+        # inputs give zero to squared rounding and nearly equal ones keep their digits
+        value = (left - (u @ vh) @ right).square().sum(dim=(-2, -1))
+        if need_a or need_b:
+            ctx.save_for_backward(_polar_factor(u, s, vh), left, right)
+        return value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        polar, first, second = ctx.saved_tensors
-        g = grad[..., None, None]
+        polar, left, right = ctx.saved_tensors
+        g = 2 * grad[..., None, None]
         grad_a = grad_b = None
-        if ctx.batch_route:  # d/da = polar b, d/db = polar^T a
-            if ctx.needs_input_grad[0]:
-                grad_a = g * (polar @ second)
-            if ctx.needs_input_grad[1]:
-                grad_b = g * (polar.mT @ first)
-            return grad_a, grad_b
-        r_a, r_b = first, second  # polar of a b^T is Q_a P Q_b^T; Q_b^T b = R_b
         if ctx.needs_input_grad[0]:
-            grad_a = g * (ctx.q_a @ (polar @ r_b))
+            grad_a = g * (left - polar @ right)
+            if not ctx.batch_route:  # a - Q_a P R_b = Q_a (R_a - P R_b)
+                grad_a = ctx.q_a @ grad_a
         if ctx.needs_input_grad[1]:
-            grad_b = g * (ctx.q_b @ (polar.mT @ r_a))
+            grad_b = g * (right - polar.mT @ left)
+            if not ctx.batch_route:
+                grad_b = ctx.q_b @ grad_b
         return grad_a, grad_b
 
 
-def cross_nuclear_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Nuclear norm ``||a b^T||_*`` of ``a, b`` ``(..., n, D)``, on ``min(n, D)``-sized matrices.
+def bures_residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a||^2 + ||b||^2 - 2 ||a b^T||_*`` of ``a, b`` ``(..., n, D)``, on ``min(n, D)``-sized
+    matrices: ``n`` times the squared Bures distance between ``a^T a / n`` and ``b^T b / n``.
 
-    The gradient is the polar factor of ``a b^T`` restricted to its non-zero singular values, so
-    it stays finite when singular values repeat or vanish (identical inputs, constant features,
-    fewer samples than dimensions). Runs in the dtype of ``a``; batched over leading axes.
+    It is evaluated as the residual ``||a - O b||_F^2`` at the optimal orthogonal ``O`` (the
+    polar factor of ``a b^T``), a sum of squares: never negative, zero to squared rounding for
+    equal inputs. The gradient is ``2 (a - P b)`` with ``P`` the polar factor restricted to the
+    non-zero singular values, finite when they repeat or vanish (identical inputs, constant
+    features, fewer samples than dimensions). Runs in the dtype of ``a``; batched over leading
+    axes.
     """
-    return _CrossNuclearNorm.apply(a, b)
+    return _BuresResidual.apply(a, b)
 
 
 class ShrunkCovariance(NamedTuple):
     """``S + eps I`` of a group of centred rows, held as ``F`` and a triangular factor.
 
     ``factor`` is ``F = X / sqrt(count)`` ``(G, n, D)``. When ``n < D`` (``small``) ``upper`` is
-    ``R`` with ``R^T R = F F^T + eps I_n`` (``(G, n, n)``); otherwise ``R^T R = F^T F + eps I_D``
-    (``(G, D, D)``).
+    ``R`` with ``R^T R = F F^T + eps I_n`` (``(G, n, n)``) and, when asked for, ``basis`` is the
+    top ``D`` rows ``F^T R^{-1}`` of the orthonormal factor of ``[F^T; sqrt(eps) I_n]``
+    (``(G, D, n)``); otherwise ``R^T R = F^T F + eps I_D`` (``(G, D, D)``). ``eps`` is a number
+    or a 0-d tensor.
     """
 
     factor: torch.Tensor
     upper: torch.Tensor
-    eps: float
+    eps: float | torch.Tensor
     small: bool
+    basis: torch.Tensor | None = None
 
 
-def shrunk_covariance(centred: torch.Tensor, counts: torch.Tensor, eps: float) -> ShrunkCovariance:
+def _log(eps: float | torch.Tensor) -> torch.Tensor | float:
+    return eps.log() if isinstance(eps, torch.Tensor) else math.log(eps)
+
+
+def shrunk_covariance(
+    centred: torch.Tensor,
+    counts: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    invertible: bool = False,
+) -> ShrunkCovariance:
     """Factor ``X^T X / count + eps I`` without forming a ``D x D`` matrix when ``n < D``.
 
     The triangular factor comes from a QR decomposition of ``F`` stacked on ``sqrt(eps) I``
     rather than a Cholesky of the Gram: it cannot fail on a numerically indefinite Gram (large
-    features, tiny ``eps``) and keeps twice the significant digits.
+    features, tiny ``eps``) and keeps twice the significant digits. ``invertible=True`` keeps
+    the orthonormal ``basis`` that :func:`shrunk_mahalanobis` and
+    :func:`shrunk_trace_inverse_product` need to invert a small covariance.
     """
     factor = centred / counts.sqrt()[:, None, None]
     n, d = factor.shape[-2], factor.shape[-1]
     small = n < d
     top = factor.mT if small else factor
     size = n if small else d
-    eye = torch.eye(size, dtype=factor.dtype, device=factor.device) * math.sqrt(eps)
+    eye = torch.eye(size, dtype=factor.dtype, device=factor.device) * eps**0.5
     stacked = torch.cat([top, eye.expand(*top.shape[:-2], size, size)], dim=-2)
-    if stacked.requires_grad:
+    basis = None
+    if small and invertible:
+        orthonormal, upper = torch.linalg.qr(stacked)
+        basis = orthonormal[..., :d, :]
+    elif stacked.requires_grad:
         upper = torch.linalg.qr(stacked).R
     else:
         upper = torch.linalg.qr(stacked, mode="r").R
-    return ShrunkCovariance(factor, upper, float(eps), small)
+    return ShrunkCovariance(factor, upper, eps, small, basis)
 
 
 def shrunk_logdet(cov: ShrunkCovariance) -> torch.Tensor:
@@ -161,7 +206,7 @@ def shrunk_logdet(cov: ShrunkCovariance) -> torch.Tensor:
     logdet = 2 * cov.upper.diagonal(dim1=-2, dim2=-1).abs().log().sum(dim=-1)
     if cov.small:
         n, d = cov.factor.shape[-2], cov.factor.shape[-1]
-        logdet = logdet + (d - n) * math.log(cov.eps)
+        logdet = logdet + (d - n) * _log(cov.eps)
     return logdet
 
 
@@ -170,13 +215,31 @@ def _solve_upper_transposed(upper: torch.Tensor, rhs: torch.Tensor) -> torch.Ten
     return torch.linalg.solve_triangular(upper.mT, rhs, upper=False)
 
 
+def _inverse_quadratic(cov: ShrunkCovariance, columns: torch.Tensor) -> torch.Tensor:
+    """``sum_j v_j^T (S + eps I)^{-1} v_j`` over the columns ``v_j`` of ``columns`` ``(G, D, k)``,
+    for a small covariance.
+
+    Woodbury gives ``eps v^T (S + eps I)^{-1} v = |v|^2 - |B^T v|^2`` (``B`` the ``basis``), a
+    difference that loses every digit when ``|v|^2 / eps`` is large (features far above
+    ``sqrt(eps)``) and ``v`` lies near the span of the rows. ``B`` is the top of an orthonormal
+    ``Q = [B; sqrt(eps) R^{-1}]``, so the same quantity is the sum of squares
+    ``|v - B B^T v|^2 + eps |R^{-1} B^T v|^2``: no cancellation.
+    """
+    if cov.basis is None:
+        raise RuntimeError("shrunk_covariance(..., invertible=True) is needed to invert")
+    coefficients = cov.basis.mT @ columns
+    outside = (columns - cov.basis @ coefficients).square().sum(dim=(-2, -1))
+    inside = torch.linalg.solve_triangular(cov.upper, coefficients, upper=True)
+    return outside / cov.eps + inside.square().sum(dim=(-2, -1))
+
+
 def shrunk_mahalanobis(cov: ShrunkCovariance, delta: torch.Tensor) -> torch.Tensor:
-    """``delta^T (S + eps I)^{-1} delta`` for ``delta`` ``(G, D)``; Woodbury when small."""
+    """``delta^T (S + eps I)^{-1} delta`` for ``delta`` ``(G, D)``; on ``n x n`` matrices when
+    small (needs ``invertible=True``)."""
     column = delta[..., None]
     if not cov.small:
         return _solve_upper_transposed(cov.upper, column).square().sum(dim=(-2, -1))
-    projected = _solve_upper_transposed(cov.upper, cov.factor @ column)
-    return (column.square().sum(dim=(-2, -1)) - projected.square().sum(dim=(-2, -1))) / cov.eps
+    return _inverse_quadratic(cov, column)
 
 
 def shrunk_trace_inverse_product(
@@ -184,19 +247,19 @@ def shrunk_trace_inverse_product(
 ) -> torch.Tensor:
     """``tr((S_q + eps I)^{-1} (S_p + eps I))`` ``(G,)``; ``inverted`` is ``q``, ``other`` ``p``.
 
-    Small case: ``(S_q + eps I)^{-1} = (I - F_q^T C_q^{-1} F_q) / eps`` with
-    ``C_q = F_q F_q^T + eps I``, and ``eps tr((S_q + eps I)^{-1}) = D - n + eps tr(C_q^{-1})``.
+    Small case (``inverted`` needs ``invertible=True``): ``tr(S_q^-1 F_p^T F_p)`` is the sum of
+    the quadratic forms of the rows of ``F_p`` (cancellation-free, see
+    :func:`_inverse_quadratic`), and ``eps tr((S_q + eps I)^{-1}) = D - n + eps tr(C_q^{-1})``
+    with ``C_q = F_q F_q^T + eps I = R^T R``.
     """
     if not inverted.small:
         ratio = torch.linalg.solve_triangular(inverted.upper, other.upper, upper=True, left=False)
         return ratio.square().sum(dim=(-2, -1))
     n, d = inverted.factor.shape[-2], inverted.factor.shape[-1]
     eps = inverted.eps
-    cross = _solve_upper_transposed(inverted.upper, inverted.factor @ other.factor.mT)
-    in_span = cross.square().sum(dim=(-2, -1))
-    other_energy = other.factor.square().sum(dim=(-2, -1))
+    rows = _inverse_quadratic(inverted, other.factor.mT)
     eye = torch.eye(n, dtype=inverted.upper.dtype, device=inverted.upper.device)
     inverse_upper = torch.linalg.solve_triangular(inverted.upper, eye, upper=True)
     scaled_trace = (d - n) + eps * inverse_upper.square().sum(dim=(-2, -1))
     # tr(Sq^-1 Sp) = tr(Sq^-1 F_p^T F_p) + (eps_p / eps) eps tr(Sq^-1)
-    return (other_energy - in_span) / eps + (other.eps / eps) * scaled_trace
+    return rows + (other.eps / eps) * scaled_trace

@@ -5,11 +5,14 @@ Axis legend: ``B`` batch, ``D`` width, ``G`` groups (classes), ``n`` samples per
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from featkd._checks import check_choice, check_positive, compute_dtype, result_dtype
+from featkd._checks import check_bool, check_choice, check_number, compute_dtype, result_dtype
 from featkd._covariance import (
     centre,
+    common_frame,
     shrunk_covariance,
     shrunk_logdet,
     shrunk_mahalanobis,
@@ -23,10 +26,11 @@ COVARIANCES = ("full", "diag")
 DIRECTIONS = ("student_teacher", "teacher_student")
 
 
-def _check_options(covariance: str, direction: str, eps: float) -> None:
+def _check_options(covariance: str, direction: str, eps: float, conditional: bool) -> float:
     check_choice(covariance, "covariance", COVARIANCES)
     check_choice(direction, "direction", DIRECTIONS)
-    check_positive(eps, "eps")
+    check_bool(conditional, "conditional")
+    return check_number(eps, "eps", minimum=0, exclusive_minimum=True)
 
 
 def _gaussian_kl(
@@ -39,7 +43,7 @@ def _gaussian_kl(
     eps: float,
     conditional: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    _check_options(covariance, direction, eps)
+    eps = _check_options(covariance, direction, eps, conditional)
     validate_pair(
         student,
         teacher,
@@ -51,9 +55,15 @@ def _gaussian_kl(
     # full covariances: inverses with condition numbers up to ||S|| / eps, so float64
     work = torch.float64 if covariance == "full" else compute_dtype(student, teacher)
     with torch.autocast(student.device.type, enabled=False):
-        target = teacher.detach().to(work)
-        shift = target.mean(dim=0)
-        groups = make_groups(student.to(work) - shift, target - shift, labels, conditional)
+        # KL is invariant under x -> (x - m) / c applied to both sides with eps -> eps / c^2:
+        # the maths sees entries and shrinkage at most 1 (eps stays in the caller's units)
+        scaled_s, scaled_t, scale = common_frame(
+            student.to(work), teacher.detach().to(work), floor=math.sqrt(eps)
+        )
+        # in float64, where c^2 of any float32 c is exact (in float32, 1 / c^2 overflows for
+        # c ~ 1e-19); clamped so that an eps far below huge features cannot become 0
+        shrink = (eps / scale.double().square()).to(work).clamp_min(torch.finfo(work).tiny)
+        groups = make_groups(scaled_s, scaled_t, labels, conditional)
         counts = groups.counts
         mean_s, centred_s = centre(groups.student, groups.mask, counts)
         mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
@@ -65,13 +75,13 @@ def _gaussian_kl(
         width = student.shape[1]
         delta = mean_p - mean_q
         if covariance == "diag":
-            var_p = centred_p.square().sum(dim=-2) / counts[:, None] + eps
-            var_q = centred_q.square().sum(dim=-2) / counts[:, None] + eps
+            var_p = centred_p.square().sum(dim=-2) / counts[:, None] + shrink
+            var_q = centred_q.square().sum(dim=-2) / counts[:, None] + shrink
             mahalanobis = (delta.square() / var_q).sum(dim=-1)
             rest = (var_p / var_q - 1 + var_q.log() - var_p.log()).sum(dim=-1)
         else:
-            cov_p = shrunk_covariance(centred_p, counts, eps)
-            cov_q = shrunk_covariance(centred_q, counts, eps)
+            cov_p = shrunk_covariance(centred_p, counts, shrink)
+            cov_q = shrunk_covariance(centred_q, counts, shrink, invertible=True)
             mahalanobis = shrunk_mahalanobis(cov_q, delta)
             rest = (
                 shrunk_trace_inverse_product(cov_q, cov_p)
@@ -112,9 +122,14 @@ def gaussian_kl_loss(
     The covariances are the maximum-likelihood ones (divided by ``B``) shrunk by ``eps``:
     ``S + eps I``. Shrinkage is required: with ``B <= D`` a batch covariance is singular, and it
     sets the scale of the loss (directions the teacher does not span cost ``~ variance / eps``),
-    so keep ``eps`` fixed across a run. When ``B < D`` the inverses and log-determinants go
-    through the Woodbury identity and the matrix determinant lemma on ``B x B`` matrices,
-    never a ``D x D`` one. The full-covariance maths runs in float64 (its inverses have
+    so keep ``eps`` fixed across a run. ``eps`` is in the units of the features (it is not
+    relative to their scale). When ``B < D`` the inverses and log-determinants go through the
+    Woodbury identity and the matrix determinant lemma on ``B x B`` matrices, never a
+    ``D x D`` one, with the quadratic forms as sums of squares of residuals rather than
+    Woodbury's difference ``(|v|^2 - |R^-T F v|^2) / eps`` (which loses every digit when the
+    features are far above ``sqrt(eps)``). The two batches are shifted by their joint mean and
+    divided by a common power of two ``c`` (detached; ``eps`` by ``c^2``), which leaves the
+    divergence unchanged exactly. The full-covariance maths runs in float64 (its inverses have
     condition numbers up to ``||S|| / eps``); the diagonal form in float32 (float64 for float64
     inputs). The result is returned in the student's dtype; the teacher gets no gradient.
 
@@ -196,11 +211,10 @@ class GaussianKLLoss(MatchingLoss):
         projector: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(projector)
-        _check_options(covariance, direction, eps)
+        self.eps = _check_options(covariance, direction, eps, conditional)
         self.covariance = covariance
         self.direction = direction
-        self.eps = float(eps)
-        self.conditional = bool(conditional)
+        self.conditional = conditional
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None

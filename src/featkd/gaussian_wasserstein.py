@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import torch
 
-from featkd._checks import check_choice, compute_dtype, result_dtype
-from featkd._covariance import centre, cross_nuclear_norm
+from featkd._checks import check_bool, check_choice, compute_dtype, result_dtype
+from featkd._covariance import bures_residual, centre, common_frame
 from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
 
 __all__ = ["GaussianWassersteinLoss", "gaussian_wasserstein_loss"]
 
 COVARIANCES = ("full", "diag")
+
+
+def _check_options(covariance: str, conditional: bool) -> None:
+    check_choice(covariance, "covariance", COVARIANCES)
+    check_bool(conditional, "conditional")
 
 
 def _gaussian_wasserstein(
@@ -24,7 +29,7 @@ def _gaussian_wasserstein(
     covariance: str,
     conditional: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    check_choice(covariance, "covariance", COVARIANCES)
+    _check_options(covariance, conditional)
     validate_pair(
         student,
         teacher,
@@ -35,9 +40,9 @@ def _gaussian_wasserstein(
     )
     work = compute_dtype(student, teacher)
     with torch.autocast(student.device.type, enabled=False):
-        target = teacher.detach().to(work)
-        shift = target.mean(dim=0)  # exact in the loss; keeps large offsets out of the moments
-        groups = make_groups(student.to(work) - shift, target - shift, labels, conditional)
+        # W2^2 of (x - m) / c is W2^2 of x over c^2: compute on entries in [-1, 1], rescale
+        scaled_s, scaled_t, scale = common_frame(student.to(work), teacher.detach().to(work))
+        groups = make_groups(scaled_s, scaled_t, labels, conditional)
         counts = groups.counts
         mean_s, centred_s = centre(groups.student, groups.mask, counts)
         mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
@@ -47,11 +52,9 @@ def _gaussian_wasserstein(
             std_t = torch.linalg.vector_norm(centred_t, dim=-2)
             cov_term = (std_s - std_t).square().sum(dim=-1) / counts
         else:
-            trace_s = centred_s.square().sum(dim=(-2, -1))
-            trace_t = centred_t.square().sum(dim=(-2, -1))
-            fidelity = cross_nuclear_norm(centred_s, centred_t)
-            # rounding can take the difference a hair below zero when the batches coincide
-            cov_term = ((trace_s + trace_t - 2 * fidelity) / counts).clamp_min(0)
+            cov_term = bures_residual(centred_s, centred_t) / counts
+        # times c twice: c^2 alone overflows float32 from c = 2^64 on
+        mean_term, cov_term = mean_term * scale * scale, cov_term * scale * scale
         loss = (mean_term + cov_term).mean()
     parts = {
         "gaussian_wasserstein": loss.detach(),
@@ -77,20 +80,26 @@ def gaussian_wasserstein_loss(
     maximum-likelihood moments (covariance divided by ``B``). The *squared* distance is returned
     (the distance itself has an infinite gradient at zero).
 
-    ``covariance="full"`` never forms a ``D x D`` square root: the trace term is the nuclear
-    norm of the ``B x B`` cross-Gram ``X_s X_t^T / B`` of the centred batches when ``B <= D``,
-    and of a ``D x D`` product of QR factors when ``B > D``. Its gradient is the polar factor of
-    that matrix over its non-zero singular values, finite for identical batches, constant
-    features and ``B < D``. ``covariance="diag"`` is ``||mu_s - mu_t||^2 +
-    ||sigma_s - sigma_t||^2`` with per-feature standard deviations (the official KD2M code's
-    choice).
+    ``covariance="full"`` never forms a ``D x D`` square root. With the centred batches
+    ``X_s, X_t`` the covariance part equals ``min_O ||X_s - O X_t||_F^2 / B`` over orthogonal
+    ``O``, attained at the polar factor of the ``B x B`` cross-Gram ``X_s X_t^T`` (of a
+    ``D x D`` product of QR factors when ``B > D``), and is computed as that sum of squared
+    residuals rather than as ``tr S_s + tr S_t - 2 tr(...)``: it is never negative, identical
+    batches give zero to squared rounding and nearly identical ones (a converged distillation)
+    keep their significant digits. Its gradient uses the polar factor over the non-zero
+    singular values, finite for identical batches, constant features and ``B < D``.
+    ``covariance="diag"`` is ``||mu_s - mu_t||^2 + ||sigma_s - sigma_t||^2`` with per-feature
+    standard deviations (the official KD2M code's choice).
 
     ``conditional=True`` averages the distance over the classes present in ``labels``; a class
     seen once has a zero covariance on both sides and contributes ``||s - t||^2``, the
     distance between its two points (the exact ``W_2^2`` between single points).
 
-    Computed in float32 (float64 for float64 inputs) with autocast off; returned in the
-    student's dtype. The teacher gets no gradient.
+    Computed in float32 (float64 for float64 inputs) with autocast off, on the two batches
+    shifted by their joint mean and divided by a common power of two ``c`` (entries in
+    ``[-1, 1]``, detached), the result multiplied by ``c^2``: exact, and squares of features
+    cannot overflow or underflow. Returned in the student's dtype; the teacher gets no
+    gradient.
 
     Args:
         student: student features.
@@ -158,9 +167,9 @@ class GaussianWassersteinLoss(MatchingLoss):
         projector: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(projector)
-        check_choice(covariance, "covariance", COVARIANCES)
+        _check_options(covariance, conditional)
         self.covariance = covariance
-        self.conditional = bool(conditional)
+        self.conditional = conditional
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
