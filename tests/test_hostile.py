@@ -8,6 +8,8 @@ at the end.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +30,9 @@ from torch import nn
 
 import featkd
 from featkd import DeviceError, DTypeError, FeatkdInputError, NonFiniteError, ShapeError
+
+# FEATKD_HYPOTHESIS_SCALE=10 multiplies the drawn examples (a local stress run; CI keeps 1)
+SCALE = int(os.environ.get("FEATKD_HYPOTHESIS_SCALE", "1"))
 
 
 @pytest.fixture(autouse=True)
@@ -261,7 +266,7 @@ def test_different_devices(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(2, 9),
     student_exponent=st.sampled_from([-6, 0, 6]),
@@ -466,7 +471,10 @@ DRAWN_NAMES = [c.name for c in _drawn_cases(2, 3, 2)]
 
 @pytest.mark.parametrize("name", DRAWN_NAMES)
 @settings(
-    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=60 * SCALE,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
     batch=st.integers(1, 9),
