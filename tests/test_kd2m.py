@@ -94,6 +94,35 @@ def test_errors_list_the_choices():
         KD2MLoss("mmd_rbf", projector=lambda x: x)
 
 
+@pytest.mark.parametrize(
+    ("metric", "options", "message"),
+    [
+        ("w2_sliced", {"seed": 2.5}, "seed: expected None, an integer seed >= 0"),
+        ("w2_sinkhorn", {"conditional": "no"}, "conditional: expected True or False, got 'no'"),
+        ("w2_sinkhorn", {"debias": 1}, "debias: expected True or False, got 1"),
+        ("w2_emd", {"max_iter": True}, "max_iter: expected an integer >= 1, got True"),
+        ("w2_sliced", {"n_projections": True}, "n_projections: expected an integer >= 1"),
+    ],
+)
+def test_wasserstein_options_are_validated_at_construction(metric, options, message):
+    with pytest.raises(ChoiceError, match=message):
+        KD2MLoss(metric, **options)
+    with pytest.raises(ChoiceError, match=message):
+        kd2m_loss(torch.randn(8, 4), torch.randn(8, 4), metric=metric, **options)
+
+
+def test_sliced_directions_resume_from_state_dict():
+    s, t = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+    run = KD2MLoss("w2_sliced", seed=4)
+    for _ in range(3):
+        run(s, t)
+    checkpoint = run.state_dict()
+    expected = torch.stack([run(s, t) for _ in range(2)])
+    resumed = KD2MLoss("w2_sliced", seed=4)
+    resumed.load_state_dict(checkpoint)
+    assert torch.equal(torch.stack([resumed(s, t) for _ in range(2)]), expected)
+
+
 @pytest.mark.parametrize("metric", sorted(EXPECTED))
 def test_projector_is_owned_and_trained(metric):
     projector = torch.nn.Linear(6, 9)
