@@ -32,6 +32,7 @@ PUBLIC_NAMES = {
     "Whitening",
     "VkDLoss",
     # CosPress and its baseline
+    "SinkhornConvergenceWarning",
     "TeacherCompressionHead",
     "LinearHead",
     "CosPressLoss",
@@ -97,3 +98,16 @@ def test_packaging_files():
     titles = " | ".join(ref["title"] for ref in citation["references"])
     for method in ("VkD", "Preserving Angles", "Function-Consistent", "KD2M"):
         assert method in titles
+
+
+def test_import_loads_neither_dynamo_nor_pot():
+    """``import featkd`` costs little more than ``import torch``: dynamo (about as long to
+    import as torch) and POT load only when compile or the exact solver is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, featkd; print(sorted(m for m in ('torch._dynamo', 'ot') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -36,7 +36,7 @@ from featkd.pooling import align_tokens, pool, to_tokens
 from featkd.projector import OrthogonalProjector
 from featkd.proteus import ProteusLoss
 from featkd.vkd import VkDLoss
-from featkd.wasserstein import WassersteinLoss
+from featkd.wasserstein import SinkhornConvergenceWarning, WassersteinLoss
 
 __version__ = "0.1.0"
 
@@ -63,6 +63,7 @@ __all__ = [
     "OrthogonalProjector",
     "ProteusLoss",
     "ShapeError",
+    "SinkhornConvergenceWarning",
     "TeacherCompressionHead",
     "UnknownModuleError",
     "VkDLoss",

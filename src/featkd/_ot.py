@@ -55,26 +55,39 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
     return torch.where(mask, log_mass, torch.full_like(log_mass, -math.inf))
 
 
-@torch.compiler.disable
-def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:
-    """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``.
-
-    The plan is a constant of the loss: its gradient flows through the cost only. Kept out of
-    ``torch.compile`` (one graph break): dynamo would otherwise trace POT's numpy code.
-    """
+def _emd_plans_on_host(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
     import numpy as np
     import ot
 
-    host = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
+    host = cost.to(device="cpu", dtype=torch.float64).numpy()
     plans = np.zeros_like(host)
     for g, size in enumerate(sizes):
         if size == 1:  # a single point on each side: the plan is that pair
             plans[g, 0, 0] = 1.0
             continue
         mass = np.full(size, 1.0 / size)
-        iterations = max_iter if max_iter is not None else max(100_000, 20 * size * size)
+        iterations = max_iter if max_iter > 0 else max(100_000, 20 * size * size)
         plans[g, :size, :size] = ot.emd(mass, mass, host[g, :size, :size], numItermax=iterations)
     return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
+
+
+# A custom op is opaque to torch.compile (one node in the graph, no graph break, no tracing of
+# POT's numpy code), and, unlike torch.compiler.disable, costs no import of dynamo.
+_emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
+
+
+@_emd_op.register_fake
+def _(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
+    return torch.empty_like(cost)
+
+
+def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:
+    """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``.
+
+    The plan is a constant of the loss: its gradient flows through the cost only. One copy to
+    the host and one back: the documented host synchronisation of exact OT.
+    """
+    return _emd_op(cost.detach(), list(sizes), 0 if max_iter is None else max_iter)
 
 
 def _kernel_times(kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
