@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import featkd
 from featkd import ChoiceError, DTypeError, NonFiniteError, ShapeError, VkDLoss
 from featkd.functional import vkd_loss
 
@@ -238,3 +239,19 @@ def test_vkd_tiny_eps_on_a_constant_channel_stays_finite():
         loss = loss_fn(student, torch.full((6, 8), 3.0))
         loss.backward()
         assert torch.isfinite(loss) and bool(torch.isfinite(student.grad).all())
+
+
+def test_whitening_teacher_on_another_device_is_a_device_error():
+    """Found on an H200: with normalize="whitening" the teacher reached the running-statistics
+    update before any device check, and torch failed there naming neither argument. A ``meta``
+    tensor stands in for the second device on CPU."""
+    previous = featkd.set_finite_check(False)  # a meta tensor has no values to check
+    try:
+        loss_fn = VkDLoss(student_dim=4, teacher_dim=6, normalize="whitening")
+        with pytest.raises(featkd.DeviceError, match="^teacher: "):
+            loss_fn(torch.randn(5, 4), torch.randn(5, 6, device="meta"))
+        whitening = featkd.Whitening(6)
+        with pytest.raises(featkd.DeviceError, match="^x: .*running statistics"):
+            whitening(torch.randn(5, 6, device="meta"))
+    finally:
+        featkd.set_finite_check(previous)

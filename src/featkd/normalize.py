@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd._checks import (
+    DeviceError,
     ShapeError,
     check_bool,
     check_choice,
@@ -199,6 +200,12 @@ class Whitening(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         validate_features(x, "x", _VECTORS, width=self.dim)
+        if self.track_running_stats and x.device != self.running_mean.device:
+            # torch would fail inside the running-statistics update, naming neither side
+            raise DeviceError(
+                f"x: expected a tensor on {self.running_mean.device} (the device of the "
+                f"module's running statistics; move the module with .to()), got one on {x.device}"
+            )
         use_batch = self.training or not self.track_running_stats
         if use_batch:
             check_min_batch(x, "x", 2, "whitening with batch statistics needs two samples")

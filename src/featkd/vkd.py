@@ -241,7 +241,8 @@ class VkDLoss(nn.Module):
         check_width(s, "student", self.student_dim, "D_s")
         check_width(t, "teacher", self.teacher_dim, "D_t")
         normalize = self.normalize
-        if self.whitening is not None:
+        if self.whitening is not None:  # the teacher meets the whitening before vkd_loss's checks
+            check_same_device({"student": s, "teacher": t})
             check_same_batch(s, t, "student", "teacher")
             check_finite(t, "teacher")
             if self.whitening.training or not self.whitening.track_running_stats:
