@@ -85,8 +85,12 @@ def count_syncs(fn: Callable[[], None], device: torch.device) -> tuple[int, list
                 fn()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
+        # only the per-sync warnings (torch also warns once that the mode is a prototype);
+        # where: the Python line that made the call
         found = [
-            str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)
+            f"{Path(w.filename).name}:{w.lineno}"
+            for w in caught
+            if "called a synchronizing CUDA operation" in str(w.message)
         ]
         return len(found), sorted(set(found))
     counter = SyncCounter()
@@ -316,7 +320,8 @@ def markdown(result: dict) -> str:
         f"# GPU results: {meta['device']}",
         "",
         f"torch {meta['torch']}, featkd {meta['featkd']}, {meta['date']}; command "
-        f"`{meta['command']}`; {meta['seconds']:.0f} s in all.",
+        f"`{meta['command']}`; {meta['seconds']:.0f} s in all."
+        + (f" Note: {meta['note']}." if meta.get("note") else ""),
         "",
         f"Student step ({meta['model']}): **{step['float32']:.1f} ms** float32, "
         f"**{step['bfloat16']:.1f} ms** bfloat16 autocast; 5% of the latter: {budget:.2f} ms.",
@@ -368,7 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, help="rewrite the markdown of a saved JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(result))
+        return result
     device = torch.device(args.device)
     start = time.perf_counter()
     if args.quick:
