@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from scale_data import SCALES, batch_at_scale, labels_with_a_lone_class
 
 from featkd import ChoiceError, FeatkdInputError, GaussianKLLoss, ShapeError
 from featkd.functional import gaussian_kl_loss
@@ -187,19 +188,6 @@ def test_valid_options_are_kept():
     assert loss_fn.eps == 2.0 and isinstance(loss_fn.eps, float)
 
 
-SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6]
-
-
-def _labels(batch: int) -> torch.Tensor:
-    """Two classes of several rows and a class seen once."""
-    return torch.tensor([i % 2 for i in range(batch - 1)] + [2])
-
-
-def _batch(rng, batch: int, width: int, scale: float) -> np.ndarray:
-    """Features of size ``scale`` with a mean of ``3 * scale``."""
-    return (rng.standard_normal((batch, width)) * rng.uniform(0.5, 2, width) + 3) * scale
-
-
 @pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 @pytest.mark.parametrize("scale", SCALES)
@@ -208,12 +196,12 @@ def test_identical_batches_give_zero_at_every_scale(rng, dtype, scale, covarianc
     # far above (scale 1e-6) and far below (scale 1e6: S + eps I has condition ~1e15) the
     # features. The Woodbury form |v|^2 - |R^-T F v|^2 of B < D left up to ~1 at scale 1e6
     for batch, width in SIZES:
-        z = torch.tensor(_batch(rng, batch, width, scale), dtype=dtype)
+        z = torch.tensor(batch_at_scale(rng, batch, width, scale), dtype=dtype)
         for direction in ("student_teacher", "teacher_student"):
             got = gaussian_kl_loss(
                 z,
                 z.clone(),
-                labels=_labels(batch),
+                labels=labels_with_a_lone_class(batch),
                 covariance=covariance,
                 direction=direction,
                 conditional=conditional,
@@ -256,9 +244,9 @@ def test_scaled_batches_at_large_scale_match_references(
     # wider than the student, its mean offset in the span of the rows, so that the KL is of
     # order D rather than scale^2 / eps, which would hide errors of order 1
     scale, eps = 1e6, 1e-3
-    labels = _labels(batch)
+    labels = labels_with_a_lone_class(batch)
     groups = [labels.numpy() == c for c in (0, 1, 2)] if conditional else [np.full(batch, True)]
-    s = _batch(rng, batch, width, scale)
+    s = batch_at_scale(rng, batch, width, scale)
     t = s.copy()
     for g in groups:
         centred = s[g] - s[g].mean(0)

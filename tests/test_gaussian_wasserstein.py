@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import tolerance
+from scale_data import SCALES, batch_at_scale, labels_with_a_lone_class
 
 from featkd import ChoiceError, FeatkdInputError, GaussianWassersteinLoss, ShapeError
 from featkd._covariance import bures_residual
@@ -221,19 +222,6 @@ def test_conditional_must_be_a_bool(value):
         gaussian_wasserstein_loss(s, s, labels=labels, conditional=value)
 
 
-SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6]
-
-
-def _labels(batch: int) -> torch.Tensor:
-    """Two classes of several rows and a class seen once."""
-    return torch.tensor([i % 2 for i in range(batch - 1)] + [2])
-
-
-def _batch(rng, batch: int, width: int, scale: float) -> np.ndarray:
-    """Well-conditioned features of size ``scale`` with a mean of ``3 * scale``."""
-    return (rng.standard_normal((batch, width)) * rng.uniform(0.5, 2, width) + 3) * scale
-
-
 @pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 @pytest.mark.parametrize("scale", SCALES)
@@ -243,11 +231,15 @@ def test_identical_batches_give_zero_at_every_scale(rng, dtype, scale, covarianc
     # value is a sum of squared residuals, not a difference of traces (which left ~u tr(S))
     unit = torch.finfo(dtype).eps
     for batch, width in SIZES:
-        z = torch.tensor(_batch(rng, batch, width, scale), dtype=dtype)
+        z = torch.tensor(batch_at_scale(rng, batch, width, scale), dtype=dtype)
         rounded = z.double().numpy()
         trace = float(np.sum((rounded - rounded.mean(0)) ** 2) / batch)
         got = gaussian_wasserstein_loss(
-            z, z.clone(), labels=_labels(batch), covariance=covariance, conditional=conditional
+            z,
+            z.clone(),
+            labels=labels_with_a_lone_class(batch),
+            covariance=covariance,
+            conditional=conditional,
         )
         assert 0 <= float(got) <= (100 * unit) ** 2 * trace, (batch, width)
 
@@ -288,10 +280,10 @@ def test_nearly_equal_batches_at_large_scale_match_references(
     # ~u tr(S), relative error ~u / 1e-8 (all digits in float32); the sum of squared residuals
     # ~u / sqrt(1e-8). The reference sees the inputs rounded to dtype.
     scale = 1e6
-    s = _batch(rng, batch, width, scale)
+    s = batch_at_scale(rng, batch, width, scale)
     t = (1 + 1e-4) * s + 1e-4 * scale * rng.standard_normal((batch, width))
     s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
-    labels = _labels(batch)
+    labels = labels_with_a_lone_class(batch)
     groups = [labels.numpy() == c for c in (0, 1, 2)] if conditional else [np.full(batch, True)]
     # the diagonal form subtracts standard deviations, not traces: float64 numpy suffices
     reference = _bures_high_precision if covariance == "full" else _diag_reference
