@@ -931,3 +931,9 @@ def test_bad_options_are_reported():
         GlobalBatch(KDLoss(), grad_mode="sum")
     with pytest.raises(FeatkdInputError, match="loss_fn: expected a callable.*got int"):
         GlobalBatch(3)
+
+
+def test_equal_shards_must_be_a_bool():
+    """``equal_shards="no"`` used to be truthy, silently skipping the cross-rank checks."""
+    with pytest.raises(featkd.ChoiceError, match="^equal_shards: "):
+        GlobalBatch(featkd.MMDLoss(), equal_shards="no")

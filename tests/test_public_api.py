@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 
@@ -109,5 +110,9 @@ def test_import_loads_neither_dynamo_nor_pot():
     code = (
         "import sys, featkd; print(sorted(m for m in ('torch._dynamo', 'ot') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout, not an installed copy
+    env = {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert out.stdout.strip() == "[]"

@@ -255,3 +255,16 @@ def test_whitening_teacher_on_another_device_is_a_device_error():
             whitening(torch.randn(5, 6, device="meta"))
     finally:
         featkd.set_finite_check(previous)
+
+
+def test_whitening_statistics_on_another_device_name_the_teacher():
+    """Inputs together but the loss (its whitening statistics) left elsewhere: the error names
+    the argument the user passed, not the inner module's ``x``."""
+    previous = featkd.set_finite_check(False)
+    try:
+        loss_fn = VkDLoss(student_dim=4, teacher_dim=6, normalize="whitening")
+        loss_fn.whitening.to("meta")
+        with pytest.raises(featkd.DeviceError, match="^teacher: .*move the loss"):
+            loss_fn(torch.randn(5, 4), torch.randn(5, 6))
+    finally:
+        featkd.set_finite_check(previous)

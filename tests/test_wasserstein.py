@@ -660,3 +660,13 @@ def test_errors():
         )
     with pytest.raises(ChoiceError, match="n_projections"):
         WassersteinLoss("sliced", n_projections=0)
+
+
+def test_checkpoint_without_generator_state_still_loads():
+    """A state_dict saved before the sliced generator's state was kept has no ``_extra_state``;
+    a strict load must still work (the generator keeps its position)."""
+    saved = WassersteinLoss("sliced", seed=0, projector=torch.nn.Linear(3, 4)).state_dict()
+    del saved["_extra_state"]
+    loaded = WassersteinLoss("sliced", seed=0, projector=torch.nn.Linear(3, 4))
+    loaded.load_state_dict(saved)  # strict
+    torch.testing.assert_close(loaded.projector.weight, saved["projector.weight"])

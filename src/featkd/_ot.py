@@ -73,12 +73,15 @@ def _emd_plans_on_host(cost: torch.Tensor, sizes: list[int], max_iter: int) -> t
 
 # A custom op is opaque to torch.compile (one node in the graph, no graph break, no tracing of
 # POT's numpy code), and, unlike torch.compiler.disable, costs no import of dynamo.
-_emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    _emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
 
+    @_emd_op.register_fake
+    def _(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
+        return torch.empty_like(cost)
 
-@_emd_op.register_fake
-def _(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
-    return torch.empty_like(cost)
+else:  # older torch: keep dynamo out of POT's numpy code the old way (imports dynamo)
+    _emd_op = torch.compiler.disable(_emd_plans_on_host)
 
 
 def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:

@@ -468,7 +468,6 @@ def build_bridge(
     for spec, arg in ((source, "source"), (target, "target")):
         if not isinstance(spec, FeatureSpec):
             raise FeatkdInputError(f"{arg}: expected a FeatureSpec, got {type(spec).__name__}")
-        check_choice(spec.layout, f"{arg}.layout", LAYOUTS)
     check_choice(resample, "resample", RESAMPLE_MODES)
     check_choice(token_pool, "token_pool", ("auto", "cls", "mean", "patch_mean"))
     check_bool(post_relu, "post_relu")

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from featkd._checks import FeatkdInputError, check_choice
+from featkd._checks import FeatkdInputError, check_bool, check_choice
 from featkd._gather import all_gather_padded, batch_sizes, exchange_metadata
 
 __all__ = ["GRAD_MODES", "GlobalBatch", "gather_with_grad", "is_distributed"]
@@ -238,7 +238,7 @@ class GlobalBatch(nn.Module):
         self.loss_fn = loss_fn
         self.group = group
         self.grad_mode = grad_mode
-        self.equal_shards = bool(equal_shards)
+        self.equal_shards = check_bool(equal_shards, "equal_shards")
 
     @property
     def last_parts(self) -> dict[str, torch.Tensor]:

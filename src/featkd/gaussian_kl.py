@@ -131,7 +131,7 @@ def gaussian_kl_loss(
     divided by a common power of two ``c`` (detached; ``eps`` by ``c^2``), which leaves the
     divergence unchanged exactly. The full-covariance maths runs in float64 (its inverses have
     condition numbers up to ``||S|| / eps``); the diagonal form in float32 (float64 for float64
-    inputs). The result is returned in the student's dtype; the teacher gets no gradient.
+    inputs). The result is returned in float32 (float64 for a float64 student); the teacher gets no gradient.
 
     ``conditional=True`` averages over the classes present in ``labels``; a class seen once
     has covariance ``eps I`` on both sides and contributes ``||s - t||^2 / (2 eps)``.

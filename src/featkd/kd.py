@@ -28,7 +28,7 @@ def kd_loss(
 
     ``T^2 * mean_b KL(softmax(t_b / T) || softmax(s_b / T))``, the ``T^2`` keeping the
     gradient scale independent of the temperature. The teacher receives no gradient. Computed
-    in float32 (float64 for float64 inputs); returned in the student's dtype.
+    in float32 (float64 for float64 inputs), and returned so (float32 for half-precision logits).
 
     Shape:
         - student_logits: ``(B, K)``

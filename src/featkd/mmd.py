@@ -291,7 +291,7 @@ def mmd_loss(
       GPUs with little float64 throughput). The kernel is divided by ``S^degree`` (``S = max
       ||x||^2 + coef0``, detached) while it is summed and the result multiplied back, so no sum
       overflows at a large degree; a result too large for float32 comes back as ``inf`` (one
-      too large for float64 saturates near its largest value).
+      too large for float64 comes back as ``inf``).
 
     ``conditional=True`` averages ``MMD^2`` over the classes present in ``labels`` (one
     bandwidth from the whole batch); with the unbiased estimator a class seen once contributes

@@ -14,6 +14,7 @@ from torch import nn
 
 from featkd._checks import (
     ChoiceError,
+    DeviceError,
     ShapeError,
     check_choice,
     check_finite,
@@ -243,6 +244,12 @@ class VkDLoss(nn.Module):
         normalize = self.normalize
         if self.whitening is not None:  # the teacher meets the whitening before vkd_loss's checks
             check_same_device({"student": s, "teacher": t})
+            stats = getattr(self.whitening, "running_mean", None)
+            if stats is not None and stats.device != t.device:
+                raise DeviceError(
+                    f"teacher: expected a tensor on {stats.device} (the device of the loss's "
+                    f"whitening statistics; move the loss with .to()), got one on {t.device}"
+                )
             check_same_batch(s, t, "student", "teacher")
             check_finite(t, "teacher")
             if self.whitening.training or not self.whitening.track_running_stats:

@@ -636,6 +636,12 @@ class WassersteinLoss(MatchingLoss):
             "generator_device": self.generator.device.type,
         }
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint saved before the generator state was kept has no such key: load it as
+        # one saved with seed=None (the generator keeps its position) instead of failing
+        state_dict.setdefault(prefix + "_extra_state", {"generator_state": None})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_extra_state(self, state: Any) -> None:
         """Restore the generator saved by :meth:`get_extra_state` (see the class notes)."""
         saved = state.get("generator_state") if isinstance(state, dict) else None
