@@ -91,3 +91,21 @@ def test_devices_and_compute_dtype():
     )
     assert checks.describe_shape((3,)) == "(3,)"
     assert checks.describe_shape(torch.Size([2, 4])) == "(2, 4)"
+
+
+def test_dtype_and_device_options_are_checked_alike_everywhere():
+    """One dtype list and one device check for every constructor: float8 used to build a
+    Whitening that failed at its first call, and a device string torch cannot parse reached
+    torch's RuntimeError in VkDLoss, Whitening and OrthogonalProjector."""
+    builders = {
+        "Whitening": lambda **kw: featkd.Whitening(4, **kw),
+        "VkDLoss": lambda **kw: featkd.VkDLoss(student_dim=4, teacher_dim=8, **kw),
+        "OrthogonalProjector": lambda **kw: featkd.OrthogonalProjector(4, 8, **kw),
+        "LinearHead": lambda **kw: featkd.LinearHead(4, 8, **kw),
+    }
+    for name, build in builders.items():
+        with pytest.raises(featkd.ChoiceError, match="^dtype: expected None or one of") as bad:
+            build(dtype=torch.float8_e4m3fn)
+        assert "float8" in str(bad.value), name
+        with pytest.raises(featkd.ChoiceError, match="^device: expected None, a torch.device"):
+            build(device="gpu")

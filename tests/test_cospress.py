@@ -636,7 +636,7 @@ def test_constructor_refuses_what_used_to_fail_later():
         CosPressLoss(8, 4, temperatures=(0.1, 1e8))
     # integer and complex heads failed in torch (RuntimeError) or at the first call, naming x
     for bad in (torch.int64, torch.complex64, torch.float8_e4m3fn, "float32"):
-        with pytest.raises(ChoiceError, match=r"dtype: expected one of None, torch.float16"):
+        with pytest.raises(ChoiceError, match=r"dtype: expected None or one of torch.float16"):
             CosPressLoss(8, 4, dtype=bad)
     # a mistyped device was torch's RuntimeError
     for bad in ("gpu", "cuda:x", True, 1.5):

@@ -107,7 +107,7 @@ def test_constructor_refuses_what_used_to_fail_later():
     silently counted as True, are refused with a named featkd error."""
     for cls in (LinearHead, TeacherCompressionHead):
         for bad in (torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn, "float32"):
-            with pytest.raises(ChoiceError, match=r"dtype: expected one of None, torch.float16"):
+            with pytest.raises(ChoiceError, match=r"dtype: expected None or one of torch.float16"):
                 cls(4, 2, dtype=bad)
         for bad in ("gpu", "cuda:x", True, 1.5):
             with pytest.raises(ChoiceError, match=r"device: expected None, a torch.device"):

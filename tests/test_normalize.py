@@ -116,8 +116,8 @@ def test_whitening_momentum_must_be_in_0_1():
     [
         ({"track_running_stats": "yes"}, "track_running_stats: expected True or False"),
         ({"track_running_stats": None}, "track_running_stats: expected True or False"),
-        ({"dtype": torch.int64}, "dtype: expected None or a floating-point torch.dtype"),
-        ({"dtype": "float32"}, "dtype: expected None or a floating-point torch.dtype"),
+        ({"dtype": torch.int64}, "dtype: expected None or one of torch.float16"),
+        ({"dtype": "float32"}, "dtype: expected None or one of torch.float16"),
     ],
 )
 def test_whitening_options_checked_at_construction(options, message):

@@ -309,5 +309,5 @@ def test_diverged_generator_is_reported():
 
 def test_dtype_given_as_a_string_is_a_featkd_error():
     # an AttributeError ('str' object has no attribute 'is_floating_point') before
-    with pytest.raises(ChoiceError, match="dtype: expected None or a floating-point torch.dtype"):
+    with pytest.raises(ChoiceError, match="dtype: expected None or one of torch.float16"):
         OrthogonalProjector(4, 8, dtype="float32")

@@ -149,7 +149,7 @@ def test_constructor_names_the_arguments_the_user_wrote():
             ProteusLoss(bad, 9)
         with pytest.raises(ChoiceError, match=r"^teacher_dim: expected an integer >= 1"):
             ProteusLoss(5, bad)
-    with pytest.raises(ChoiceError, match=r"^dtype: expected one of None, torch.float16"):
+    with pytest.raises(ChoiceError, match=r"^dtype: expected None or one of torch.float16"):
         ProteusLoss(5, 9, dtype=torch.int64)
     with pytest.raises(ChoiceError, match=r"^device: expected None, a torch.device"):
         ProteusLoss(5, 9, device="gpu")

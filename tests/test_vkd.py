@@ -212,7 +212,7 @@ def test_vkd_widths_are_named_as_the_user_wrote_them(dims, message):
 
 
 def test_vkd_dtype_must_be_a_floating_torch_dtype():
-    with pytest.raises(ChoiceError, match="dtype: expected None or a floating-point torch.dtype"):
+    with pytest.raises(ChoiceError, match="dtype: expected None or one of torch.float16"):
         VkDLoss(8, 16, dtype="float32")
 
 

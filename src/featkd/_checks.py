@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FLOATING_DTYPES",
     "ChoiceError",
     "DTypeError",
     "DeviceError",
@@ -28,6 +29,7 @@ __all__ = [
     "ShapeError",
     "check_bool",
     "check_choice",
+    "check_device",
     "check_feature_pair",
     "check_finite",
     "check_floating",
@@ -140,11 +142,30 @@ def check_floating(x: torch.Tensor, name: str) -> None:
         )
 
 
+# the dtypes featkd's parameters and buffers may have (float8 fails inside torch, later)
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_floating_dtype(value: Any, name: str = "dtype") -> torch.dtype | None:
-    """A ``dtype=`` argument: ``None`` (the default) or a floating-point ``torch.dtype``.
+    """A ``dtype=`` argument: ``None`` (the default) or one of :data:`FLOATING_DTYPES`.
     Returns it."""
-    if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
-        raise ChoiceError(f"{name}: expected None or a floating-point torch.dtype, got {value!r}")
+    if value is not None and value not in FLOATING_DTYPES:
+        listed = ", ".join(str(d) for d in FLOATING_DTYPES)
+        raise ChoiceError(f"{name}: expected None or one of {listed}, got {value!r}")
+    return value
+
+
+def check_device(value: Any, name: str = "device") -> Any:
+    """A ``device=`` argument: ``None``, a ``torch.device``, a string such as ``"cuda:0"`` or an
+    index, anything ``torch.device`` parses. Returns it."""
+    if value is not None:
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError) as error:
+            raise ChoiceError(
+                f"{name}: expected None, a torch.device, a device string such as 'cpu' or "
+                f"'cuda:0' or a device index, got {value!r} ({error})"
+            ) from None
     return value
 
 

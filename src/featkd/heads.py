@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from featkd._checks import (
-    ChoiceError,
     DTypeError,
     ShapeError,
     check_bool,
-    check_choice,
+    check_device,
     check_finite,
     check_floating,
+    check_floating_dtype,
     check_int,
     check_same_device,
     check_width,
@@ -29,10 +29,6 @@ from featkd._checks import (
 )
 
 __all__ = ["LinearHead", "TeacherCompressionHead"]
-
-
-# the dtypes featkd computes in (see check_floating); others fail inside torch, or later
-_PARAMETER_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LinearHead(nn.Module):
@@ -69,15 +65,8 @@ class LinearHead(nn.Module):
         super().__init__()
         self.in_features = check_int(in_features, "in_features", 1)
         self.out_features = check_int(out_features, "out_features", 1)
-        check_choice(dtype, "dtype", _PARAMETER_DTYPES)
-        if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError) as error:
-                raise ChoiceError(
-                    f"device: expected None, a torch.device, a device string such as 'cpu' or "
-                    f"'cuda:0' or a device index, got {device!r} ({error})"
-                ) from None
+        check_floating_dtype(dtype)
+        check_device(device)
         self.norm = nn.LayerNorm(self.in_features, device=device, dtype=dtype)
         self.linear = nn.Linear(self.in_features, self.out_features, device=device, dtype=dtype)
 

@@ -16,6 +16,7 @@ from featkd._checks import (
     ShapeError,
     check_bool,
     check_choice,
+    check_device,
     check_floating,
     check_floating_dtype,
     check_int,
@@ -190,6 +191,7 @@ class Whitening(nn.Module):
         momentum = check_number(momentum, "momentum", minimum=0, maximum=1, exclusive_minimum=True)
         check_bool(track_running_stats, "track_running_stats")
         check_floating_dtype(dtype)
+        check_device(device)
         self.dim, self.method, self.eps, self.momentum = dim, method, eps, momentum
         self.track_running_stats = track_running_stats
         if track_running_stats:

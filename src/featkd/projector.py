@@ -33,6 +33,7 @@ from featkd._checks import (
     NonFiniteError,
     ShapeError,
     check_choice,
+    check_device,
     check_finite,
     check_floating,
     check_floating_dtype,
@@ -125,6 +126,7 @@ class OrthogonalProjector(nn.Module):
         if max_squarings is not None and map != "matrix_exp":
             raise ChoiceError(f"max_squarings: only used by map='matrix_exp', got map={map!r}")
         check_floating_dtype(dtype)
+        check_device(device)
         self.map = map
         self.init = init
         self.max_squarings = max_squarings
