@@ -49,6 +49,7 @@ __all__ = [
     "describe_shape",
     "finite_check_enabled",
     "result_dtype",
+    "seeded_generator",
     "set_finite_check",
     "validate_features",
 ]
@@ -233,14 +234,9 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
 
 
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> None:
-    """``value`` is a real number > 0 (or >= 0 with ``allow_zero``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = value >= 0 if allow_zero else value > 0
-        ok = ok and value == value and value != float("inf")
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ChoiceError(f"{name}: expected a finite number {bound}, got {value!r}")
+    """``value`` is a real number > 0 (or >= 0 with ``allow_zero``): :func:`check_number`
+    with a lower bound of 0."""
+    check_number(value, name, minimum=0, exclusive_minimum=not allow_zero)
 
 
 def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Tensor:
@@ -350,6 +346,15 @@ def check_seed(value: Any, name: str = "seed") -> int | torch.Generator | None:
         raise ChoiceError(
             f"{name}: expected None, an integer seed >= 0 or a torch.Generator, got {value!r}"
         )
+    return value
+
+
+def seeded_generator(value: Any, name: str = "seed") -> torch.Generator | None:
+    """A checked ``seed`` as a generator: ``None`` (torch's global one), the user's
+    ``torch.Generator`` itself, or a fresh CPU generator seeded with the integer."""
+    value = check_seed(value, name)
+    if isinstance(value, int):
+        return torch.Generator().manual_seed(value)
     return value
 
 

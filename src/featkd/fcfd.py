@@ -36,11 +36,11 @@ from featkd._checks import (
     check_floating,
     check_positive,
     check_same_device,
-    check_seed,
     compute_dtype,
     describe_shape,
     finite_check_enabled,
     result_dtype,
+    seeded_generator,
 )
 from featkd.bridges import LAYOUTS, RESAMPLE_MODES, FeatureSpec, build_bridge
 from featkd.pooling import POOL_MODES, pool
@@ -289,7 +289,7 @@ class FCFDLoss(nn.Module):
         self.crossings = self._check_crossings(crossings, k_total)
         self.paths = [(d, k) for d in self.directions for k in self.crossings]
         self.num_paths = self._check_num_paths(num_paths, len(self.paths))
-        self.generator = self._make_generator(generator)
+        self.generator = seeded_generator(generator, "generator")
 
         prefix = self._prefix_pair(num_prefix_tokens)
         student_probe, teacher_probe = self._probe(example_input)
@@ -405,13 +405,6 @@ class FCFDLoss(nn.Module):
                 f"crossings and directions) or 'all', got {num_paths}"
             )
         return num_paths
-
-    @staticmethod
-    def _make_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-        generator = check_seed(generator, "generator")
-        if isinstance(generator, int):
-            return torch.Generator().manual_seed(generator)
-        return generator
 
     @staticmethod
     def _prefix_pair(num_prefix_tokens: int | tuple[int, int]) -> tuple[int, int]:

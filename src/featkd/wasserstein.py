@@ -23,10 +23,10 @@ from featkd._checks import (
     check_int,
     check_number,
     check_same_device,
-    check_seed,
     compute_dtype,
     describe_shape,
     result_dtype,
+    seeded_generator,
     validate_features,
 )
 from featkd._matching import (
@@ -97,15 +97,6 @@ def _check_options(
         )
     if debias and solver != "sinkhorn":
         raise ChoiceError(f"debias: only applies to solver='sinkhorn', got solver={solver!r}")
-
-
-def _as_generator(seed: int | torch.Generator | None, name: str) -> torch.Generator | None:
-    """A validated ``seed``: None (torch's global generator), a generator, or a fresh CPU
-    generator seeded with the integer."""
-    seed = check_seed(seed, name)
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    return torch.Generator().manual_seed(seed)
 
 
 def _warn_unconverged(error: float, max_iter: int, tol: float, stacklevel: int) -> None:
@@ -461,7 +452,7 @@ def wasserstein_loss(
         check_every=check_every,
         debias=debias,
         n_projections=n_projections,
-        generator=_as_generator(generator, "generator"),
+        generator=seeded_generator(generator, "generator"),
         conditional=conditional,
         label_weight=label_weight,
         label_cost_kind=label_cost,
@@ -574,7 +565,7 @@ class WassersteinLoss(MatchingLoss):
         self.debias = debias
         self.n_projections = n_projections
         self.seed = seed
-        self.generator = _as_generator(seed, "seed")
+        self.generator = seeded_generator(seed, "seed")
         self.conditional = conditional
         self.label_weight = float(label_weight)
         self.label_cost = label_cost
