@@ -9,6 +9,8 @@ flows through the cost only (envelope theorem), so no solver step is ever differ
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -99,14 +101,30 @@ def _check_options(
         raise ChoiceError(f"debias: only applies to solver='sinkhorn', got solver={solver!r}")
 
 
-def _warn_unconverged(error: float, max_iter: int, tol: float, stacklevel: int) -> None:
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_MODULE_CALL = os.path.join("torch", "nn", "modules", "module.py")
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside featkd and torch's module-call machinery,
+    however deep the call (KD2MLoss, JointWassersteinLoss, GlobalBatch...): the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(_PACKAGE) or name.endswith(_MODULE_CALL)):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_unconverged(error: float, max_iter: int, tol: float) -> None:
     warnings.warn(
         f"Sinkhorn stopped at max_iter={max_iter} with a marginal error of {error:.3g} above "
         f"tol={tol:g}: the loss and its gradient come from an approximate plan. Raise reg "
         "(smoother plans converge faster) or max_iter, or loosen tol; a fixed budget "
         "(tol=None) never warns.",
         SinkhornConvergenceWarning,
-        stacklevel=stacklevel,
+        stacklevel=_user_stacklevel(),
     )
 
 
@@ -460,8 +478,7 @@ def wasserstein_loss(
         teacher_logits=teacher_logits,
     )
     if unconverged is not None:
-        # stacklevel 3: the line that called wasserstein_loss
-        _warn_unconverged(unconverged, max_iter or SINKHORN_MAX_ITER, tol, stacklevel=3)
+        _warn_unconverged(unconverged, max_iter or SINKHORN_MAX_ITER, tol)
     return loss
 
 
@@ -613,8 +630,7 @@ class WassersteinLoss(MatchingLoss):
         if unconverged is not None and not self._warned_unconverged:
             self._warned_unconverged = True
             max_iter = self.max_iter or SINKHORN_MAX_ITER
-            # stacklevel 5: past nn.Module's two call frames, the line that called the loss
-            _warn_unconverged(unconverged, max_iter, self.tol, stacklevel=5)
+            _warn_unconverged(unconverged, max_iter, self.tol)
         return loss
 
     def get_extra_state(self) -> dict[str, Any]:
