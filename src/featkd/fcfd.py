@@ -34,6 +34,7 @@ from featkd._checks import (
     check_choice,
     check_finite,
     check_floating,
+    check_int,
     check_positive,
     check_same_device,
     compute_dtype,
@@ -268,12 +269,7 @@ class FCFDLoss(nn.Module):
         check_positive(temperature, "temperature")
         check_positive(kl_weight, "kl_weight", allow_zero=True)
         check_positive(mse_weight, "mse_weight", allow_zero=True)
-        if (
-            not isinstance(warmup_epochs, int)
-            or isinstance(warmup_epochs, bool)
-            or warmup_epochs < 0
-        ):
-            raise ChoiceError(f"warmup_epochs: expected an integer >= 0, got {warmup_epochs!r}")
+        check_int(warmup_epochs, "warmup_epochs", 0)
         check_choice(resample, "resample", RESAMPLE_MODES)
         # plain tuples: the networks are referenced, never registered as submodules
         self._student_stages = tuple(student_stages)
