@@ -233,10 +233,10 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> None:
         raise ChoiceError(f"{name}: expected one of {listed}, got {value!r}")
 
 
-def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> None:
+def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """``value`` is a real number > 0 (or >= 0 with ``allow_zero``): :func:`check_number`
-    with a lower bound of 0."""
-    check_number(value, name, minimum=0, exclusive_minimum=not allow_zero)
+    with a lower bound of 0. Returns it as a float."""
+    return check_number(value, name, minimum=0, exclusive_minimum=not allow_zero)
 
 
 def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Tensor:

@@ -470,9 +470,9 @@ class CosPressLoss(nn.Module):
     temperatures 0.01 to 0.10, all weights 1; ``style="half"`` is the row-wise conditional KL.
     The KL maths runs in float32 or wider with autocast off; the loss comes back in float32
     (float64 for float64 students). A dead (all-zero) student sample or CLS token gets a finite
-    gradient of the usual size (see :func:`flat_cosine_loss`). After each call ``last_parts`` holds the detached terms that exist
-    (``local``, ``global``, ``tokens``, ``cls``; the paper's ``L_local``, ``L_global``,
-    ``L_fea``, ``L_token``).
+    gradient of the usual size (see :func:`flat_cosine_loss`). After each call ``last_parts``
+    holds the detached terms that exist (``local``, ``global``, ``tokens``, ``cls``; the
+    paper's ``L_local``, ``L_global``, ``L_fea``, ``L_token``).
 
     The global term is over the batch on this device; with data parallelism each device sees
     only its own share of the batch. Wrap the loss in ``featkd.GlobalBatch`` to compute it

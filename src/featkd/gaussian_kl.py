@@ -9,7 +9,13 @@ import math
 
 import torch
 
-from featkd._checks import check_bool, check_choice, check_number, compute_dtype, result_dtype
+from featkd._checks import (
+    check_bool,
+    check_choice,
+    check_positive,
+    compute_dtype,
+    result_dtype,
+)
 from featkd._covariance import (
     centre,
     common_frame,
@@ -30,7 +36,7 @@ def _check_options(covariance: str, direction: str, eps: float, conditional: boo
     check_choice(covariance, "covariance", COVARIANCES)
     check_choice(direction, "direction", DIRECTIONS)
     check_bool(conditional, "conditional")
-    return check_number(eps, "eps", minimum=0, exclusive_minimum=True)
+    return check_positive(eps, "eps")
 
 
 def _gaussian_kl(
@@ -131,7 +137,8 @@ def gaussian_kl_loss(
     divided by a common power of two ``c`` (detached; ``eps`` by ``c^2``), which leaves the
     divergence unchanged exactly. The full-covariance maths runs in float64 (its inverses have
     condition numbers up to ``||S|| / eps``); the diagonal form in float32 (float64 for float64
-    inputs). The result is returned in float32 (float64 for a float64 student); the teacher gets no gradient.
+    inputs). The result is returned in float32 (float64 for a float64 student); the teacher
+    gets no gradient.
 
     ``conditional=True`` averages over the classes present in ``labels``; a class seen once
     has covariance ``eps I`` on both sides and contributes ``||s - t||^2 / (2 eps)``.

@@ -98,8 +98,8 @@ def gaussian_wasserstein_loss(
     Computed in float32 (float64 for float64 inputs) with autocast off, on the two batches
     shifted by their joint mean and divided by a common power of two ``c`` (entries in
     ``[-1, 1]``, detached), the result multiplied by ``c^2``: exact, and squares of features
-    cannot overflow or underflow. Returned in float32 (float64 for a float64 student); the teacher gets no
-    gradient.
+    cannot overflow or underflow. Returned in float32 (float64 for a float64 student); the
+    teacher gets no gradient.
 
     Args:
         student: student features.

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from featkd._checks import ChoiceError, check_number
+from featkd._checks import ChoiceError, check_positive
 from featkd.wasserstein import WassersteinLoss, wasserstein_loss
 
 __all__ = ["JointWassersteinLoss", "joint_wasserstein_loss"]
@@ -66,7 +66,7 @@ def joint_wasserstein_loss(
         >>> bool(joint >= wasserstein_loss(s, t))
         True
     """
-    check_number(label_weight, "label_weight", minimum=0, exclusive_minimum=True)
+    check_positive(label_weight, "label_weight")
     return wasserstein_loss(
         student,
         teacher,
@@ -119,7 +119,7 @@ class JointWassersteinLoss(WassersteinLoss):
         solver: str = "emd",
         **options: Any,
     ) -> None:
-        check_number(label_weight, "label_weight", minimum=0, exclusive_minimum=True)
+        check_positive(label_weight, "label_weight")
         if solver == "sliced":
             raise ChoiceError(
                 "solver: the joint feature-label cost needs a cost matrix, expected 'emd' or "

@@ -14,7 +14,6 @@ from featkd._checks import (
     check_bool,
     check_choice,
     check_int,
-    check_number,
     check_positive,
     compute_dtype,
     result_dtype,
@@ -64,7 +63,7 @@ def _check_options(
     for value in multipliers:
         check_positive(value, "multipliers")
     check_int(degree, "degree", minimum=1)
-    check_number(coef0, "coef0", minimum=0)
+    check_positive(coef0, "coef0", allow_zero=True)
     check_bool(conditional, "conditional")
 
 
@@ -290,8 +289,8 @@ def mmd_loss(
       sums nearly cancel, and they are computed in float64 whatever the input dtype (slow on
       GPUs with little float64 throughput). The kernel is divided by ``S^degree`` (``S = max
       ||x||^2 + coef0``, detached) while it is summed and the result multiplied back, so no sum
-      overflows at a large degree; a result too large for float32 comes back as ``inf`` (one
-      too large for float64 comes back as ``inf``).
+      overflows at a large degree; a result beyond the range of the returned dtype comes back as
+      ``inf``.
 
     ``conditional=True`` averages ``MMD^2`` over the classes present in ``labels`` (one
     bandwidth from the whole batch); with the unbiased estimator a class seen once contributes

@@ -22,6 +22,7 @@ from featkd._checks import (
     check_int,
     check_min_batch,
     check_number,
+    check_positive,
     compute_dtype,
     validate_features,
 )
@@ -31,11 +32,6 @@ __all__ = ["WHITENING_METHODS", "Whitening", "batch_standardize", "layer_norm", 
 
 WHITENING_METHODS = ("cholesky", "zca")
 _VECTORS = {2: "(B, D)"}
-
-
-def _check_eps(eps: float) -> float:
-    """``eps`` guards a division: a finite number > 0 (0, negative or NaN give NaN outputs)."""
-    return check_number(eps, "eps", minimum=0, exclusive_minimum=True)
 
 
 def _eps_floor(eps: float, dtype: torch.dtype) -> float:
@@ -62,7 +58,7 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.
     check_floating(x, name)
     if x.ndim == 0:
         raise ShapeError(f"{name}: expected (..., D), got a scalar")
-    eps = _check_eps(eps)
+    eps = check_positive(eps, "eps")  # it guards a division
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return F.layer_norm(x.to(work), x.shape[-1:], eps=_eps_floor(eps, work)).to(x.dtype)
@@ -84,7 +80,7 @@ def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") ->
     """
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "batch statistics need two samples")
-    eps = _check_eps(eps)
+    eps = check_positive(eps, "eps")  # it guards a division
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         xw = x.to(work)
@@ -134,7 +130,7 @@ def whiten(
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "a covariance needs two samples")
     check_choice(method, "method", WHITENING_METHODS)
-    eps = _check_eps(eps)
+    eps = check_positive(eps, "eps")  # it guards a division
     work = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         xw = x.to(work)
@@ -187,7 +183,7 @@ class Whitening(nn.Module):
         super().__init__()
         check_int(dim, "dim", 1)
         check_choice(method, "method", WHITENING_METHODS)
-        eps = _check_eps(eps)
+        eps = check_positive(eps, "eps")  # it guards a division
         momentum = check_number(momentum, "momentum", minimum=0, maximum=1, exclusive_minimum=True)
         check_bool(track_running_stats, "track_running_stats")
         check_floating_dtype(dtype)
@@ -200,17 +196,20 @@ class Whitening(nn.Module):
             self.register_buffer("running_cov", torch.eye(dim, **factory))
             self.register_buffer("num_batches_tracked", torch.tensor(0, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        validate_features(x, "x", _VECTORS, width=self.dim)
+    def forward(self, x: torch.Tensor, *, name: str = "x") -> torch.Tensor:
+        """Whiten ``x`` ``(B, D)``; ``name`` is how errors call it (a loss that whitens its
+        teacher passes ``"teacher"``)."""
+        validate_features(x, name, _VECTORS, width=self.dim)
         if self.track_running_stats and x.device != self.running_mean.device:
             # torch would fail inside the running-statistics update, naming neither side
             raise DeviceError(
-                f"x: expected a tensor on {self.running_mean.device} (the device of the "
-                f"module's running statistics; move the module with .to()), got one on {x.device}"
+                f"{name}: expected a tensor on {self.running_mean.device} (the device of the "
+                f"running statistics; move the loss or module that holds them with .to()), "
+                f"got one on {x.device}"
             )
         use_batch = self.training or not self.track_running_stats
         if use_batch:
-            check_min_batch(x, "x", 2, "whitening with batch statistics needs two samples")
+            check_min_batch(x, name, 2, "whitening with batch statistics needs two samples")
         work = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xw = x.to(work)

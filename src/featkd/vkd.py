@@ -14,14 +14,12 @@ from torch import nn
 
 from featkd._checks import (
     ChoiceError,
-    DeviceError,
     ShapeError,
     check_choice,
     check_finite,
     check_floating,
     check_int,
-    check_min_batch,
-    check_number,
+    check_positive,
     check_rank,
     check_same_batch,
     check_same_device,
@@ -64,7 +62,7 @@ def _check_options(
             )
     # eps divides (layer norm, standardisation) or regularises a Cholesky factor: 0, negative
     # or NaN give NaN losses
-    return check_number(eps, "eps", minimum=0, exclusive_minimum=True)
+    return check_positive(eps, "eps")
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
@@ -244,17 +242,9 @@ class VkDLoss(nn.Module):
         normalize = self.normalize
         if self.whitening is not None:  # the teacher meets the whitening before vkd_loss's checks
             check_same_device({"student": s, "teacher": t})
-            stats = getattr(self.whitening, "running_mean", None)
-            if stats is not None and stats.device != t.device:
-                raise DeviceError(
-                    f"teacher: expected a tensor on {stats.device} (the device of the loss's "
-                    f"whitening statistics; move the loss with .to()), got one on {t.device}"
-                )
             check_same_batch(s, t, "student", "teacher")
-            check_finite(t, "teacher")
-            if self.whitening.training or not self.whitening.track_running_stats:
-                check_min_batch(t, "teacher", 2, "whitening with batch statistics")
-            t = self.whitening(t.detach())  # running statistics for eval mode
+            # the whitening checks the rest (finite, batch of two, its statistics' device)
+            t = self.whitening(t.detach(), name="teacher")  # running statistics for eval mode
             normalize = "none"
         loss = vkd_loss(
             s,

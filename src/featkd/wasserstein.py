@@ -24,6 +24,7 @@ from featkd._checks import (
     check_choice,
     check_int,
     check_number,
+    check_positive,
     check_same_device,
     compute_dtype,
     describe_shape,
@@ -75,16 +76,16 @@ def _check_options(
 ) -> None:
     check_choice(solver, "solver", SOLVERS)
     check_number(p, "p", minimum=1)  # W_p is a metric for p >= 1
-    check_number(reg, "reg", minimum=0, exclusive_minimum=True)
+    check_positive(reg, "reg")
     check_bool(relative_reg, "relative_reg")
     if max_iter is not None:
         check_int(max_iter, "max_iter", minimum=1)
     if tol is not None:
-        check_number(tol, "tol", minimum=0, exclusive_minimum=True)
+        check_positive(tol, "tol")
     check_int(check_every, "check_every", minimum=1)
     check_int(n_projections, "n_projections", minimum=1)
     check_bool(conditional, "conditional")
-    check_number(label_weight, "label_weight", minimum=0)
+    check_positive(label_weight, "label_weight", allow_zero=True)
     check_choice(label_cost_kind, "label_cost", LABEL_COSTS)
     check_bool(debias, "debias")
     if label_weight > 0 and solver == "sliced":
