@@ -117,11 +117,10 @@ def _vkd_fixed_squarings() -> nn.Module:
     return loss
 
 
-LOGITS = ("student_logits", "teacher_logits")
 X = ("x", "x")
 
 CASES: list[Case] = [
-    Case("KDLoss", lambda: featkd.KDLoss(4.0), _pair(10), names=LOGITS),
+    Case("KDLoss", lambda: featkd.KDLoss(4.0), _pair(10)),
     Case("W2-emd", lambda: featkd.WassersteinLoss("emd"), _pair(8)),
     Case("W2-sinkhorn", lambda: featkd.WassersteinLoss("sinkhorn"), _pair(8)),
     Case(
@@ -277,7 +276,7 @@ CASES: list[Case] = [
         min_batch=2,
     ),
     Case("Whitening-eval", lambda: featkd.Whitening(4, method="zca").eval(), _head(4), names=X),
-    Case("GlobalBatch-KD", lambda: featkd.GlobalBatch(featkd.KDLoss()), _pair(10), names=LOGITS),
+    Case("GlobalBatch-KD", lambda: featkd.GlobalBatch(featkd.KDLoss()), _pair(10)),
     Case(
         "GlobalBatch-MMD-conditional",
         lambda: featkd.GlobalBatch(featkd.MMDLoss("rbf", conditional=True)),

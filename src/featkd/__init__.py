@@ -13,6 +13,7 @@ from featkd._checks import (
     ShapeError,
     set_finite_check,
 )
+from featkd._loss import FrozenParametersWarning, StudentGradientWarning
 from featkd.bridges import FeatureSpec, build_bridge
 from featkd.cospress import CosPressLoss
 from featkd.diagnostics import (
@@ -50,6 +51,7 @@ __all__ = [
     "FeatkdInputError",
     "FeatureSpec",
     "FeatureTap",
+    "FrozenParametersWarning",
     "GaussianKLLoss",
     "GaussianWassersteinLoss",
     "GlobalBatch",
@@ -64,6 +66,7 @@ __all__ = [
     "ProteusLoss",
     "ShapeError",
     "SinkhornConvergenceWarning",
+    "StudentGradientWarning",
     "TeacherCompressionHead",
     "UnknownModuleError",
     "VkDLoss",

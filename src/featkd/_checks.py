@@ -14,10 +14,15 @@ under ``torch.compile``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+# transitional re-exports: the precision policy lives in _precision
+from featkd._precision import result_dtype
+from featkd._precision import work_dtype as compute_dtype
 
 __all__ = [
     "FLOATING_DTYPES",
@@ -44,6 +49,8 @@ __all__ = [
     "check_same_device",
     "check_seed",
     "check_weights",
+    "keyword_widths",
+    "renamed",
     "check_width",
     "compute_dtype",
     "describe_shape",
@@ -254,29 +261,6 @@ def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Te
     return labels
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype sensitive maths runs in: float64 if any input is float64, else float32.
-
-    Half-precision inputs (float16, bfloat16) are promoted: similarity softmaxes, covariances,
-    matrix functions and OT lose too much in 8-10 bits of mantissa.
-    """
-    if any(t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
-def result_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a loss value is returned in, given the student's dtype.
-
-    float64 stays float64; everything else comes back as float32. A loss is a single number,
-    so nothing is saved by returning it in float16 or bfloat16, and float16 silently overflows
-    to ``inf`` above 65504 (a Wasserstein distance between batches whose means differ by 100
-    already does), which neither the user nor ``GradScaler`` would notice: the gradient stays
-    finite. Under autocast, torch's own losses also return float32.
-    """
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def validate_features(
     x: Any,
     name: str,
@@ -358,22 +342,97 @@ def seeded_generator(value: Any, name: str = "seed") -> torch.Generator | None:
     return value
 
 
-def check_weights(weights: Any, name: str, terms: Sequence[str]) -> tuple[float, ...]:
-    """One finite number ``>= 0`` per named term of a composite loss. Returns them as floats."""
-    try:
-        values = tuple(weights)
-    except TypeError:
-        values = ()
-    ok = len(values) == len(terms) and all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 and w != float("inf")
-        for w in values
-    )
-    if not ok:
-        raise ChoiceError(
-            f"{name}: expected {len(terms)} finite numbers >= 0 for the terms "
-            f"({', '.join(terms)}), got {weights!r}"
+def check_weights(weights: Any, name: str, terms: Sequence[str], owner: str) -> dict[str, float]:
+    """Term weights by name: a mapping from some of ``terms`` to finite numbers ``>= 0``, the
+    others keeping weight 1. Returns every term's weight, in the order of ``terms``.
+
+    A sequence (one weight per term, in order) is the form of featkd 0.1: still accepted for
+    one release, with a ``FutureWarning``.
+    """
+    expected = "{" + ", ".join(f"{t!r}: ..." for t in terms) + "}"
+    if (
+        not isinstance(weights, Mapping)
+        and isinstance(weights, Sequence)
+        and not isinstance(weights, (str, bytes))
+    ):
+        if len(weights) != len(terms):
+            raise ChoiceError(
+                f"{name}: expected a dict of weights by term name {expected}, got {weights!r}"
+            )
+        warnings.warn(
+            f"{owner}: positional {name}=({', '.join(terms)}) is deprecated and will be removed "
+            f"in the next release; pass {name}={{{', '.join(f'{t!r}: ...' for t in terms)}}}",
+            FutureWarning,
+            stacklevel=3,
         )
-    return tuple(float(w) for w in values)
+        weights = dict(zip(terms, weights, strict=True))
+    if not isinstance(weights, Mapping):
+        raise ChoiceError(
+            f"{name}: expected a dict of weights by term name {expected}, got {weights!r}"
+        )
+    for key in weights:
+        if key not in terms:
+            raise ChoiceError(
+                f"{name}: unknown term {key!r}; expected some of {', '.join(map(repr, terms))}"
+            )
+    return {
+        term: check_number(weights.get(term, 1.0), f"{name}[{term!r}]", minimum=0.0)
+        for term in terms
+    }
+
+
+def renamed(
+    owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any = None
+) -> Any:
+    """An argument renamed from ``old`` to ``new``: the value passed, with a ``FutureWarning``
+    when it came under the old name (kept for one release)."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise ChoiceError(f"{old}: renamed to {new}; pass only {new}, got both")
+    warnings.warn(
+        f"{owner}: {old}= is renamed to {new}= and will be removed in the next release",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
+def keyword_widths(
+    owner: str,
+    args: tuple[Any, ...],
+    old_order: tuple[str, str],
+    student_dim: Any,
+    teacher_dim: Any,
+) -> tuple[int, int]:
+    """``(student_dim, teacher_dim)`` of a constructor whose widths are now keyword-only.
+
+    Positional widths, in the constructor's old order ``old_order``, still work for one release
+    with a ``FutureWarning``. Both widths are checked as ints ``>= 1``.
+    """
+    if args:
+        if len(args) > 2:
+            raise ChoiceError(
+                f"{owner}: expected at most 2 positional widths ({', '.join(old_order)}), "
+                f"got {len(args)}"
+            )
+        given = dict(zip(old_order, args, strict=False))
+        for key, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if key in given and value is not None:
+                raise ChoiceError(f"{key}: given both by position and by keyword")
+        student_dim = given.get("student_dim", student_dim)
+        teacher_dim = given.get("teacher_dim", teacher_dim)
+        warnings.warn(
+            f"{owner}: positional widths are deprecated and will be removed in the next "
+            f"release; write {owner}(student_dim={student_dim}, teacher_dim={teacher_dim}) "
+            f"(this call read them in the order {', '.join(old_order)})",
+            FutureWarning,
+            stacklevel=3,
+        )
+    for key, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+        if value is None:
+            raise ChoiceError(f"{key}: required (keyword-only: {owner}({key}=...))")
+    return check_int(student_dim, "student_dim", 1), check_int(teacher_dim, "teacher_dim", 1)
 
 
 def check_feature_pair(

@@ -517,7 +517,7 @@ class CosPressLoss(nn.Module):
         *,
         temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
         style: str = "full",
-        weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        weights: dict[str, float] | None = None,
         num_prefix_tokens: int = 1,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         device: torch.device | str | None = None,
@@ -527,7 +527,9 @@ class CosPressLoss(nn.Module):
         check_choice(style, "style", KL_STYLES)
         self.temperatures = _check_temperatures(temperatures)
         self.style = style
-        self.weights = check_weights(weights, "weights", _TERMS)
+        self.weights = tuple(
+            check_weights(weights or {}, "weights", _TERMS, type(self).__name__).values()
+        )
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
         self.chunk_elements = check_int(chunk_elements, "chunk_elements", 1)
         self.head = TeacherCompressionHead(teacher_dim, student_dim, device=device, dtype=dtype)

@@ -74,7 +74,7 @@ class ProteusLoss(nn.Module):
         teacher_dim: int,
         *,
         num_prefix_tokens: int = 1,
-        weights: Sequence[float] = (1.0, 1.0),
+        weights: dict[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -83,7 +83,9 @@ class ProteusLoss(nn.Module):
         check_int(student_dim, "student_dim", 1)
         check_int(teacher_dim, "teacher_dim", 1)
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
-        self.weights = check_weights(weights, "weights", _TERMS)
+        self.weights = tuple(
+            check_weights(weights or {}, "weights", _TERMS, type(self).__name__).values()
+        )
         self.token_head = LinearHead(student_dim, teacher_dim, device=device, dtype=dtype)
         self.cls_head = LinearHead(student_dim, teacher_dim, device=device, dtype=dtype)
         self.last_parts: dict[str, torch.Tensor] = {}
