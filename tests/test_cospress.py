@@ -610,9 +610,15 @@ def test_option_errors():
             ChoiceError, match=r"temperatures\[1\]: expected a finite number >= 1e-06"
         ):
             CosPressLoss(8, 4, temperatures=bad)
-    for bad in ((1, 1, 1), (1, 1, 1, -1), (1, 1, 1, float("inf"))):
-        with pytest.raises(ChoiceError, match=r"weights: expected 4 finite numbers >= 0 .*local"):
-            CosPressLoss(8, 4, weights=bad)
+    with pytest.raises(ChoiceError, match=r"weights: expected a dict of weights by term name"):
+        CosPressLoss(8, 4, weights=(1, 1, 1))
+    with pytest.raises(ChoiceError, match=r"weights: unknown term 'locl'; expected some of"):
+        CosPressLoss(8, 4, weights={"locl": 1.0})
+    for bad in (-1, float("inf"), True):
+        with pytest.raises(ChoiceError, match=r"weights\['cls'\]: expected a finite number >= 0"):
+            CosPressLoss(8, 4, weights={"cls": bad})
+    with pytest.warns(FutureWarning, match=r"positional weights=\(local, global, tokens, cls\)"):
+        CosPressLoss(8, 4, weights=(1, 1, 1, 0.5))
     with pytest.raises(ChoiceError, match=r"num_prefix_tokens: expected an integer >= 0, got -1"):
         CosPressLoss(8, 4, num_prefix_tokens=-1)
     with pytest.raises(ChoiceError, match=r"chunk_elements: expected an integer >= 1, got 0"):

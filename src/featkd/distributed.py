@@ -217,7 +217,7 @@ class GlobalBatch(nn.Module):
         >>> bool(global_kd(s, t) == KDLoss(temperature=4.0)(s, t))  # one process: unchanged
         True
         >>> sorted(global_kd.last_parts)
-        ['kd']
+        ['kd', 'total']
     """
 
     def __init__(
