@@ -547,7 +547,20 @@ def _scenario_real_losses(rank):
     }
 
 
+def _logits(sizes, seed: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    return torch.randn(total, CLASSES, generator=g), torch.randn(total, CLASSES, generator=g)
+
+
+def _scenario_per_sample_none(rank):
+    student, teacher = (_shard(x, UNEQUAL, rank) for x in _logits(UNEQUAL))
+    loss = GlobalBatch(KDLoss(reduction="none"), grad_mode="exact")(student, teacher)
+    return {"loss": loss}
+
+
 SCENARIOS = {
+    "per_sample_none": _scenario_per_sample_none,
     "real_losses": _scenario_real_losses,
     "exact": _scenario_exact,
     "ddp_scale": _scenario_ddp_scale,
@@ -687,6 +700,16 @@ def test_exact_mode_gives_each_rank_its_slice_of_the_gradient(ranks, scenario, s
         torch.testing.assert_close(result["head_weight_grad"], reference["head_weight_grad"], **TOL)
         torch.testing.assert_close(result["head_bias_grad"], reference["head_bias_grad"], **TOL)
         assert result["teacher_grad_is_none"]
+
+
+def test_reduction_none_gives_each_rank_the_values_of_its_own_samples(ranks):
+    """A per-sample loss (reduction="none") under GlobalBatch: rank r gets (B_r,), the slice of
+    the single-process values on the concatenated batch."""
+    reference = KDLoss(reduction="none")(*_logits(UNEQUAL))
+    for rank in range(WORLD):
+        result = _result(ranks, "per_sample_none", rank)
+        assert result["loss"].shape == (UNEQUAL[rank],)
+        torch.testing.assert_close(result["loss"], _shard(reference, UNEQUAL, rank))
 
 
 def test_ddp_mode_scales_the_shard_gradient_by_world_size(ranks):

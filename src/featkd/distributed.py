@@ -195,9 +195,12 @@ class GlobalBatch(nn.Module):
     device mismatch raises only on the rank that has it (the others wait in the gather until
     the backend's timeout).
 
+    With a wrapped loss built with ``reduction="none"`` (one value per sample), each rank gets
+    the values of its own samples, ``(B_r,)``, computed with the global batch's statistics.
+
     Args:
         loss_fn: a loss ``loss_fn(student, teacher, *, labels=None)``; an ``nn.Module`` or any
-            callable. ``labels`` is passed only when given.
+            callable. ``labels`` is passed only when given (every featkd loss accepts it).
         group: the process group (``None``: the default group).
         grad_mode: ``"ddp"`` (default), ``"exact"`` or ``"all_reduce"``; see
             :func:`gather_with_grad`.
@@ -208,7 +211,8 @@ class GlobalBatch(nn.Module):
         - student: ``(B_r, *)`` on rank ``r``
         - teacher: ``(B_r, *)``
         - labels: ``(B_r,)``, optional
-        - output: scalar, the wrapped loss on ``B = B_0 + ... + B_{R-1}`` samples
+        - output: scalar, the wrapped loss on ``B = B_0 + ... + B_{R-1}`` samples; ``(B_r,)``
+          for a wrapped loss with ``reduction="none"``
 
     Example:
         >>> from featkd import KDLoss
@@ -250,15 +254,22 @@ class GlobalBatch(nn.Module):
         self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         world = _group_size(self.group)
+        rows = None
         if world > 1:
-            student, teacher, labels = self._gather(student, teacher, labels, world)
+            student, teacher, labels, rows = self._gather(student, teacher, labels, world)
         if labels is None:
-            return self.loss_fn(student, teacher)
-        return self.loss_fn(student, teacher, labels=labels)
+            loss = self.loss_fn(student, teacher)
+        else:
+            loss = self.loss_fn(student, teacher, labels=labels)
+        if rows is not None and loss.ndim > 0 and loss.shape[0] == student.shape[0]:
+            # reduction="none": one value per sample of the global batch; this rank keeps the
+            # values of its own samples, as a per-sample loss without GlobalBatch would give
+            loss = loss[rows]
+        return loss
 
     def _gather(
         self, student: Any, teacher: Any, labels: Any, world: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, slice]:
         rank = _group_rank(self.group)
         named = [("student", student), ("teacher", teacher), ("labels", labels)]
         # Devices are checked in the exchange too, not before it: a device that is wrong on
@@ -271,7 +282,8 @@ class GlobalBatch(nn.Module):
         teacher = all_gather_padded(teacher.detach(), sizes, self.group)
         if labels is not None:
             labels = all_gather_padded(labels, sizes, self.group)
-        return student, teacher, labels
+        start = sum(sizes[:rank])
+        return student, teacher, labels, slice(start, start + sizes[rank])
 
     def extra_repr(self) -> str:
         extra = f"grad_mode={self.grad_mode!r}"
