@@ -75,7 +75,7 @@ def test_version_is_a_string():
     assert isinstance(featkd.__version__, str) and featkd.__version__.count(".") == 2
 
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(featkd.__path__, "featkd."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(featkd.__path__, "featkd."))
 
 
 @pytest.mark.parametrize("module_name", MODULES)

@@ -27,3 +27,16 @@ def test_ci_runs_the_readme_test_command():
 
 def test_main_example_exists():
     assert (ROOT / "examples" / "distill_digits.py").exists()
+
+
+def test_declared_torch_lower_bound_is_the_version_ci_tests():
+    """pyproject's ``torch>=X`` is the torch CI installs and runs the suite on, no older."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    bounds = [d for d in pyproject["project"]["dependencies"] if d.startswith("torch")]
+    assert len(bounds) == 1 and bounds[0].startswith("torch>=")
+    declared = bounds[0].removeprefix("torch>=")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"torch=={declared}" in ci or f"torch=={declared}.0" in ci
+    assert f"torch=={declared}" in readme_commands()[1]
