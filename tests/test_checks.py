@@ -3,6 +3,8 @@ import torch
 
 import featkd
 from featkd import _checks as checks
+from featkd import _options as options
+from featkd import _precision as precision
 
 
 def test_error_hierarchy():
@@ -66,11 +68,11 @@ def test_choice_and_positive():
     with pytest.raises(
         featkd.ChoiceError, match="distance: expected one of 'mse', 'smooth_l1', got 'l3'"
     ):
-        checks.check_choice("l3", "distance", ("mse", "smooth_l1"))
+        options.check_choice("l3", "distance", ("mse", "smooth_l1"))
     for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(featkd.ChoiceError, match="temperature: expected a finite number > 0"):
-            checks.check_positive(bad, "temperature")
-    checks.check_positive(0, "eps", allow_zero=True)
+            options.check_positive(bad, "temperature")
+    options.check_positive(0, "eps", allow_zero=True)
 
 
 def test_labels():
@@ -85,9 +87,9 @@ def test_labels():
 
 def test_devices_and_compute_dtype():
     checks.check_same_device({"a": torch.zeros(1), "b": torch.zeros(1), "c": None})
-    assert checks.compute_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
+    assert precision.work_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
     assert (
-        checks.compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) == torch.float64
+        precision.work_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) == torch.float64
     )
     assert checks.describe_shape((3,)) == "(3,)"
     assert checks.describe_shape(torch.Size([2, 4])) == "(2, 4)"

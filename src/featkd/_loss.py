@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from featkd._checks import ChoiceError, check_choice
+from featkd._checks import ChoiceError
+from featkd._options import check_choice
 from featkd._precision import full_precision, result_dtype
 
 __all__ = [

@@ -52,16 +52,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from featkd._checks import (
-    ChoiceError,
-    FeatkdInputError,
-    ShapeError,
-    check_bool,
-    check_choice,
-    check_int,
-    check_rank,
-    describe_shape,
-)
+from featkd._checks import ChoiceError, FeatkdInputError, ShapeError, check_rank, describe_shape
+from featkd._options import check_bool, check_choice, check_int
 from featkd.pooling import POOL_MODES, align_tokens, pool
 from featkd.pooling import _pair as _grid_pair
 

@@ -39,18 +39,14 @@ from torch.autograd.function import once_differentiable
 from featkd._checks import (
     ChoiceError,
     ShapeError,
-    check_choice,
     check_feature_pair,
-    check_int,
     check_min_batch,
-    check_number,
     check_same_device,
-    check_weights,
-    compute_dtype,
     describe_shape,
-    result_dtype,
     validate_features,
 )
+from featkd._options import check_choice, check_int, check_number, check_weights
+from featkd._precision import result_dtype, work_dtype
 from featkd.heads import TeacherCompressionHead
 from featkd.pooling import pool
 
@@ -378,7 +374,7 @@ def neighbourhood_kl(
     check_choice(reduction, "reduction", ("mean", "none"))
     temps = _check_temperatures(temperatures)
     chunk_elements = check_int(chunk_elements, "chunk_elements", 1)
-    work = compute_dtype(reference, candidate)
+    work = work_dtype(reference, candidate)
     with torch.autocast(candidate.device.type, enabled=False):
         ref = reference.to(work)
         cand = candidate.to(work)
@@ -436,7 +432,7 @@ def flat_cosine_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tenso
             f"got {describe_shape(target.shape)}"
         )
     check_same_device({"student": student, "target": target})
-    work = compute_dtype(student, target)
+    work = work_dtype(student, target)
     with torch.autocast(student.device.type, enabled=False):
         loss = _flat_cosine_loss(student.to(work), target.to(work))
     return loss.to(result_dtype(student.dtype))
@@ -580,7 +576,7 @@ class CosPressLoss(nn.Module):
                 f"got {describe_shape(student.shape)}; pass pooled (B, D_s) features instead"
             )
         check_same_device({"student": student, "head": self.head.weight})
-        work = compute_dtype(student, teacher, self.head.weight)
+        work = work_dtype(student, teacher, self.head.weight)
         with torch.autocast(student.device.type, enabled=False):
             target = teacher.detach().to(work)
             compressed = self._apply_head(teacher).to(work)

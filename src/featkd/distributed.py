@@ -38,8 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from featkd._checks import FeatkdInputError, check_bool, check_choice
+from featkd._checks import FeatkdInputError
 from featkd._gather import all_gather_padded, batch_sizes, exchange_metadata
+from featkd._options import check_bool, check_choice
 
 __all__ = ["GRAD_MODES", "GlobalBatch", "gather_with_grad", "is_distributed"]
 

@@ -31,18 +31,14 @@ from featkd._checks import (
     ChoiceError,
     FeatkdInputError,
     ShapeError,
-    check_choice,
     check_finite,
     check_floating,
-    check_int,
-    check_positive,
     check_same_device,
-    compute_dtype,
     describe_shape,
     finite_check_enabled,
-    result_dtype,
-    seeded_generator,
 )
+from featkd._options import check_choice, check_int, check_positive, seeded_generator
+from featkd._precision import result_dtype, work_dtype
 from featkd.bridges import LAYOUTS, RESAMPLE_MODES, FeatureSpec, build_bridge
 from featkd.pooling import POOL_MODES, pool
 
@@ -717,7 +713,7 @@ class FCFDLoss(nn.Module):
         self._validate(student, teacher)
         k_total = self.num_stages
         teacher = [t.detach() for t in teacher]
-        work = compute_dtype(*student, *teacher)
+        work = work_dtype(*student, *teacher)
         parts: dict[str, torch.Tensor] = {}
         appearance: list[torch.Tensor] = []
         function: list[torch.Tensor] = []

@@ -9,13 +9,6 @@ import math
 
 import torch
 
-from featkd._checks import (
-    check_bool,
-    check_choice,
-    check_positive,
-    compute_dtype,
-    result_dtype,
-)
 from featkd._covariance import (
     centre,
     common_frame,
@@ -25,6 +18,8 @@ from featkd._covariance import (
     shrunk_trace_inverse_product,
 )
 from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
+from featkd._options import check_bool, check_choice, check_positive
+from featkd._precision import result_dtype, work_dtype
 
 __all__ = ["GaussianKLLoss", "gaussian_kl_loss"]
 
@@ -59,7 +54,7 @@ def _gaussian_kl(
         min_batch_why="a covariance needs two samples",
     )
     # full covariances: inverses with condition numbers up to ||S|| / eps, so float64
-    work = torch.float64 if covariance == "full" else compute_dtype(student, teacher)
+    work = torch.float64 if covariance == "full" else work_dtype(student, teacher)
     with torch.autocast(student.device.type, enabled=False):
         # KL is invariant under x -> (x - m) / c applied to both sides with eps -> eps / c^2:
         # the maths sees entries and shrinkage at most 1 (eps stays in the caller's units)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from featkd._checks import check_bool, check_choice, compute_dtype, result_dtype
 from featkd._covariance import bures_residual, centre, common_frame
 from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
+from featkd._options import check_bool, check_choice
+from featkd._precision import result_dtype, work_dtype
 
 __all__ = ["GaussianWassersteinLoss", "gaussian_wasserstein_loss"]
 
@@ -38,7 +39,7 @@ def _gaussian_wasserstein(
         min_batch=1 if conditional else 2,
         min_batch_why="a covariance needs two samples",
     )
-    work = compute_dtype(student, teacher)
+    work = work_dtype(student, teacher)
     with torch.autocast(student.device.type, enabled=False):
         # W2^2 of (x - m) / c is W2^2 of x over c^2: compute on entries in [-1, 1], rescale
         scaled_s, scaled_t, scale = common_frame(student.to(work), teacher.detach().to(work))

@@ -17,16 +17,13 @@ from torch import nn
 from featkd._checks import (
     DTypeError,
     ShapeError,
-    check_bool,
-    check_device,
     check_finite,
     check_floating,
-    check_floating_dtype,
-    check_int,
     check_same_device,
     check_width,
     describe_shape,
 )
+from featkd._options import check_bool, check_device, check_floating_dtype, check_int
 
 __all__ = ["LinearHead", "TeacherCompressionHead"]
 

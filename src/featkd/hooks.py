@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from featkd._checks import FeatkdInputError, check_bool
+from featkd._checks import FeatkdInputError
+from featkd._options import check_bool
 
 __all__ = ["FeatureTap", "NotCapturedError", "UnknownModuleError"]
 

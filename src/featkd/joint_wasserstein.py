@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from featkd._checks import ChoiceError, check_positive
+from featkd._checks import ChoiceError
+from featkd._options import check_positive
 from featkd.wasserstein import WassersteinLoss, wasserstein_loss
 
 __all__ = ["JointWassersteinLoss", "joint_wasserstein_loss"]

@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from featkd._checks import (
-    check_positive,
-    check_same_batch,
-    check_same_device,
-    check_width,
-    validate_features,
-)
+from featkd._checks import check_same_batch, check_same_device, check_width, validate_features
 from featkd._loss import DistillationLoss, Terms, check_reduction, evaluate
+from featkd._options import check_positive
 
 __all__ = ["KDLoss", "kd_loss"]
 

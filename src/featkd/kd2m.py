@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from featkd._checks import ChoiceError, check_choice
+from featkd._checks import ChoiceError
 from featkd._matching import MatchingLoss
+from featkd._options import check_choice
 from featkd.gaussian_kl import GaussianKLLoss
 from featkd.gaussian_wasserstein import GaussianWassersteinLoss
 from featkd.mmd import MMDLoss

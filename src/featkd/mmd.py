@@ -9,15 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from featkd._checks import (
-    ChoiceError,
-    check_bool,
-    check_choice,
-    check_int,
-    check_positive,
-    compute_dtype,
-    result_dtype,
-)
+from featkd._checks import ChoiceError
 from featkd._matching import (
     CONDITIONAL_NEEDS_LABELS,
     MatchingLoss,
@@ -25,7 +17,9 @@ from featkd._matching import (
     matmul_nt,
     validate_pair,
 )
+from featkd._options import check_bool, check_choice, check_int, check_positive
 from featkd._ot import squared_distances
+from featkd._precision import result_dtype, work_dtype
 
 __all__ = ["MMDLoss", "mmd_loss"]
 
@@ -191,7 +185,7 @@ def _mmd(
     )
     # (x.y + c)^d is not translation invariant, so no shift can keep a large common offset from
     # cancelling between the three kernel blocks: poly sums them in float64 instead
-    work = torch.float64 if kernel == "poly" else compute_dtype(student, teacher)
+    work = torch.float64 if kernel == "poly" else work_dtype(student, teacher)
     parts: dict[str, torch.Tensor] = {}
     scale = None
     with torch.autocast(student.device.type, enabled=False):

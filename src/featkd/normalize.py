@@ -14,19 +14,21 @@ from torch import nn
 from featkd._checks import (
     DeviceError,
     ShapeError,
-    check_bool,
-    check_choice,
-    check_device,
     check_floating,
-    check_floating_dtype,
-    check_int,
     check_min_batch,
-    check_number,
-    check_positive,
-    compute_dtype,
     validate_features,
 )
 from featkd._linalg import cholesky_whitener, zca_whitener
+from featkd._options import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_floating_dtype,
+    check_int,
+    check_number,
+    check_positive,
+)
+from featkd._precision import work_dtype
 
 __all__ = ["WHITENING_METHODS", "Whitening", "batch_standardize", "layer_norm", "whiten"]
 
@@ -59,7 +61,7 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.
     if x.ndim == 0:
         raise ShapeError(f"{name}: expected (..., D), got a scalar")
     eps = check_positive(eps, "eps")  # it guards a division
-    work = compute_dtype(x)
+    work = work_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return F.layer_norm(x.to(work), x.shape[-1:], eps=_eps_floor(eps, work)).to(x.dtype)
 
@@ -81,7 +83,7 @@ def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") ->
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "batch statistics need two samples")
     eps = check_positive(eps, "eps")  # it guards a division
-    work = compute_dtype(x)
+    work = work_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         xw = x.to(work)
         mean = xw.mean(0, keepdim=True)
@@ -131,7 +133,7 @@ def whiten(
     check_min_batch(x, name, 2, "a covariance needs two samples")
     check_choice(method, "method", WHITENING_METHODS)
     eps = check_positive(eps, "eps")  # it guards a division
-    work = compute_dtype(x)
+    work = work_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         xw = x.to(work)
         mean, cov = _mean_and_cov(xw)
@@ -210,7 +212,7 @@ class Whitening(nn.Module):
         use_batch = self.training or not self.track_running_stats
         if use_batch:
             check_min_batch(x, name, 2, "whitening with batch statistics needs two samples")
-        work = compute_dtype(x)
+        work = work_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xw = x.to(work)
             if use_batch:

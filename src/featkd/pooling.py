@@ -19,15 +19,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from featkd._checks import (
-    ChoiceError,
-    ShapeError,
-    check_choice,
-    check_floating,
-    check_int,
-    check_rank,
-    describe_shape,
-)
+from featkd._checks import ChoiceError, ShapeError, check_floating, check_rank, describe_shape
+from featkd._options import check_choice, check_int
 
 __all__ = ["POOL_MODES", "align_tokens", "pool", "to_tokens"]
 

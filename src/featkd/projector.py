@@ -32,16 +32,13 @@ from featkd._checks import (
     ChoiceError,
     NonFiniteError,
     ShapeError,
-    check_choice,
-    check_device,
     check_finite,
     check_floating,
-    check_floating_dtype,
-    check_int,
     check_same_device,
     check_width,
     describe_shape,
 )
+from featkd._options import check_choice, check_device, check_floating_dtype, check_int
 
 __all__ = ["ORTHOGONAL_MAPS", "OrthogonalProjector"]
 

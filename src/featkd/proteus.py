@@ -13,14 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd._checks import (
-    check_feature_pair,
-    check_int,
-    check_same_device,
-    check_weights,
-    compute_dtype,
-    result_dtype,
-)
+from featkd._checks import check_feature_pair, check_same_device
+from featkd._options import check_int, check_weights
+from featkd._precision import result_dtype, work_dtype
 from featkd.heads import LinearHead
 from featkd.pooling import pool
 
@@ -104,7 +99,7 @@ class ProteusLoss(nn.Module):
             student, teacher, student_dim=self.student_dim, teacher_dim=self.teacher_dim
         )
         check_same_device({"student": student, "heads": self.cls_head.weight})
-        work = compute_dtype(student, teacher, self.cls_head.weight)
+        work = work_dtype(student, teacher, self.cls_head.weight)
         mode = "cls" if self.num_prefix_tokens >= 1 else "mean"
         with torch.autocast(student.device.type, enabled=False):
             head_dtype = self.cls_head.weight.dtype

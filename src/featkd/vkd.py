@@ -15,19 +15,16 @@ from torch import nn
 from featkd._checks import (
     ChoiceError,
     ShapeError,
-    check_choice,
     check_finite,
     check_floating,
-    check_int,
-    check_positive,
     check_rank,
     check_same_batch,
     check_same_device,
     check_width,
-    compute_dtype,
     describe_shape,
-    result_dtype,
 )
+from featkd._options import check_choice, check_int, check_positive
+from featkd._precision import result_dtype, work_dtype
 from featkd.normalize import Whitening, batch_standardize, layer_norm, whiten
 from featkd.pooling import POOL_MODES, pool
 from featkd.projector import OrthogonalProjector
@@ -134,7 +131,7 @@ def vkd_loss(
         )
     check_finite(s, "student")
     check_finite(t, "teacher")
-    work = compute_dtype(s, t)
+    work = work_dtype(s, t)
     with torch.autocast(s.device.type, enabled=False):
         projected = s.to(work) @ projection.to(work).mT
         target = t.detach().to(work)

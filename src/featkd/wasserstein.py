@@ -20,16 +20,8 @@ from featkd._checks import (
     ChoiceError,
     FeatkdInputError,
     ShapeError,
-    check_bool,
-    check_choice,
-    check_int,
-    check_number,
-    check_positive,
     check_same_device,
-    compute_dtype,
     describe_shape,
-    result_dtype,
-    seeded_generator,
     validate_features,
 )
 from featkd._matching import (
@@ -39,6 +31,14 @@ from featkd._matching import (
     make_groups,
     validate_pair,
 )
+from featkd._options import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive,
+    seeded_generator,
+)
 from featkd._ot import (
     emd_plans,
     ground_cost,
@@ -47,6 +47,7 @@ from featkd._ot import (
     sinkhorn_log,
     sliced_wasserstein,
 )
+from featkd._precision import result_dtype, work_dtype
 
 __all__ = ["SinkhornConvergenceWarning", "WassersteinLoss", "wasserstein_loss"]
 
@@ -300,7 +301,7 @@ def _wasserstein(
     unconverged = None
     if joint:
         _check_label_inputs(student, labels, student_logits, teacher_logits, label_cost_kind)
-    work = compute_dtype(student, teacher)
+    work = work_dtype(student, teacher)
     with torch.autocast(student.device.type, enabled=False):
         target = teacher.detach().to(work)
         shift = target.mean(dim=0)  # a common shift keeps the Gram expansion of C accurate
