@@ -51,7 +51,7 @@ def test_matches_transcription(rng, device, dtype, direction, covariance, batch,
         torch.tensor(t, dtype=dtype, device=device),
         covariance=covariance,
         direction=direction,
-        eps=eps,
+        ridge=eps,
     )
     assert got.dtype == dtype
     # the full form computes in float64 whatever the input (float32: only the final rounding);
@@ -69,14 +69,14 @@ def test_closed_forms():
         np.log(2.0) + (1 + 4) / (2 * 4) - 0.5
     )  # log(s_q/s_p) + (s_p^2 + dm^2)/(2 s_q^2) - 1/2
     for covariance in ("full", "diag"):
-        got = gaussian_kl_loss(torch.tensor(p), torch.tensor(q), covariance=covariance, eps=eps)
+        got = gaussian_kl_loss(torch.tensor(p), torch.tensor(q), covariance=covariance, ridge=eps)
         assert float(got) == pytest.approx(expected, rel=1e-9)
     # N(0, S) vs N(m, S): KL = m^T (S + eps I)^-1 m / 2
     rng = np.random.default_rng(1)
     x = rng.standard_normal((40, 6))
     m = rng.standard_normal(6)
     cov = np.cov(x.T, bias=True) + 0.01 * np.eye(6)
-    got = gaussian_kl_loss(torch.tensor(x), torch.tensor(x + m), eps=0.01)
+    got = gaussian_kl_loss(torch.tensor(x), torch.tensor(x + m), ridge=0.01)
     assert float(got) == pytest.approx(0.5 * m @ np.linalg.solve(cov, m), rel=1e-10)
     # identical batches give zero, also with B < D
     for batch, width in SIZES:
@@ -93,7 +93,7 @@ def test_gradcheck(rng, batch, width):
         for direction in ("student_teacher", "teacher_student"):
 
             def fn(x, c=covariance, d=direction):
-                return gaussian_kl_loss(x, t, covariance=c, direction=d, eps=0.1)
+                return gaussian_kl_loss(x, t, covariance=c, direction=d, ridge=0.1)
 
             assert torch.autograd.gradcheck(fn, (s,))
 
@@ -122,7 +122,7 @@ def test_conditional_matches_per_class(rng):
             rows = labels == c
             # one sample: both covariances are eps I, so KL = ||s - t||^2 / (2 eps)
             expected.append(_kl_reference(s[rows], t[rows], eps, diagonal=covariance == "diag"))
-        loss_fn = GaussianKLLoss(covariance, eps=eps, conditional=True)
+        loss_fn = GaussianKLLoss(covariance, ridge=eps, conditional=True)
         got = loss_fn(torch.tensor(s), torch.tensor(t), labels=torch.tensor(labels))
         assert float(got) == pytest.approx(np.mean(expected), rel=1e-10)
         single = labels == 8
@@ -132,9 +132,9 @@ def test_conditional_matches_per_class(rng):
 def test_module_parts_and_gradient_routing():
     s = torch.randn(12, 6, requires_grad=True)
     t = torch.randn(12, 6, requires_grad=True)
-    loss_fn = GaussianKLLoss(direction="teacher_student", eps=0.01)
+    loss_fn = GaussianKLLoss(direction="teacher_student", ridge=0.01)
     loss = loss_fn(s, t)
-    torch.testing.assert_close(loss, gaussian_kl_loss(s, t, direction="teacher_student", eps=0.01))
+    torch.testing.assert_close(loss, gaussian_kl_loss(s, t, direction="teacher_student", ridge=0.01))
     parts = loss_fn.last_parts
     # the parts stay in the working dtype (float64 for the full covariance)
     torch.testing.assert_close((parts["mean"] + parts["covariance"]).float(), loss.detach())
@@ -146,8 +146,8 @@ def test_errors():
     s = torch.randn(8, 4)
     with pytest.raises(ChoiceError, match="direction: expected one of 'student_teacher'"):
         GaussianKLLoss(direction="forward")
-    with pytest.raises(ChoiceError, match="eps: expected a finite number > 0, got 0"):
-        gaussian_kl_loss(s, s, eps=0)
+    with pytest.raises(ChoiceError, match="ridge: expected a finite number > 0, got 0"):
+        gaussian_kl_loss(s, s, ridge=0)
     with pytest.raises(ChoiceError, match="covariance: expected one of 'full', 'diag'"):
         gaussian_kl_loss(s, s, covariance="low_rank")
     with pytest.raises(ShapeError, match="at least 2"):
@@ -168,24 +168,24 @@ def test_conditional_must_be_a_bool(value):
         gaussian_kl_loss(s, s, labels=labels, conditional=value)
 
 
-@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "0.1", None])
-def test_eps_must_be_a_finite_positive_number(value):
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "0.1"])
+def test_ridge_must_be_a_finite_positive_number(value):
     s = torch.randn(8, 4)
-    expected = rf"eps: expected a finite number > 0, got {re.escape(repr(value))}"
+    expected = rf"ridge: expected a finite number > 0, got {re.escape(repr(value))}"
     with pytest.raises(ChoiceError, match=expected):
-        GaussianKLLoss(eps=value)
+        GaussianKLLoss(ridge=value)
     with pytest.raises(ChoiceError, match=expected):
-        gaussian_kl_loss(s, s, eps=value)
+        gaussian_kl_loss(s, s, ridge=value)
 
 
 def test_valid_options_are_kept():
-    loss_fn = GaussianKLLoss("diag", direction="teacher_student", eps=2, conditional=True)
+    loss_fn = GaussianKLLoss("diag", direction="teacher_student", ridge=2, conditional=True)
     assert (loss_fn.covariance, loss_fn.direction, loss_fn.conditional) == (
         "diag",
         "teacher_student",
         True,
     )
-    assert loss_fn.eps == 2.0 and isinstance(loss_fn.eps, float)
+    assert loss_fn.ridge == 2.0 and isinstance(loss_fn.ridge, float)
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
@@ -263,7 +263,7 @@ def test_scaled_batches_at_large_scale_match_references(
         labels=labels,
         covariance=covariance,
         direction=direction,
-        eps=eps,
+        ridge=eps,
         conditional=conditional,
     )
     # the full form computes in float64 whatever the input dtype (float32 inputs: a float32
@@ -274,15 +274,27 @@ def test_scaled_batches_at_large_scale_match_references(
 
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 @pytest.mark.parametrize(("batch", "width"), [(6, 10), (16, 5)])
-def test_scale_invariance_with_eps_in_the_callers_units(rng, dtype, batch, width, covariance):
+def test_scale_invariance_with_the_ridge_in_the_callers_units(rng, dtype, batch, width, covariance):
     # KL(c s, c t; eps c^2) = KL(s, t; eps): both Gaussians are mapped by x -> c x. With c a
     # power of two the inputs scale exactly, so the values must agree to rounding even where
     # squares of the features leave float32 (c = 2^-75: 1e-45, c = 2^62: 2e37 each)
     s = rng.standard_normal((batch, width))
     t = 0.7 * rng.standard_normal((batch, width)) + 0.3
     student, teacher = torch.tensor(s, dtype=dtype), torch.tensor(t, dtype=dtype)
-    unit = float(gaussian_kl_loss(student, teacher, covariance=covariance, eps=0.05))
+    unit = float(gaussian_kl_loss(student, teacher, covariance=covariance, ridge=0.05))
     assert unit == pytest.approx(_kl_reference(s, t, 0.05, diagonal=covariance == "diag"), rel=1e-4)
     for c in (2.0**-75, 2.0**62):
-        got = gaussian_kl_loss(c * student, c * teacher, covariance=covariance, eps=0.05 * c**2)
+        got = gaussian_kl_loss(c * student, c * teacher, covariance=covariance, ridge=0.05 * c**2)
         assert float(got) == pytest.approx(unit, rel=1e-12), c
+
+
+def test_eps_is_the_former_name_of_ridge_for_one_release():
+    s, t = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+    with pytest.warns(FutureWarning, match="eps= is renamed to ridge="):
+        old = gaussian_kl_loss(s, t, eps=0.3)
+    assert float(old) == float(gaussian_kl_loss(s, t, ridge=0.3))
+    with pytest.warns(FutureWarning, match="GaussianKLLoss: eps= is renamed to ridge="):
+        assert GaussianKLLoss(eps=0.3).ridge == 0.3
+    with pytest.raises(ChoiceError, match="eps: renamed to ridge; pass only ridge"):
+        gaussian_kl_loss(s, t, eps=0.3, ridge=0.3)
+    assert GaussianKLLoss().ridge == 1e-3

@@ -12,8 +12,8 @@ from conftest import tolerance
 from scale_data import SCALES, batch_at_scale, labels_with_a_lone_class
 
 from featkd import ChoiceError, FeatkdInputError, GaussianWassersteinLoss, ShapeError
-from featkd._covariance import bures_residual
 from featkd.functional import gaussian_wasserstein_loss
+from featkd.kd2m._gaussian import bures_residual
 
 
 def _bures_reference(s: np.ndarray, t: np.ndarray) -> float:

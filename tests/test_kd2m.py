@@ -51,7 +51,7 @@ def test_metric_builds_its_loss_and_matches_the_function(metric):
     loss_fn = KD2MLoss(metric)
     assert type(loss_fn.loss) is cls
     s, t = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
-    seeded = {"generator": torch.Generator().manual_seed(0)} if metric == "w2_sliced" else {}
+    seeded = {"seed": torch.Generator().manual_seed(0)} if metric == "w2_sliced" else {}
     if metric == "w2_sliced":
         loss_fn.loss.generator = torch.Generator().manual_seed(0)
     expected = function(s, t, **fixed, **seeded)
@@ -69,9 +69,9 @@ def test_options_reach_the_loss():
     labels = torch.randint(0, 3, (10,))
     expected = wasserstein_loss(s, t, labels=labels, label_weight=2.0)
     torch.testing.assert_close(joint(s, t, labels=labels), expected)
-    kl = KD2MLoss("kl_gaussian_diag", eps=0.5, direction="teacher_student")
+    kl = KD2MLoss("kl_gaussian_diag", ridge=0.5, direction="teacher_student")
     torch.testing.assert_close(
-        kl(s, t), gaussian_kl_loss(s, t, covariance="diag", eps=0.5, direction="teacher_student")
+        kl(s, t), gaussian_kl_loss(s, t, covariance="diag", ridge=0.5, direction="teacher_student")
     )
 
 
@@ -244,7 +244,7 @@ def test_conditional_sliced_gradcheck():
             labels=labels,
             solver="sliced",
             conditional=True,
-            generator=torch.Generator().manual_seed(0),
+            seed=torch.Generator().manual_seed(0),
         )
 
     assert torch.autograd.gradcheck(fn, (s,))
@@ -258,3 +258,107 @@ def test_bfloat16_inputs_compute_in_float32(metric):
     high = KD2MLoss(metric, **options)(s.bfloat16().float(), t.bfloat16().float())
     assert low.dtype == torch.float32
     assert float(low) == pytest.approx(float(high), rel=1e-2, abs=1e-3)
+
+
+# ------------------------------------------------------------------ the loss contract
+LABELLED_METRICS = [m for m in METRICS if m != "w2_sliced"]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("conditional", [False, True])
+def test_module_and_function_give_the_same_value_and_parts(metric, conditional):
+    loss_cls, function, fixed = EXPECTED[metric]
+    options = {**fixed, "conditional": conditional}
+    if metric == "w2_sliced":
+        options["seed"] = 0
+    generator = torch.Generator().manual_seed(5)
+    s = torch.randn(24, 5, generator=generator, dtype=torch.float64)
+    t = torch.randn(24, 5, generator=generator, dtype=torch.float64)
+    labels = torch.arange(24) % 3
+    module = loss_cls(**options)
+    value = module(s, t, labels=labels)
+    assert float(value) == float(function(s, t, labels=labels, **options))
+    parts = module.last_parts
+    name = {
+        WassersteinLoss: "wasserstein",
+        GaussianWassersteinLoss: "gaussian_wasserstein",
+        GaussianKLLoss: "gaussian_kl",
+        MMDLoss: "mmd2",
+    }[loss_cls]
+    assert list(parts)[:2] == ["total", name]
+    assert float(parts["total"]) == float(parts[name]) == float(value)
+    assert ("classes" in parts) == conditional
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_batch_level_losses_refuse_a_per_sample_reduction_and_say_why(metric, reduction):
+    loss_cls, function, fixed = EXPECTED[metric]
+    why = "compares the two batches as distributions, so it has no per-sample values"
+    with pytest.raises(
+        ChoiceError, match=f"reduction: expected 'mean', got '{reduction}': .*{why}"
+    ):
+        loss_cls(**fixed, reduction=reduction)
+    s = torch.randn(8, 3)
+    with pytest.raises(ChoiceError, match=why):
+        function(s, s.clone(), reduction=reduction, **fixed)
+    with pytest.raises(ChoiceError, match=why):
+        kd2m_loss(s, s.clone(), metric=metric, reduction=reduction)
+    with pytest.raises(ChoiceError, match="reduction: expected one of"):
+        loss_cls(**fixed, reduction="average")
+
+
+def test_kd2m_takes_the_common_call_and_passes_the_logits_on():
+    generator = torch.Generator().manual_seed(2)
+    s = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    t = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    s_logits = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    t_logits = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+    joint = KD2MLoss("w2_emd", label_weight=2.0)
+    value = joint(s, t, labels=labels, student_logits=s_logits, teacher_logits=t_logits)
+    expected = featkd.functional.joint_wasserstein_loss(
+        s, t, labels=labels, label_weight=2.0, student_logits=s_logits, teacher_logits=t_logits
+    )
+    assert float(value) == float(expected)
+    assert list(joint.last_parts)[:2] == ["total", "wasserstein"]
+    # the logits change the cost: the softmaxes are not the one-hot labels
+    assert float(value) != float(joint(s, t, labels=labels))
+    function = kd2m_loss(
+        s,
+        t,
+        metric="w2_emd",
+        labels=labels,
+        label_weight=2.0,
+        student_logits=s_logits,
+        teacher_logits=t_logits,
+    )
+    assert float(function) == float(expected)
+
+
+def test_logits_are_never_silently_ignored():
+    s, t, logits = torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 3)
+    with pytest.raises(ChoiceError, match="student_logits: only the joint Wasserstein cost"):
+        KD2MLoss("mmd_rbf")(s, t, student_logits=logits)
+    with pytest.raises(ChoiceError, match="teacher_logits: only the joint Wasserstein cost"):
+        kd2m_loss(s, t, metric="kl_gaussian", teacher_logits=logits)
+    with pytest.raises(featkd.FeatkdInputError, match="student_logits: .* label_weight is 0"):
+        WassersteinLoss()(s, t, student_logits=logits)
+    with pytest.raises(featkd.FeatkdInputError, match="teacher_logits: .* label_weight is 0"):
+        wasserstein_loss(s, t, teacher_logits=logits)
+
+
+def test_wasserstein_generator_is_the_former_name_of_seed():
+    s, t = torch.randn(16, 4), torch.randn(16, 4)
+    with pytest.warns(FutureWarning, match="generator= is renamed to seed="):
+        old = wasserstein_loss(s, t, solver="sliced", generator=7)
+    assert float(old) == float(wasserstein_loss(s, t, solver="sliced", seed=7))
+    with pytest.raises(ChoiceError, match="generator: renamed to seed; pass only seed"):
+        wasserstein_loss(s, t, solver="sliced", generator=7, seed=7)
+
+
+def test_the_student_gradient_guard_sees_the_raw_student_not_the_projection():
+    """A projector's output always requires a gradient; a detached student must still warn."""
+    loss_fn = KD2MLoss("mmd_linear", projector=torch.nn.Linear(4, 6))
+    with pytest.warns(featkd.StudentGradientWarning, match="KD2MLoss|MMDLoss"):
+        loss_fn(torch.randn(8, 4), torch.randn(8, 6))

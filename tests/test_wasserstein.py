@@ -20,7 +20,7 @@ from featkd import (
     WassersteinLoss,
 )
 from featkd.functional import joint_wasserstein_loss, wasserstein_loss
-from featkd.wasserstein import SinkhornConvergenceWarning
+from featkd.kd2m.wasserstein import SinkhornConvergenceWarning
 
 
 @pytest.fixture(autouse=True)
@@ -266,7 +266,7 @@ def test_sliced_matches_pot_wasserstein_1d(rng):
         torch.tensor(t),
         solver="sliced",
         n_projections=50,
-        generator=torch.Generator().manual_seed(3),
+        seed=torch.Generator().manual_seed(3),
     )
     assert float(got) == pytest.approx(expected, rel=1e-10)
 
@@ -289,7 +289,7 @@ def test_sliced_seed_reproducible_and_gradcheck(rng):
     x = s.clone().requires_grad_()
 
     def fn(x):
-        return wasserstein_loss(x, t, solver="sliced", generator=torch.Generator().manual_seed(0))
+        return wasserstein_loss(x, t, solver="sliced", seed=torch.Generator().manual_seed(0))
 
     assert torch.autograd.gradcheck(fn, (x,))
 
@@ -300,7 +300,7 @@ def test_sliced_integer_generator_matches_pot(rng):
     directions = (directions / directions.norm(dim=0)).numpy()
     expected = np.mean(ot.wasserstein_1d(s @ directions, t @ directions, p=2))
     got = wasserstein_loss(
-        torch.tensor(s), torch.tensor(t), solver="sliced", n_projections=50, generator=3
+        torch.tensor(s), torch.tensor(t), solver="sliced", n_projections=50, seed=3
     )
     assert float(got) == pytest.approx(expected, rel=1e-10)
     # a torch.Generator is accepted as the module's seed and used as given
@@ -613,14 +613,10 @@ def test_every_option_is_validated_at_construction(options, message):
     if joint:
         with pytest.raises(ChoiceError, match=message):
             JointWassersteinLoss(solver="sinkhorn", **joint)
-    # the function form: the same checks before any maths (its seed is generator=)
+    # the function form: the same checks before any maths
     s, t = torch.randn(8, 4), torch.randn(8, 4)
-    function_options = dict(options)
-    if "seed" in function_options:
-        function_options["generator"] = function_options.pop("seed")
-        message = message.replace("seed:", "generator:")
     with pytest.raises(ChoiceError, match=message):
-        wasserstein_loss(s, t, **function_options)
+        wasserstein_loss(s, t, **options)
 
 
 def test_errors():

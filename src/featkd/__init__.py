@@ -24,20 +24,23 @@ from featkd.diagnostics import (
 )
 from featkd.distributed import GlobalBatch, gather_with_grad
 from featkd.fcfd import FCFDLoss
-from featkd.gaussian_kl import GaussianKLLoss
-from featkd.gaussian_wasserstein import GaussianWassersteinLoss
 from featkd.heads import LinearHead, TeacherCompressionHead
 from featkd.hooks import FeatureTap, NotCapturedError, UnknownModuleError
-from featkd.joint_wasserstein import JointWassersteinLoss
 from featkd.kd import KDLoss
-from featkd.kd2m import KD2MLoss
-from featkd.mmd import MMDLoss
+from featkd.kd2m import (
+    GaussianKLLoss,
+    GaussianWassersteinLoss,
+    JointWassersteinLoss,
+    KD2MLoss,
+    MMDLoss,
+    SinkhornConvergenceWarning,
+    WassersteinLoss,
+)
 from featkd.normalize import Whitening
 from featkd.pooling import align_tokens, pool, to_tokens
 from featkd.projector import OrthogonalProjector
 from featkd.proteus import ProteusLoss
 from featkd.vkd import VkDLoss
-from featkd.wasserstein import SinkhornConvergenceWarning, WassersteinLoss
 
 __version__ = "0.1.0"
 

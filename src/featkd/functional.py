@@ -6,15 +6,15 @@ is managed elsewhere.
 
 from featkd.cospress import flat_cosine_loss, neighbourhood_kl
 from featkd.distributed import gather_with_grad
-from featkd.gaussian_kl import gaussian_kl_loss
-from featkd.gaussian_wasserstein import gaussian_wasserstein_loss
-from featkd.joint_wasserstein import joint_wasserstein_loss
 from featkd.kd import kd_loss
-from featkd.kd2m import kd2m_loss
-from featkd.mmd import mmd_loss
+from featkd.kd2m.gaussian_kl import gaussian_kl_loss
+from featkd.kd2m.gaussian_wasserstein import gaussian_wasserstein_loss
+from featkd.kd2m.joint_wasserstein import joint_wasserstein_loss
+from featkd.kd2m.metrics import kd2m_loss
+from featkd.kd2m.mmd import mmd_loss
+from featkd.kd2m.wasserstein import wasserstein_loss
 from featkd.normalize import batch_standardize, layer_norm, whiten
 from featkd.vkd import vkd_loss
-from featkd.wasserstein import wasserstein_loss
 
 __all__ = [
     "batch_standardize",

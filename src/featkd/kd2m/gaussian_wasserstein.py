@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from featkd._covariance import bures_residual, centre, common_frame
-from featkd._matching import CONDITIONAL_NEEDS_LABELS, MatchingLoss, make_groups, validate_pair
+from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_bool, check_choice
-from featkd._precision import result_dtype, work_dtype
+from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
+from featkd.kd2m._gaussian import bures_residual, centre, common_frame
+from featkd.kd2m._sets import CONDITIONAL_NEEDS_LABELS, make_groups, validate_pair
 
 __all__ = ["GaussianWassersteinLoss", "gaussian_wasserstein_loss"]
 
 COVARIANCES = ("full", "diag")
+_BATCH_LEVEL = f"the distance between fitted Gaussians {BATCH_LEVEL}"
 
 
 def _check_options(covariance: str, conditional: bool) -> None:
@@ -22,15 +24,9 @@ def _check_options(covariance: str, conditional: bool) -> None:
     check_bool(conditional, "conditional")
 
 
-def _gaussian_wasserstein(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    *,
-    labels: torch.Tensor | None,
-    covariance: str,
-    conditional: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    _check_options(covariance, conditional)
+def _check_inputs(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, conditional: bool
+) -> None:
     validate_pair(
         student,
         teacher,
@@ -39,32 +35,37 @@ def _gaussian_wasserstein(
         min_batch=1 if conditional else 2,
         min_batch_why="a covariance needs two samples",
     )
-    work = work_dtype(student, teacher)
-    with torch.autocast(student.device.type, enabled=False):
-        # W2^2 of (x - m) / c is W2^2 of x over c^2: compute on entries in [-1, 1], rescale
-        scaled_s, scaled_t, scale = common_frame(student.to(work), teacher.detach().to(work))
-        groups = make_groups(scaled_s, scaled_t, labels, conditional)
-        counts = groups.counts
-        mean_s, centred_s = centre(groups.student, groups.mask, counts)
-        mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
-        mean_term = (mean_s - mean_t).square().sum(dim=-1)
-        if covariance == "diag":
-            std_s = torch.linalg.vector_norm(centred_s, dim=-2)  # sqrt(n) * sigma, zero-safe
-            std_t = torch.linalg.vector_norm(centred_t, dim=-2)
-            cov_term = (std_s - std_t).square().sum(dim=-1) / counts
-        else:
-            cov_term = bures_residual(centred_s, centred_t) / counts
-        # times c twice: c^2 alone overflows float32 from c = 2^64 on
-        mean_term, cov_term = mean_term * scale * scale, cov_term * scale * scale
-        loss = (mean_term + cov_term).mean()
-    parts = {
-        "gaussian_wasserstein": loss.detach(),
-        "mean": mean_term.detach().mean(),
-        "covariance": cov_term.detach().mean(),
-    }
+
+
+def _gaussian_wasserstein_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    covariance: str,
+    conditional: bool,
+) -> Terms:
+    """Unchecked core (inputs in the working dtype): the batch-level term, and its mean and
+    covariance parts apart."""
+    # W2^2 of (x - m) / c is W2^2 of x over c^2: compute on entries in [-1, 1], rescale
+    scaled_s, scaled_t, scale = common_frame(student, teacher.detach())
+    groups = make_groups(scaled_s, scaled_t, labels, conditional)
+    counts = groups.counts
+    mean_s, centred_s = centre(groups.student, groups.mask, counts)
+    mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
+    mean_term = (mean_s - mean_t).square().sum(dim=-1)
+    if covariance == "diag":
+        std_s = torch.linalg.vector_norm(centred_s, dim=-2)  # sqrt(n) * sigma, zero-safe
+        std_t = torch.linalg.vector_norm(centred_t, dim=-2)
+        cov_term = (std_s - std_t).square().sum(dim=-1) / counts
+    else:
+        cov_term = bures_residual(centred_s, centred_t) / counts
+    # times c twice: c^2 alone overflows float32 from c = 2^64 on
+    mean_term, cov_term = mean_term * scale * scale, cov_term * scale * scale
+    diagnostics = {"mean": mean_term.detach().mean(), "covariance": cov_term.detach().mean()}
     if conditional:
-        parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss.to(result_dtype(student.dtype)), parts
+        diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
+    return Terms({"gaussian_wasserstein": (mean_term + cov_term).mean()}, diagnostics)
 
 
 def gaussian_wasserstein_loss(
@@ -74,6 +75,7 @@ def gaussian_wasserstein_loss(
     labels: torch.Tensor | None = None,
     covariance: str = "full",
     conditional: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Squared Bures-Wasserstein distance between Gaussians fitted to the batches (KD2M eq. 5).
 
@@ -108,6 +110,8 @@ def gaussian_wasserstein_loss(
         labels: class indices, for ``conditional``.
         covariance: ``"full"`` or ``"diag"``.
         conditional: average over the classes in ``labels``.
+        reduction: ``"mean"`` only: the distance is a property of the two batches, with no
+            per-sample values.
 
     Shape:
         - student: ``(B, D)``, ``B >= 2`` unless conditional
@@ -124,8 +128,16 @@ def gaussian_wasserstein_loss(
         >>> round(float(shifted), 6)
         100.0
     """
-    loss, _ = _gaussian_wasserstein(
-        student, teacher, labels=labels, covariance=covariance, conditional=conditional
+    _check_options(covariance, conditional)
+    check_reduction(reduction, batch_level=_BATCH_LEVEL)
+    _check_inputs(student, teacher, labels, conditional)
+    loss, _ = evaluate(
+        _gaussian_wasserstein_terms,
+        student,
+        teacher,
+        labels,
+        covariance=covariance,
+        conditional=conditional,
     )
     return loss
 
@@ -142,6 +154,7 @@ class GaussianWassersteinLoss(MatchingLoss):
         covariance: ``"full"`` or ``"diag"``.
         conditional: mean over the classes in ``labels`` of the per-class distance.
         projector: optional module applied to the student first (owned and trained).
+        reduction: ``"mean"`` only (a batch-level distance).
 
     Shape:
         - student: ``(B, D_s)`` (``(B, D)`` without a projector)
@@ -149,7 +162,7 @@ class GaussianWassersteinLoss(MatchingLoss):
         - labels: ``(B,)`` integer, optional
         - output: scalar
 
-    ``last_parts``: ``"gaussian_wasserstein"``, ``"mean"`` (``||mu_s - mu_t||^2``),
+    ``last_parts``: ``"total"``, ``"gaussian_wasserstein"`` (equal: one term), ``"mean"`` (``||mu_s - mu_t||^2``),
     ``"covariance"`` (the Bures term) and, when conditional, ``"classes"``.
 
     Example:
@@ -166,31 +179,21 @@ class GaussianWassersteinLoss(MatchingLoss):
         *,
         conditional: bool = False,
         projector: torch.nn.Module | None = None,
+        reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
         _check_options(covariance, conditional)
+        self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.covariance = covariance
         self.conditional = conditional
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Squared Bures-Wasserstein distance of the (projected) student and teacher batches.
+    def _check(self, student, teacher, labels) -> None:
+        _check_inputs(student, teacher, labels, self.conditional)
 
-        Args:
-            student: student features.
-            teacher: teacher features (detached inside).
-            labels: class indices (for ``conditional``).
-        """
-        loss, parts = _gaussian_wasserstein(
-            self.project(student),
-            teacher,
-            labels=labels,
-            covariance=self.covariance,
-            conditional=self.conditional,
+    def _terms(self, student, teacher, labels) -> Terms:
+        return _gaussian_wasserstein_terms(
+            student, teacher, labels, covariance=self.covariance, conditional=self.conditional
         )
-        self.last_parts = parts
-        return loss
 
     def extra_repr(self) -> str:
         return f"covariance={self.covariance!r}, conditional={self.conditional}"

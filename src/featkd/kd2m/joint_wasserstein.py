@@ -13,7 +13,7 @@ import torch
 
 from featkd._checks import ChoiceError
 from featkd._options import check_positive
-from featkd.wasserstein import WassersteinLoss, wasserstein_loss
+from featkd.kd2m.wasserstein import WassersteinLoss, wasserstein_loss
 
 __all__ = ["JointWassersteinLoss", "joint_wasserstein_loss"]
 
@@ -28,6 +28,7 @@ def joint_wasserstein_loss(
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     solver: str = "emd",
+    reduction: str = "mean",
     **options: Any,
 ) -> torch.Tensor:
     """OT between the joint (feature, label) distributions of student and teacher.
@@ -50,6 +51,7 @@ def joint_wasserstein_loss(
         student_logits: the student's logits (receive gradient).
         teacher_logits: the teacher's logits (detached).
         solver: ``"emd"`` or ``"sinkhorn"``.
+        reduction: ``"mean"`` only (a batch-level distance).
         **options: further options of :func:`featkd.functional.wasserstein_loss` (``p``,
             ``reg``, ``tol``, ...).
 
@@ -77,6 +79,7 @@ def joint_wasserstein_loss(
         label_cost=label_cost,
         student_logits=student_logits,
         teacher_logits=teacher_logits,
+        reduction=reduction,
         **options,
     )
 
@@ -108,8 +111,8 @@ class JointWassersteinLoss(WassersteinLoss):
         >>> loss_fn = JointWassersteinLoss(label_weight=1.0)
         >>> s, t = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
         >>> loss_fn(s, t, labels=torch.randint(0, 3, (16,))).backward()
-        >>> sorted(loss_fn.last_parts)
-        ['feature_cost', 'label_cost', 'wasserstein']
+        >>> list(loss_fn.last_parts)
+        ['total', 'wasserstein', 'feature_cost', 'label_cost']
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Shared plumbing of the KD2M distribution-matching losses.
+"""The two batches as sets: the input checks and the class groups of every KD2M loss.
 
 Every KD2M loss compares two *sets* of feature vectors. The maths works on groups: a tensor
 ``(G, n, D)`` of ``G`` sets of at most ``n`` vectors, zero-padded, with a boolean ``mask``
@@ -14,15 +14,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
 from featkd._checks import (
+    ChoiceError,
     FeatkdInputError,
     ShapeError,
     check_labels,
     check_same_batch,
     check_same_device,
-    check_width,
     describe_shape,
     validate_features,
 )
@@ -31,7 +30,7 @@ __all__ = [
     "CONDITIONAL_NEEDS_LABELS",
     "FEATURES",
     "Groups",
-    "MatchingLoss",
+    "check_joint_inputs",
     "make_groups",
     "matmul_nt",
     "validate_pair",
@@ -127,33 +126,53 @@ def make_groups(
     return Groups(student[index] * keep, teacher[index] * keep, mask, counts, sizes)
 
 
-class MatchingLoss(nn.Module):
-    """Base of the KD2M modules: optional owned ``projector`` for the student, ``last_parts``."""
+def _check_logits(logits: torch.Tensor | None, name: str, student: torch.Tensor) -> None:
+    if logits is None:
+        return
+    validate_features(logits, name, {2: "(B, K)"})
+    if logits.shape[0] != student.shape[0]:
+        raise ShapeError(
+            f"{name}: expected batch size {student.shape[0]} (the batch of student), "
+            f"got {logits.shape[0]} (shape {describe_shape(logits.shape)})"
+        )
+    check_same_device({"student": student, name: logits})
 
-    def __init__(self, projector: nn.Module | None = None) -> None:
-        super().__init__()
-        if projector is not None and not isinstance(projector, nn.Module):
-            raise FeatkdInputError(
-                f"projector: expected a torch.nn.Module or None, got {type(projector).__name__}"
+
+def check_joint_inputs(
+    student: torch.Tensor,
+    labels: torch.Tensor | None,
+    student_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    kind: str,
+) -> None:
+    """The inputs of the joint feature-label cost: logits ``(B, K)`` of one width, and
+    ``labels`` for any side without logits (class indices below ``K``)."""
+    _check_logits(student_logits, "student_logits", student)
+    _check_logits(teacher_logits, "teacher_logits", student)
+    if (
+        student_logits is not None
+        and teacher_logits is not None
+        and student_logits.shape[1] != teacher_logits.shape[1]
+    ):
+        raise ShapeError(
+            f"teacher_logits: expected {student_logits.shape[1]} classes (the width of "
+            f"student_logits), got shape {describe_shape(teacher_logits.shape)}"
+        )
+    if kind == "cross_entropy" and student_logits is None:
+        raise FeatkdInputError(
+            "student_logits: label_cost='cross_entropy' compares the student's predictions "
+            f"with the teacher's labels, expected a ({student.shape[0]}, K) tensor, got None"
+        )
+    missing_side = student_logits is None or teacher_logits is None
+    if missing_side and labels is None:
+        raise FeatkdInputError(
+            f"labels: expected class indices of shape ({student.shape[0]},) for the joint "
+            "feature-label cost (or both student_logits and teacher_logits), got None"
+        )
+    if missing_side and (student_logits is not None or teacher_logits is not None):
+        classes = (student_logits if student_logits is not None else teacher_logits).shape[1]
+        if bool((labels >= classes).any()):
+            raise ChoiceError(
+                f"labels: expected class indices < {classes} (the width of the logits), "
+                f"got a maximum of {int(labels.max())}"
             )
-        self.projector = projector
-        self.last_parts: dict[str, torch.Tensor] = {}
-
-    def project(self, student: torch.Tensor) -> torch.Tensor:
-        """Map the student into the teacher's width with the owned projector, if any.
-
-        The projector runs in its parameters' dtype (a float32 projector takes float16
-        features) and hands back the student's dtype. Its input width (``in_features``, when
-        it has one) and device are checked here, so a mismatch is reported as the student's.
-        """
-        if self.projector is None:
-            return student
-        validate_features(student, "student", FEATURES)
-        width = getattr(self.projector, "in_features", None)
-        if isinstance(width, int):
-            check_width(student, "student", width, "D_s")
-        param = next(self.projector.parameters(), None)
-        if param is None or not param.is_floating_point():
-            return self.projector(student)
-        check_same_device({"projector": param, "student": student})
-        return self.projector(student.to(param.dtype)).to(student.dtype)

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 
 from featkd._checks import ChoiceError
-from featkd._matching import MatchingLoss
+from featkd._loss import DistillationLoss
 from featkd._options import check_choice
-from featkd.gaussian_kl import GaussianKLLoss
-from featkd.gaussian_wasserstein import GaussianWassersteinLoss
-from featkd.mmd import MMDLoss
-from featkd.wasserstein import WassersteinLoss
+from featkd.kd2m._base import MatchingLoss
+from featkd.kd2m.gaussian_kl import GaussianKLLoss
+from featkd.kd2m.gaussian_wasserstein import GaussianWassersteinLoss
+from featkd.kd2m.mmd import MMDLoss
+from featkd.kd2m.wasserstein import WassersteinLoss
 
 __all__ = ["METRICS", "KD2MLoss", "kd2m_loss"]
 
@@ -57,12 +58,17 @@ def kd2m_loss(
     *,
     metric: str = "w2_gaussian",
     labels: torch.Tensor | None = None,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    reduction: str = "mean",
     **options: Any,
 ) -> torch.Tensor:
     """The KD2M distance ``metric`` between the student and teacher batches (function form).
 
     Builds the loss of :class:`KD2MLoss` and applies it once; see there for the metrics.
-    ``projector=`` is not accepted here (use the module, which owns it).
+    ``projector=`` is not accepted here (use the module, which owns it). ``student_logits``
+    and ``teacher_logits`` are for the joint Wasserstein cost (``label_weight > 0``); every
+    KD2M distance is batch-level, so ``reduction`` is ``"mean"`` only.
 
     Shape:
         - student: ``(B, D)``
@@ -80,10 +86,25 @@ def kd2m_loss(
             "projector: the function form has no owned parameters; use KD2MLoss(metric, "
             "projector=...) and add its parameters to the optimiser"
         )
-    return _build(metric, options)(student, teacher, labels=labels)
+    loss_fn = _build(metric, {**options, "reduction": reduction})
+    logits = _logits(metric, student_logits, teacher_logits)
+    return loss_fn(student, teacher, labels=labels, **logits)
 
 
-class KD2MLoss(torch.nn.Module):
+def _logits(metric: str, student_logits: Any, teacher_logits: Any) -> dict[str, Any]:
+    """The logits keywords actually given; only the Wasserstein metrics take them (and check
+    them against ``label_weight``): any other metric reports them rather than ignore them."""
+    given = {"student_logits": student_logits, "teacher_logits": teacher_logits}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and _REGISTRY[metric][0] is not WassersteinLoss:
+        raise ChoiceError(
+            f"{next(iter(given))}: only the joint Wasserstein cost uses logits (metric 'w2_emd' "
+            f"or 'w2_sinkhorn' with label_weight > 0), got them with metric {metric!r}"
+        )
+    return given
+
+
+class KD2MLoss(DistillationLoss):
     """Distribution matching of student and teacher features (KD2M, Montesuma 2025).
 
     ``loss = task_loss + lambda * KD2MLoss(metric)(student_features, teacher_features)``; the
@@ -116,7 +137,7 @@ class KD2MLoss(torch.nn.Module):
         metric: one of the names above.
         projector: optional module applied to the student first (owned and trained).
         **options: options of the underlying loss (``conditional``, ``label_weight``, ``reg``,
-            ``eps``, ``bandwidth``, ...).
+            ``ridge``, ``bandwidth``, ...).
 
     Shape:
         - student: ``(B, D_s)`` (``(B, D)`` without a projector)
@@ -148,21 +169,35 @@ class KD2MLoss(torch.nn.Module):
         """The detached parts of the last call (those of the underlying loss)."""
         return self.loss.last_parts
 
+    @last_parts.setter
+    def last_parts(self, value: dict[str, torch.Tensor]) -> None:
+        pass  # the base class's initial {}: the underlying loss holds the parts
+
     @property
     def projector(self) -> torch.nn.Module | None:
         """The owned projector of the student, if any."""
         return self.loss.projector
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        student_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The chosen distance between the (projected) student and the teacher batches.
 
         Args:
             student: student features.
             teacher: teacher features (detached inside).
-            **kwargs: ``labels=`` and, for the joint Wasserstein cost, ``student_logits=`` and
-                ``teacher_logits=``.
+            labels: class indices (conditional or joint variants; ignored otherwise).
+            student_logits: the student's logits ``(B, K)``, for the joint Wasserstein cost.
+            teacher_logits: the teacher's logits ``(B, K)``, for the joint Wasserstein cost.
         """
-        return self.loss(student, teacher, **kwargs)
+        logits = _logits(self.metric, student_logits, teacher_logits)
+        return self.loss(student, teacher, labels=labels, **logits)
 
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}"

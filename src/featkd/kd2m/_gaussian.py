@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from featkd._matching import matmul_nt
+from featkd.kd2m._sets import matmul_nt
 
 __all__ = [
     "ShrunkCovariance",

@@ -10,22 +10,25 @@ from collections.abc import Sequence
 import torch
 
 from featkd._checks import ChoiceError
-from featkd._matching import (
-    CONDITIONAL_NEEDS_LABELS,
-    MatchingLoss,
-    make_groups,
-    matmul_nt,
-    validate_pair,
-)
+from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_bool, check_choice, check_int, check_positive
-from featkd._ot import squared_distances
-from featkd._precision import result_dtype, work_dtype
+from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
+from featkd.kd2m._kernels import (
+    block_sums,
+    estimate,
+    pooled_pair_distances,
+    rbf,
+    squared_bandwidths,
+)
+from featkd.kd2m._sets import CONDITIONAL_NEEDS_LABELS, make_groups, matmul_nt, validate_pair
+from featkd.kd2m._transport import squared_distances
 
 __all__ = ["MMDLoss", "mmd_loss"]
 
 KERNELS = ("rbf", "linear", "poly")
 BANDWIDTH_RULES = ("median", "mean")
 ESTIMATORS = ("biased", "unbiased")
+_BATCH_LEVEL = f"the discrepancy {BATCH_LEVEL}"
 
 
 def _check_options(
@@ -61,110 +64,28 @@ def _check_options(
     check_bool(conditional, "conditional")
 
 
-def _pair_statistic(pairs: torch.Tensor, rule: str) -> torch.Tensor:
-    """``sigma^2`` before the multipliers: the median or the mean of the pooled squared
-    distances ``pairs`` (no gradient).
-
-    The median leaves out the pairs closer than ``sqrt(eps)`` times the mean (duplicated rows,
-    collapsed or dead features, the Gram expansion's rounding of a zero distance): they say
-    nothing about the scale of the data, and when they are the majority the plain median is 0
-    and ``1 / sigma^2`` overflows the gradient to NaN. What is left is never empty: its largest
-    pair is at least the mean. When every distance is 0 (all points equal) the kernel is 1 for
-    every pair whatever ``sigma``, and ``sigma^2 = 1`` keeps it and its gradient finite.
-    """
-    mean = pairs.mean()
-    if rule == "median":
-        resolution = mean * torch.finfo(pairs.dtype).eps ** 0.5
-        # NaN marks the left-out pairs for nanmedian: a mask, not a data-dependent shape
-        apart = torch.where(pairs > resolution, pairs, torch.full_like(pairs, torch.nan))
-        value = apart.nanmedian()
-    else:
-        value = mean
-    return torch.where(mean > 0, value, torch.ones_like(value))
-
-
-def _pooled_pair_distances(
-    d_ss: torch.Tensor, d_tt: torch.Tensor, d_st: torch.Tensor
-) -> torch.Tensor:
-    """The squared distances between distinct points of the pooled ``2B`` rows, from the three
-    ``(B, B)`` blocks: the upper triangles of the within-set blocks and the whole cross block."""
-    i, j = torch.triu_indices(*d_ss.shape, offset=1, device=d_ss.device)
-    return torch.cat([d_ss[i, j], d_tt[i, j], d_st.flatten()])
-
-
-def _squared_bandwidths(
-    bandwidth: str | float | Sequence[float],
-    multipliers: Sequence[float],
-    pairs: torch.Tensor | None,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """``sigma_k^2`` ``(K,)``: given, or a statistic of the pooled squared pairwise distances
-    ``pairs`` (detached, see :func:`_pair_statistic`) times each multiplier squared."""
-    if not isinstance(bandwidth, str):
-        values = [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
-        return torch.tensor(values, dtype=like.dtype, device=like.device).square()
-    base = _pair_statistic(pairs.detach(), bandwidth)
-    scale = torch.tensor(multipliers, dtype=like.dtype, device=like.device).square()
-    return (base * scale).clamp_min(torch.finfo(like.dtype).tiny)
-
-
-def _rbf(squared: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """``mean_k exp(-d / (2 sigma_k^2))`` of squared distances ``d``."""
-    factors = (-0.5 / sigma2).unbind()
-    kernel = torch.exp(squared * factors[0])
-    for factor in factors[1:]:
-        kernel = kernel + torch.exp(squared * factor)
-    return kernel / len(factors) if len(factors) > 1 else kernel
-
-
-def _block_sums(
-    kernel_ss: torch.Tensor,
-    kernel_tt: torch.Tensor,
-    kernel_st: torch.Tensor,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, ...]:
-    """Sums of each kernel block over real pairs, and of the two diagonals ``(G,)`` each."""
-    if mask is not None:
-        pair = (mask[:, :, None] & mask[:, None, :]).to(kernel_ss.dtype)
-        kernel_ss, kernel_tt, kernel_st = kernel_ss * pair, kernel_tt * pair, kernel_st * pair
-    total = [k.sum(dim=(-2, -1)) for k in (kernel_ss, kernel_tt, kernel_st)]
-    diagonals = [k.diagonal(dim1=-2, dim2=-1).sum(dim=-1) for k in (kernel_ss, kernel_tt)]
-    return (*total, *diagonals)
-
-
-def _estimate(
-    sum_ss: torch.Tensor,
-    sum_tt: torch.Tensor,
-    sum_st: torch.Tensor,
-    diag_ss: torch.Tensor,
-    diag_tt: torch.Tensor,
-    counts: torch.Tensor,
-    estimator: str,
-) -> torch.Tensor:
-    """Biased (V-statistic) or unbiased (U-statistic, Gretton et al. 2012, Lemma 6) MMD^2.
-
-    The unbiased within-set terms drop the ``i = j`` pairs; a group of one sample has none,
-    so it falls back to its biased value.
-
-    The biased value is ``||mean phi(s) - mean phi(t)||^2 >= 0`` for a positive semi-definite
-    kernel; the difference of sums that computes it can round below 0 (the polynomial kernel
-    far from the origin), so it is clamped there.
-    """
-    pairs = counts.square()
-    biased = ((sum_ss + sum_tt - 2 * sum_st) / pairs).clamp_min(0)
-    if estimator == "biased":
-        return biased
-    several = counts > 1
-    distinct = torch.where(several, counts * (counts - 1), torch.ones_like(counts))
-    unbiased = (sum_ss - diag_ss + sum_tt - diag_tt) / distinct - 2 * sum_st / pairs
-    return torch.where(several, unbiased, biased)
-
-
-def _mmd(
+def _check_inputs(
     student: torch.Tensor,
     teacher: torch.Tensor,
-    *,
     labels: torch.Tensor | None,
+    estimator: str,
+    conditional: bool,
+) -> None:
+    validate_pair(
+        student,
+        teacher,
+        labels,
+        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
+        min_batch=2 if estimator == "unbiased" and not conditional else 1,
+        min_batch_why="the unbiased estimator needs pairs of distinct samples",
+    )
+
+
+def _mmd_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
     kernel: str,
     bandwidth: str | float | Sequence[float],
     multipliers: Sequence[float],
@@ -172,72 +93,60 @@ def _mmd(
     degree: int,
     coef0: float,
     conditional: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
-    unbiased_needs_two = estimator == "unbiased" and not conditional
-    validate_pair(
-        student,
-        teacher,
-        labels,
-        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
-        min_batch=2 if unbiased_needs_two else 1,
-        min_batch_why="the unbiased estimator needs pairs of distinct samples",
-    )
+) -> Terms:
+    """Unchecked core (inputs in the working dtype): the batch-level ``"mmd2"`` term."""
     # (x.y + c)^d is not translation invariant, so no shift can keep a large common offset from
     # cancelling between the three kernel blocks: poly sums them in float64 instead
-    work = torch.float64 if kernel == "poly" else work_dtype(student, teacher)
-    parts: dict[str, torch.Tensor] = {}
+    work = torch.float64 if kernel == "poly" else student.dtype
+    diagnostics: dict[str, torch.Tensor] = {}
     scale = None
-    with torch.autocast(student.device.type, enabled=False):
-        source = student.to(work)
-        target = teacher.detach().to(work)
-        if kernel != "poly":  # rbf and linear MMD are translation invariant: shift for accuracy
-            shift = target.mean(dim=0)
-            source, target = source - shift, target - shift
-        groups = make_groups(source, target, labels, conditional)
-        xs, xt, mask, counts = groups.student, groups.teacher, groups.mask, groups.counts
-        if kernel == "linear":  # k(x, y) = x.y: closed forms in O(B D)
-            total_s, total_t = xs.sum(dim=-2), xt.sum(dim=-2)
-            sum_ss, sum_tt = total_s.square().sum(dim=-1), total_t.square().sum(dim=-1)
-            sum_st = (total_s * total_t).sum(dim=-1)
-            diag_ss = xs.square().sum(dim=(-2, -1))
-            diag_tt = xt.square().sum(dim=(-2, -1))
-        elif kernel == "poly":  # k(x, y) = (x.y + c)^d (NST)
-            # divided by S >= |x.y + c| (Cauchy-Schwarz: S = max ||x||^2 + c) the kernel lies in
-            # [-1, 1] and no sum overflows at a large degree; S^d goes back on at the end
-            scale = torch.cat([source, target]).detach().square().sum(dim=-1).amax() + coef0
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            kernels = [
-                ((matmul_nt(a, b) + coef0) / scale).pow(degree)
-                for a, b in ((xs, xs), (xt, xt), (xs, xt))
-            ]
-            sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
-        else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
-            distances = [squared_distances(a, b) for a, b in ((xs, xs), (xt, xt), (xs, xt))]
-            pairs = None
-            if isinstance(bandwidth, str):  # one bandwidth from the whole batch
-                with torch.no_grad():
-                    blocks = [d[0] for d in distances]
-                    if conditional:
-                        blocks = [
-                            squared_distances(a.detach(), b.detach())
-                            for a, b in ((source, source), (target, target), (source, target))
-                        ]
-                    pairs = _pooled_pair_distances(*blocks)
-            sigma2 = _squared_bandwidths(bandwidth, multipliers, pairs, source)
-            parts["bandwidth"] = sigma2.sqrt().mean()
-            kernels = [_rbf(d, sigma2) for d in distances]
-            sum_ss, sum_tt, sum_st, diag_ss, diag_tt = _block_sums(*kernels, mask)
-        per_group = _estimate(sum_ss, sum_tt, sum_st, diag_ss, diag_tt, counts, estimator)
-        loss = per_group.mean()
-        if scale is not None:
-            # past the float64 range the factor saturates: 0 stays 0 (not 0 * inf = NaN)
-            loss = loss * scale.pow(degree).clamp_max(torch.finfo(work).max)
-        loss = loss.to(result_dtype(student.dtype))
-    parts = {"mmd2": loss.detach(), **parts}
+    source = student.to(work)
+    target = teacher.detach().to(work)
+    if kernel != "poly":  # rbf and linear MMD are translation invariant: shift for accuracy
+        shift = target.mean(dim=0)
+        source, target = source - shift, target - shift
+    groups = make_groups(source, target, labels, conditional)
+    xs, xt, mask, counts = groups.student, groups.teacher, groups.mask, groups.counts
+    if kernel == "linear":  # k(x, y) = x.y: closed forms in O(B D)
+        total_s, total_t = xs.sum(dim=-2), xt.sum(dim=-2)
+        sum_ss, sum_tt = total_s.square().sum(dim=-1), total_t.square().sum(dim=-1)
+        sum_st = (total_s * total_t).sum(dim=-1)
+        diag_ss = xs.square().sum(dim=(-2, -1))
+        diag_tt = xt.square().sum(dim=(-2, -1))
+    elif kernel == "poly":  # k(x, y) = (x.y + c)^d (NST)
+        # divided by S >= |x.y + c| (Cauchy-Schwarz: S = max ||x||^2 + c) the kernel lies in
+        # [-1, 1] and no sum overflows at a large degree; S^d goes back on at the end
+        scale = torch.cat([source, target]).detach().square().sum(dim=-1).amax() + coef0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        kernels = [
+            ((matmul_nt(a, b) + coef0) / scale).pow(degree)
+            for a, b in ((xs, xs), (xt, xt), (xs, xt))
+        ]
+        sum_ss, sum_tt, sum_st, diag_ss, diag_tt = block_sums(*kernels, mask)
+    else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
+        distances = [squared_distances(a, b) for a, b in ((xs, xs), (xt, xt), (xs, xt))]
+        pairs = None
+        if isinstance(bandwidth, str):  # one bandwidth from the whole batch
+            with torch.no_grad():
+                blocks = [d[0] for d in distances]
+                if conditional:
+                    blocks = [
+                        squared_distances(a.detach(), b.detach())
+                        for a, b in ((source, source), (target, target), (source, target))
+                    ]
+                pairs = pooled_pair_distances(*blocks)
+        sigma2 = squared_bandwidths(bandwidth, multipliers, pairs, source)
+        diagnostics["bandwidth"] = sigma2.sqrt().mean()
+        kernels = [rbf(d, sigma2) for d in distances]
+        sum_ss, sum_tt, sum_st, diag_ss, diag_tt = block_sums(*kernels, mask)
+    per_group = estimate(sum_ss, sum_tt, sum_st, diag_ss, diag_tt, counts, estimator)
+    loss = per_group.mean()
+    if scale is not None:
+        # past the float64 range the factor saturates: 0 stays 0 (not 0 * inf = NaN)
+        loss = loss * scale.pow(degree).clamp_max(torch.finfo(work).max)
     if conditional:
-        parts["classes"] = torch.tensor(float(len(groups.sizes)))
-    return loss, parts
+        diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
+    return Terms({"mmd2": loss}, diagnostics)
 
 
 def mmd_loss(
@@ -252,6 +161,7 @@ def mmd_loss(
     degree: int = 2,
     coef0: float = 0.0,
     conditional: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Squared maximum mean discrepancy ``MMD^2`` between the batches (KD2M, NST).
 
@@ -305,6 +215,8 @@ def mmd_loss(
         degree: poly: the degree ``d``.
         coef0: poly: the constant ``c >= 0``.
         conditional: average over the classes in ``labels``.
+        reduction: ``"mean"`` only: the discrepancy is a property of the two batches, with no
+            per-sample values.
 
     Shape:
         - student: ``(B, D)`` (``B >= 2`` for the unbiased estimator unless conditional)
@@ -320,10 +232,14 @@ def mmd_loss(
         >>> bool(torch.isclose(linear, (s.mean(0) - t.mean(0)).square().sum(), rtol=1e-4))
         True
     """
-    loss, _ = _mmd(
+    _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
+    check_reduction(reduction, batch_level=_BATCH_LEVEL)
+    _check_inputs(student, teacher, labels, estimator, conditional)
+    loss, _ = evaluate(
+        _mmd_terms,
         student,
         teacher,
-        labels=labels,
+        labels,
         kernel=kernel,
         bandwidth=bandwidth,
         multipliers=multipliers,
@@ -351,6 +267,7 @@ class MMDLoss(MatchingLoss):
         coef0: poly: the constant.
         conditional: mean over the classes in ``labels`` of the per-class ``MMD^2``.
         projector: optional module applied to the student first (owned and trained).
+        reduction: ``"mean"`` only (a batch-level discrepancy).
 
     Shape:
         - student: ``(B, D_s)`` (``(B, D)`` without a projector)
@@ -358,15 +275,15 @@ class MMDLoss(MatchingLoss):
         - labels: ``(B,)`` integer, optional
         - output: scalar
 
-    ``last_parts``: ``"mmd2"``, for rbf ``"bandwidth"`` (the mean ``sigma``) and, when
+    ``last_parts``: ``"total"``, ``"mmd2"`` (equal: one term), for rbf ``"bandwidth"`` (the mean ``sigma``) and, when
     conditional, ``"classes"``.
 
     Example:
         >>> loss_fn = MMDLoss(kernel="rbf", multipliers=(0.5, 1.0, 2.0), estimator="unbiased")
         >>> s, t = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
         >>> loss_fn(s, t).backward()
-        >>> sorted(loss_fn.last_parts)
-        ['bandwidth', 'mmd2']
+        >>> list(loss_fn.last_parts)
+        ['total', 'mmd2', 'bandwidth']
     """
 
     def __init__(
@@ -380,9 +297,11 @@ class MMDLoss(MatchingLoss):
         coef0: float = 0.0,
         conditional: bool = False,
         projector: torch.nn.Module | None = None,
+        reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
         _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
+        self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.kernel = kernel
         self.bandwidth = bandwidth if isinstance(bandwidth, (str, int, float)) else tuple(bandwidth)
         self.multipliers = tuple(float(m) for m in multipliers)
@@ -391,20 +310,14 @@ class MMDLoss(MatchingLoss):
         self.coef0 = float(coef0)
         self.conditional = conditional
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``MMD^2`` between the (projected) student batch and the teacher batch.
+    def _check(self, student, teacher, labels) -> None:
+        _check_inputs(student, teacher, labels, self.estimator, self.conditional)
 
-        Args:
-            student: student features.
-            teacher: teacher features (detached inside).
-            labels: class indices (for ``conditional``).
-        """
-        loss, parts = _mmd(
-            self.project(student),
+    def _terms(self, student, teacher, labels) -> Terms:
+        return _mmd_terms(
+            student,
             teacher,
-            labels=labels,
+            labels,
             kernel=self.kernel,
             bandwidth=self.bandwidth,
             multipliers=self.multipliers,
@@ -413,8 +326,6 @@ class MMDLoss(MatchingLoss):
             coef0=self.coef0,
             conditional=self.conditional,
         )
-        self.last_parts = parts
-        return loss
 
     def extra_repr(self) -> str:
         text = f"kernel={self.kernel!r}, estimator={self.estimator!r}"

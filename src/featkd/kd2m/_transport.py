@@ -13,10 +13,11 @@ import math
 
 import torch
 
-from featkd._matching import matmul_nt
+from featkd.kd2m._sets import Groups, matmul_nt
 
 __all__ = [
     "emd_plans",
+    "entropic_transport",
     "ground_cost",
     "label_cost",
     "log_marginals",
@@ -71,17 +72,14 @@ def _emd_plans_on_host(cost: torch.Tensor, sizes: list[int], max_iter: int) -> t
     return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
 
 
-# A custom op is opaque to torch.compile (one node in the graph, no graph break, no tracing of
-# POT's numpy code), and, unlike torch.compiler.disable, costs no import of dynamo.
-if hasattr(torch.library, "custom_op"):  # torch >= 2.4
-    _emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
+# A custom op is opaque to torch.compile: one node in the graph, no graph break, no tracing of
+# POT's numpy code.
+_emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
 
-    @_emd_op.register_fake
-    def _(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
-        return torch.empty_like(cost)
 
-else:  # older torch: keep dynamo out of POT's numpy code the old way (imports dynamo)
-    _emd_op = torch.compiler.disable(_emd_plans_on_host)
+@_emd_op.register_fake
+def _(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
+    return torch.empty_like(cost)
 
 
 def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:
@@ -251,3 +249,70 @@ def label_cost(
     else:
         student_y = torch.nn.functional.one_hot(labels, classes).to(dtype)
     return squared_distances(student_y, teacher_y)
+
+
+def entropic_transport(
+    cost: torch.Tensor,
+    groups: Groups,
+    reg: float,
+    relative_reg: bool,
+    max_iter: int,
+    tol: float | None,
+    check_every: int,
+    debias: bool,
+    self_costs: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], float | None]:
+    """Entropic OT ``<gamma, C> + eps KL(gamma | a b^T)`` per group, gradient ``gamma`` (exact
+    at convergence by the envelope theorem, including through ``eps`` when it is relative).
+    Also returns the marginal error when the solver stopped above ``tol`` (else None)."""
+    mask, counts = groups.mask, groups.counts
+    n = cost.shape[-1]
+    pair_mask = None if mask is None else (mask[:, :, None] & mask[:, None, :])
+    if relative_reg:
+        real_cost = cost if pair_mask is None else cost * pair_mask
+        eps = reg * real_cost.sum(dim=(-2, -1)) / counts.square()
+        # a zero mean cost (identical single points, constant features) needs no smoothing
+        eps = eps.clamp_min(torch.finfo(cost.dtype).tiny)
+    else:
+        eps = torch.full_like(counts, reg)
+    costs = [cost] if not debias else [cost, *self_costs]
+    stacked = torch.cat(costs, dim=0)
+    copies = len(costs)
+    eps_all = eps.detach().repeat(copies)
+    log_mass = log_marginals(mask, counts, n).repeat(copies, 1)
+    scaled = stacked.detach() / eps_all[:, None, None]
+    if pair_mask is not None:
+        scaled = scaled.masked_fill(~pair_mask.repeat(copies, 1, 1), 0.0)
+    u, v, iterations, error = sinkhorn_log(
+        scaled,
+        log_mass,
+        log_mass,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+        padded=mask is not None,
+    )
+    with torch.no_grad():
+        log_plan = u[:, :, None] + v[:, None, :] - scaled
+        plan = log_plan.exp()
+        log_ratio = log_plan - log_mass[:, :, None] - log_mass[:, None, :]
+        kl = torch.where(plan > 0, plan * log_ratio, torch.zeros_like(plan)).sum(dim=(-2, -1))
+        mass = log_mass.exp()
+        row_error = (plan.sum(dim=-1) - mass).abs().sum(dim=-1)
+        column_error = (plan.sum(dim=-2) - mass).abs().sum(dim=-1)
+        marginal_error = torch.maximum(row_error, column_error).max()
+    transport = (plan * stacked).sum(dim=(-2, -1))
+    value = transport + eps.repeat(copies) * kl  # (copies * G,)
+    per_copy = value.view(copies, -1)
+    result = per_copy[0]
+    if debias:  # Sinkhorn divergence: OT(s,t) - OT(s,s)/2 - OT(t,t)/2
+        result = result - 0.5 * per_copy[1] - 0.5 * per_copy[2]
+    parts = {
+        "transport": transport.view(copies, -1)[0].detach().mean(),
+        "entropy": (eps.detach() * kl.view(copies, -1)[0]).mean(),
+        "reg": eps.detach().mean(),
+        "iterations": torch.tensor(float(iterations)),
+        "marginal_error": marginal_error,
+    }
+    unconverged = error if tol is not None and not error <= tol else None
+    return result, parts, unconverged

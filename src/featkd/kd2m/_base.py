@@ -1,0 +1,125 @@
+"""The base of the KD2M loss modules: a batch-level loss with an optional owned projector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from featkd._checks import (
+    FeatkdInputError,
+    check_floating,
+    check_rank,
+    check_same_device,
+    check_width,
+)
+from featkd._loss import DistillationLoss, evaluate
+from featkd.kd2m._sets import FEATURES
+
+__all__ = ["BATCH_LEVEL", "GeneratorState", "MatchingLoss"]
+
+#: Why no KD2M loss has a per-sample form (the ``reduction`` error says it).
+BATCH_LEVEL = "it compares the two batches as distributions"
+
+
+class MatchingLoss(DistillationLoss):
+    """Base of the KD2M modules: the owned ``projector`` of the student and the common call.
+
+    ``forward`` projects the student (outside the precision fence: the projector is the user's
+    layer and follows autocast), checks the inputs once, then evaluates the core.
+    """
+
+    def __init__(self, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        if projector is not None and not isinstance(projector, nn.Module):
+            raise FeatkdInputError(
+                f"projector: expected a torch.nn.Module or None, got {type(projector).__name__}"
+            )
+        self.projector = projector
+
+    def project(self, student: torch.Tensor) -> torch.Tensor:
+        """Map the student into the teacher's width with the owned projector, if any.
+
+        The projector runs in its parameters' dtype (a float32 projector takes float16
+        features) and hands back the student's dtype. Its input width (``in_features``, when
+        it has one) and device are checked here, so a mismatch is reported as the student's;
+        finiteness is checked once, on the projected features.
+        """
+        if self.projector is None:
+            return student
+        check_rank(student, "student", FEATURES)
+        check_floating(student, "student")
+        width = getattr(self.projector, "in_features", None)
+        if isinstance(width, int):
+            check_width(student, "student", width, "D_s")
+        param = next(self.projector.parameters(), None)
+        if param is None or not param.is_floating_point():
+            return self.projector(student)
+        check_same_device({"projector": param, "student": student})
+        return self.projector(student.to(param.dtype)).to(student.dtype)
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._match(student, teacher, labels)
+
+    def _match(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        **inputs: Any,
+    ) -> torch.Tensor:
+        self._guard(student, teacher)
+        projected = self.project(student)
+        self._check(projected, teacher, labels, **inputs)
+        loss, self.last_parts = evaluate(self._terms, projected, teacher, labels, **inputs)
+        return loss
+
+
+class GeneratorState:
+    """Mixin of a module with an owned ``generator`` (``None`` with ``seed=None``): saves its
+    position in ``state_dict()`` so that a resumed run continues the same random draws.
+
+    Loading a seeded module's state into a ``seed=None`` one raises an error (its sequence
+    could not be resumed); loading a ``seed=None`` state into a seeded module leaves that
+    module's generator as it is.
+    """
+
+    generator: torch.Generator | None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The position of the module's own generator (None with ``seed=None``), saved in
+        ``state_dict()`` so that a resumed run continues the sliced directions."""
+        if self.generator is None:
+            return {"generator_state": None}
+        return {
+            "generator_state": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint saved before the generator state was kept has no such key: load it as
+        # one saved with seed=None (the generator keeps its position) instead of failing
+        state_dict.setdefault(prefix + "_extra_state", {"generator_state": None})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the generator saved by :meth:`get_extra_state` (see :class:`GeneratorState`)."""
+        saved = state.get("generator_state") if isinstance(state, dict) else None
+        if saved is None:
+            return  # saved with seed=None: no sequence of its own to resume
+        if self.generator is None:
+            raise FeatkdInputError(
+                "state_dict: expected no generator state (this module has seed=None and draws "
+                "from torch's global generator), got the state of a seeded module's generator; "
+                "build the module with seed= to resume its sequence of sliced directions"
+            )
+        device = state.get("generator_device", "cpu")
+        if device != self.generator.device.type:
+            raise FeatkdInputError(
+                f"state_dict: expected the state of a {self.generator.device.type} generator "
+                f"(this module's seed), got that of a {device} generator"
+            )
+        self.generator.set_state(saved.cpu())
