@@ -134,7 +134,9 @@ def test_module_parts_and_gradient_routing():
     t = torch.randn(12, 6, requires_grad=True)
     loss_fn = GaussianKLLoss(direction="teacher_student", ridge=0.01)
     loss = loss_fn(s, t)
-    torch.testing.assert_close(loss, gaussian_kl_loss(s, t, direction="teacher_student", ridge=0.01))
+    torch.testing.assert_close(
+        loss, gaussian_kl_loss(s, t, direction="teacher_student", ridge=0.01)
+    )
     parts = loss_fn.last_parts
     # the parts stay in the working dtype (float64 for the full covariance)
     torch.testing.assert_close((parts["mean"] + parts["covariance"]).float(), loss.detach())
