@@ -208,7 +208,7 @@ def test_every_term_matches_direct_recomputation(device, dtype):
         "kl/t2s@1",
         "kl/t2s@2",
     }
-    assert set(fcfd.last_parts) == set(expected) | {"appearance", "function", "kl", "loss"}
+    assert set(fcfd.last_parts) == set(expected) | {"total", "kl", "mse", "appearance", "function"}
     tol = tolerance(dtype)
     for name, value in expected.items():
         got = fcfd.last_parts[name]
@@ -235,8 +235,7 @@ def test_weights_and_temperature():
         example_input=(images, images),
         num_paths="all",
         temperature=8.0,
-        kl_weight=0.5,
-        mse_weight=2.0,
+        weights={"kl": 0.5, "mse": 2.0},
     )
     s_feats, t_feats = run(student, images), teacher_features(teacher, images)
     loss = fcfd(s_feats, t_feats)
@@ -345,7 +344,7 @@ def test_gradient_flows_through_the_frozen_teacher(device):
         directions="s2t",
         crossings=[1],
         num_paths="all",
-        mse_weight=0.0,
+        weights={"mse": 0.0},
     )
     t_feats = teacher_features(teacher, images)
     loss = fcfd(run(student, images), t_feats)
@@ -378,7 +377,7 @@ def test_student_later_stages_train_without_touching_running_statistics(device):
         directions="t2s",
         crossings=[1],
         num_paths="all",
-        mse_weight=0.0,
+        weights={"mse": 0.0},
     )
     s_feats, t_feats = run(student, images), teacher_features(teacher, images)
     after_own_forward = {n: b.clone() for n, b in student.named_buffers()}
@@ -440,8 +439,8 @@ def test_auto_post_relu_follows_the_targets():
 # ------------------------------------------------------------------ paths and warm-up
 def test_path_sampling_is_uniform_and_seeded():
     student, teacher, images = make_pair("cpu")
-    fcfd = FCFDLoss(student, teacher, example_input=(images, images), generator=7)
-    again = FCFDLoss(student, teacher, example_input=(images, images), generator=7)
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
+    again = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
     draws = [fcfd.sample_paths() for _ in range(400)]
     assert draws == [again.sample_paths() for _ in range(400)]
     counts = {path: 0 for path in ALL_PATHS}
@@ -456,7 +455,7 @@ def test_path_sampling_is_uniform_and_seeded():
 
 def test_only_sampled_paths_are_computed():
     student, teacher, images = make_pair("cpu")
-    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths=1, generator=3)
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths=1, seed=3)
     fcfd(run(student, images), teacher_features(teacher, images))
     (path,) = fcfd.last_paths
     kl_terms = [n for n in fcfd.last_parts if n.startswith("kl/")]
@@ -506,7 +505,7 @@ def test_vit_student_with_cnn_teacher(device):
     t_feats = teacher_features(teacher, images)
     loss = fcfd(s_feats, t_feats)
     expected = reference_parts(fcfd, student, teacher, s_feats, t_feats, ALL_PATHS)
-    assert set(fcfd.last_parts) == set(expected) | {"appearance", "function", "kl", "loss"}
+    assert set(fcfd.last_parts) == set(expected) | {"total", "kl", "mse", "appearance", "function"}
     for name, value in expected.items():
         torch.testing.assert_close(fcfd.last_parts[name], value.detach(), msg=name)
     loss.backward()
@@ -676,8 +675,8 @@ def test_option_errors():
         FCFDLoss(student, teacher, post_relu={"forward": True}, **kw)
     with pytest.raises(ChoiceError, match=r"pool: expected one of"):
         FCFDLoss(student, teacher, pool="max", **kw)
-    with pytest.raises(ChoiceError, match=r"generator: expected None, an integer seed >= 0"):
-        FCFDLoss(student, teacher, generator="seed", **kw)
+    with pytest.raises(ChoiceError, match=r"seed: expected None, an integer seed >= 0"):
+        FCFDLoss(student, teacher, seed="seed", **kw)
     with pytest.raises(ShapeError, match=r"student_layouts: expected 3 layouts"):
         FCFDLoss(student, teacher, student_layouts=["map"], **kw)
     with pytest.raises(ShapeError, match=r"s2t bridge after stage 1: cannot resample a 8x8 grid"):
@@ -694,7 +693,7 @@ def test_option_errors():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"generator": -1}, r"generator: expected None, an integer seed >= 0 .* got -1"),
+        ({"seed": -1}, r"seed: expected None, an integer seed >= 0 .* got -1"),
         ({"crossings": 2}, r"crossings: expected None or a sequence of stage numbers .* got 2"),
         ({"directions": 5}, r"directions: expected 's2t', 't2s' or a sequence of them, got 5"),
         ({"pool": "cls"}, r"pool: mode 'cls' cannot pool the teacher's last features"),
