@@ -859,7 +859,7 @@ def test_seed_and_weights_keywords_and_their_old_names():
     new = FCFDLoss(student, teacher, seed=5, weights={"kl": 0.5, "mse": 2.0}, **kw)
     with pytest.warns(FutureWarning, match=r"generator= is renamed to seed="):
         old = FCFDLoss(student, teacher, generator=5, weights={"kl": 0.5, "mse": 2.0}, **kw)
-    with pytest.warns(FutureWarning, match=r"kl_weight=, mse_weight= deprecated"):
+    with pytest.warns(FutureWarning, match=r"kl_weight=, mse_weight= are deprecated"):
         older = FCFDLoss(student, teacher, seed=5, kl_weight=0.5, mse_weight=2.0, **kw)
     older.load_state_dict(new.state_dict())
     old.load_state_dict(new.state_dict())

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from featkd._checks import ChoiceError, FeatkdInputError, ShapeError
-from featkd._loss import user_stacklevel
 from featkd._options import check_choice, check_weights
 from featkd.fcfd._inputs import check_feature_list
 from featkd.fcfd._stages import eval_mode, run_probe
@@ -302,10 +301,11 @@ def fcfd_weights(
                     "got both"
                 )
         warnings.warn(
-            f"{owner}: {', '.join(f'{t}_weight=' for t in old)} deprecated and will be removed "
+            f"{owner}: {', '.join(f'{t}_weight=' for t in old)} "
+            f"{'is' if len(old) == 1 else 'are'} deprecated and will be removed "
             f"in the next release; pass weights={{{', '.join(f'{t!r}: ...' for t in old)}}}",
             FutureWarning,
-            stacklevel=user_stacklevel(),
+            stacklevel=3,  # the caller of the constructor that calls this
         )
         weights = {**given, **old}
     if weights is None:

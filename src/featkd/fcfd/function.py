@@ -22,7 +22,7 @@ from featkd.fcfd._options import (
 from featkd.fcfd._paths import Routes, run_paths
 from featkd.kd import _kd_terms
 
-__all__ = ["fcfd_loss", "fcfd_terms_loss"]
+__all__ = ["fcfd_loss"]
 
 PoolFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,7 +70,7 @@ def _fcfd_terms(
     return Terms(terms, {name: value.detach() for name, value in diagnostics.items()})
 
 
-def fcfd_terms_loss(
+def _fcfd_unchecked(
     student: Sequence[torch.Tensor],
     teacher: Sequence[torch.Tensor],
     student_stages: Sequence[nn.Module],
@@ -187,7 +187,7 @@ def fcfd_loss(
     reduction = check_reduction(reduction)
     bridge_param = next((p for b in s2t for p in b.parameters()), None)
     check_stage_outputs(student, teacher, count, bridge_param)
-    loss, _ = fcfd_terms_loss(
+    loss, _ = _fcfd_unchecked(
         student,
         teacher,
         student_stages,

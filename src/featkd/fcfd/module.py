@@ -24,7 +24,7 @@ from featkd.fcfd._options import (
     probe,
 )
 from featkd.fcfd.bridges import RESAMPLE_MODES, FeatureSpec, build_bridge
-from featkd.fcfd.function import fcfd_terms_loss
+from featkd.fcfd.function import _fcfd_unchecked
 from featkd.fcfd.layouts import last_feature_pool, stage_specs
 
 __all__ = ["FCFDLoss"]
@@ -296,7 +296,7 @@ class FCFDLoss(DistillationLoss):
         self._guard(student[-1], teacher[-1])
         count = self.num_stages
         t2s = dict(self.t2s.items())
-        loss, self.last_parts = fcfd_terms_loss(
+        loss, self.last_parts = _fcfd_unchecked(
             student,
             teacher,
             self._student_stages,
