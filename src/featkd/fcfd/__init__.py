@@ -4,8 +4,10 @@ Both networks are split into ``K`` stages, the last one ending in logits. Stage 
 carried across by bridges (:mod:`featkd.bridges`), and *mixed paths* run the first ``k`` stages
 of one network and the remaining stages of the other:
 
-* ``s2t@k``: student stages ``1..k`` -> bridge ``s2t[k]`` -> teacher stages ``k+1..K``;
-* ``t2s@k``: teacher stages ``1..k`` -> bridge ``t2s[k]`` -> student stages ``k+1..K``.
+* ``s2t@k``: student stages ``1..k`` -> the s2t bridge after stage ``k`` -> teacher stages
+  ``k+1..K``;
+* ``t2s@k``: teacher stages ``1..k`` -> the t2s bridge after stage ``k`` -> student stages
+  ``k+1..K``.
 
 The student features are not only pushed towards the teacher's (appearance), they must also
 *work* inside the teacher (function): the teacher's later stages, run on the bridged student
