@@ -23,6 +23,7 @@ from featkd import (
     ShapeError,
 )
 from featkd.bridges import FeatureSpec
+from featkd.fcfd import fcfd_loss
 
 
 @pytest.fixture(autouse=True)
@@ -208,7 +209,7 @@ def test_every_term_matches_direct_recomputation(device, dtype):
         "kl/t2s@1",
         "kl/t2s@2",
     }
-    assert set(fcfd.last_parts) == set(expected) | {"appearance", "function", "kl", "loss"}
+    assert set(fcfd.last_parts) == set(expected) | {"total", "kl", "mse", "appearance", "function"}
     tol = tolerance(dtype)
     for name, value in expected.items():
         got = fcfd.last_parts[name]
@@ -235,8 +236,7 @@ def test_weights_and_temperature():
         example_input=(images, images),
         num_paths="all",
         temperature=8.0,
-        kl_weight=0.5,
-        mse_weight=2.0,
+        weights={"kl": 0.5, "mse": 2.0},
     )
     s_feats, t_feats = run(student, images), teacher_features(teacher, images)
     loss = fcfd(s_feats, t_feats)
@@ -345,7 +345,7 @@ def test_gradient_flows_through_the_frozen_teacher(device):
         directions="s2t",
         crossings=[1],
         num_paths="all",
-        mse_weight=0.0,
+        weights={"mse": 0.0},
     )
     t_feats = teacher_features(teacher, images)
     loss = fcfd(run(student, images), t_feats)
@@ -378,7 +378,7 @@ def test_student_later_stages_train_without_touching_running_statistics(device):
         directions="t2s",
         crossings=[1],
         num_paths="all",
-        mse_weight=0.0,
+        weights={"mse": 0.0},
     )
     s_feats, t_feats = run(student, images), teacher_features(teacher, images)
     after_own_forward = {n: b.clone() for n, b in student.named_buffers()}
@@ -440,8 +440,8 @@ def test_auto_post_relu_follows_the_targets():
 # ------------------------------------------------------------------ paths and warm-up
 def test_path_sampling_is_uniform_and_seeded():
     student, teacher, images = make_pair("cpu")
-    fcfd = FCFDLoss(student, teacher, example_input=(images, images), generator=7)
-    again = FCFDLoss(student, teacher, example_input=(images, images), generator=7)
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
+    again = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
     draws = [fcfd.sample_paths() for _ in range(400)]
     assert draws == [again.sample_paths() for _ in range(400)]
     counts = {path: 0 for path in ALL_PATHS}
@@ -456,7 +456,7 @@ def test_path_sampling_is_uniform_and_seeded():
 
 def test_only_sampled_paths_are_computed():
     student, teacher, images = make_pair("cpu")
-    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths=1, generator=3)
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths=1, seed=3)
     fcfd(run(student, images), teacher_features(teacher, images))
     (path,) = fcfd.last_paths
     kl_terms = [n for n in fcfd.last_parts if n.startswith("kl/")]
@@ -506,7 +506,7 @@ def test_vit_student_with_cnn_teacher(device):
     t_feats = teacher_features(teacher, images)
     loss = fcfd(s_feats, t_feats)
     expected = reference_parts(fcfd, student, teacher, s_feats, t_feats, ALL_PATHS)
-    assert set(fcfd.last_parts) == set(expected) | {"appearance", "function", "kl", "loss"}
+    assert set(fcfd.last_parts) == set(expected) | {"total", "kl", "mse", "appearance", "function"}
     for name, value in expected.items():
         torch.testing.assert_close(fcfd.last_parts[name], value.detach(), msg=name)
     loss.backward()
@@ -676,8 +676,8 @@ def test_option_errors():
         FCFDLoss(student, teacher, post_relu={"forward": True}, **kw)
     with pytest.raises(ChoiceError, match=r"pool: expected one of"):
         FCFDLoss(student, teacher, pool="max", **kw)
-    with pytest.raises(ChoiceError, match=r"generator: expected None, an integer seed >= 0"):
-        FCFDLoss(student, teacher, generator="seed", **kw)
+    with pytest.raises(ChoiceError, match=r"seed: expected None, an integer seed >= 0"):
+        FCFDLoss(student, teacher, seed="seed", **kw)
     with pytest.raises(ShapeError, match=r"student_layouts: expected 3 layouts"):
         FCFDLoss(student, teacher, student_layouts=["map"], **kw)
     with pytest.raises(ShapeError, match=r"s2t bridge after stage 1: cannot resample a 8x8 grid"):
@@ -694,7 +694,7 @@ def test_option_errors():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"generator": -1}, r"generator: expected None, an integer seed >= 0 .* got -1"),
+        ({"seed": -1}, r"seed: expected None, an integer seed >= 0 .* got -1"),
         ({"crossings": 2}, r"crossings: expected None or a sequence of stage numbers .* got 2"),
         ({"directions": 5}, r"directions: expected 's2t', 't2s' or a sequence of them, got 5"),
         ({"pool": "cls"}, r"pool: mode 'cls' cannot pool the teacher's last features"),
@@ -742,3 +742,173 @@ def test_docs_example_runs():
     assert blocks
     namespace: dict = {}
     exec(compile("\n".join(blocks), str(page), "exec"), namespace)
+
+
+# ------------------------------------------------------------------ the function form and the contract
+def module_and_function_inputs(fcfd):
+    """What :func:`fcfd_loss` needs to compute what ``fcfd`` computed on its last call."""
+    count, t2s = fcfd.num_stages, dict(fcfd.t2s.items())
+    return {
+        "student_stages": list(fcfd._student_stages),
+        "teacher_stages": list(fcfd._teacher_stages),
+        "s2t": [fcfd.s2t[f"stage{k}"] for k in range(1, count)],
+        "t2s": [t2s.get(f"stage{k}") for k in range(1, count)],
+        "paths": list(fcfd.last_paths),
+        "temperature": fcfd.temperature,
+        "weights": dict(fcfd.weights),
+        "warmup": fcfd.warmup,
+        "pool": fcfd.pool_fn,
+    }
+
+
+@pytest.mark.parametrize("num_paths", ["all", 1])
+def test_function_equals_module(num_paths):
+    student, teacher, images = make_pair("cpu")
+    fcfd = FCFDLoss(
+        student,
+        teacher,
+        example_input=(images, images),
+        num_paths=num_paths,
+        seed=2,
+        weights={"kl": 0.7, "mse": 3.0},
+    )
+    fcfd.warmup = 0.4
+    t_feats = teacher_features(teacher, images)
+    s_feats = run(student, images)
+    loss = fcfd(s_feats, t_feats)
+    loss.backward()
+    module_grads = [p.grad for p in (*student.parameters(), *fcfd.parameters())]
+    student.zero_grad(set_to_none=True)
+    fcfd.zero_grad(set_to_none=True)
+    s_feats = run(student, images)
+    value = fcfd_loss(s_feats, t_feats, **module_and_function_inputs(fcfd))
+    value.backward()
+    grads = [p.grad for p in (*student.parameters(), *fcfd.parameters())]
+    assert torch.equal(value, loss)
+    assert sum(g is not None for g in grads) > len(list(student.parameters()))
+    for got, expected in zip(grads, module_grads, strict=True):
+        assert (got is None and expected is None) or torch.equal(got, expected)
+
+
+def test_function_default_paths_and_labels_ignored():
+    student, teacher, images = make_pair("cpu", torch.float64)
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths="all")
+    s_feats, t_feats = run(student, images), teacher_features(teacher, images)
+    loss = fcfd(s_feats, t_feats)
+    assert torch.equal(fcfd(s_feats, t_feats, labels=torch.arange(6)), loss)
+    inputs = module_and_function_inputs(fcfd)
+    del inputs["paths"]  # the default: crossings 1..K-2 in both directions
+    value = fcfd_loss(s_feats, t_feats, **inputs)
+    labelled = fcfd_loss(s_feats, t_feats, **inputs, labels=torch.arange(6))
+    assert torch.equal(value, loss) and torch.equal(labelled, loss)
+
+
+def test_last_parts_order():
+    student, teacher, images = make_pair("cpu")
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images))
+    loss = fcfd(run(student, images), teacher_features(teacher, images))
+    parts = list(fcfd.last_parts)
+    assert parts[:5] == ["total", "kl", "mse", "appearance", "function"]
+    assert torch.equal(fcfd.last_parts["total"], loss.detach())
+    assert torch.equal(
+        fcfd.last_parts["mse"], fcfd.last_parts["appearance"] + fcfd.last_parts["function"]
+    )
+
+
+def test_reduction_none_sum_mean():
+    student, teacher, images = make_pair("cpu", torch.float64)
+    s_feats, t_feats = run(student, images), teacher_features(teacher, images)
+    values, first = {}, None
+    for reduction in ("mean", "sum", "none"):
+        fcfd = FCFDLoss(
+            student, teacher, example_input=(images, images), num_paths="all", reduction=reduction
+        )
+        if first is None:
+            first = fcfd
+        fcfd.load_state_dict(first.state_dict())
+        values[reduction] = fcfd(s_feats, t_feats)
+        if reduction == "none":
+            assert all(fcfd.last_parts[n].shape == (6,) for n in ("total", "kl", "mse"))
+            assert fcfd.last_parts["appearance/stage1"].shape == (6,)
+    assert values["none"].shape == (6,)
+    torch.testing.assert_close(values["none"].mean(), values["mean"])
+    torch.testing.assert_close(values["none"].sum(), values["sum"])
+
+
+def test_reduction_none_gives_each_image_its_own_loss():
+    """In eval mode every layer works image by image: the value of image ``i`` with
+    ``reduction="none"`` is the loss of image ``i`` alone."""
+    student, teacher, images = make_pair("cpu", torch.float64)
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), num_paths="all")
+    student.eval(), fcfd.eval()
+    inputs = module_and_function_inputs(fcfd)
+    inputs["paths"] = ["s2t@1", "s2t@2", "t2s@1", "t2s@2"]
+    s_feats, t_feats = run(student, images), teacher_features(teacher, images)
+    per_image = fcfd_loss(s_feats, t_feats, **inputs, reduction="none")
+    for i in range(6):
+        alone = fcfd_loss(
+            [x[i : i + 1] for x in s_feats], [x[i : i + 1] for x in t_feats], **inputs
+        )
+        torch.testing.assert_close(per_image[i], alone)
+
+
+def test_seed_and_weights_keywords_and_their_old_names():
+    student, teacher, images = make_pair("cpu")
+    kw = {"example_input": (images, images), "num_paths": 1}
+    s_feats, t_feats = run(student, images), teacher_features(teacher, images)
+    new = FCFDLoss(student, teacher, seed=5, weights={"kl": 0.5, "mse": 2.0}, **kw)
+    with pytest.warns(FutureWarning, match=r"generator= is renamed to seed="):
+        old = FCFDLoss(student, teacher, generator=5, weights={"kl": 0.5, "mse": 2.0}, **kw)
+    with pytest.warns(FutureWarning, match=r"kl_weight=, mse_weight= are deprecated"):
+        older = FCFDLoss(student, teacher, seed=5, kl_weight=0.5, mse_weight=2.0, **kw)
+    older.load_state_dict(new.state_dict())
+    old.load_state_dict(new.state_dict())
+    assert new.weights == old.weights == older.weights == {"kl": 0.5, "mse": 2.0}
+    for _ in range(3):
+        values = [m(s_feats, t_feats) for m in (new, old, older)]
+        assert new.last_paths == old.last_paths == older.last_paths
+        assert torch.equal(values[0], values[1]) and torch.equal(values[0], values[2])
+    assert FCFDLoss(student, teacher, weights={"kl": 2.0}, **kw).weights == {"kl": 2.0, "mse": 5.0}
+    with pytest.warns(FutureWarning, match=r"positional weights"):
+        assert FCFDLoss(student, teacher, weights=(1.0, 3.0), **kw).weights["mse"] == 3.0
+    with pytest.raises(ChoiceError, match=r"seed: renamed|generator: renamed"):
+        FCFDLoss(student, teacher, seed=1, generator=1, **kw)
+    with pytest.raises(ChoiceError, match=r"kl_weight: renamed to weights=\{'kl': ...\}"):
+        FCFDLoss(student, teacher, weights={"kl": 1.0}, kl_weight=1.0, **kw)
+    with pytest.raises(ChoiceError, match=r"weights: unknown term 'appearance'"):
+        FCFDLoss(student, teacher, weights={"appearance": 1.0}, **kw)
+    with pytest.raises(ChoiceError, match=r"reduction: expected one of"):
+        FCFDLoss(student, teacher, reduction="batchmean", **kw)
+
+
+def test_function_errors():
+    student, teacher, images = make_pair("cpu")
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images))
+    s_feats, t_feats = run(student, images), teacher_features(teacher, images)
+    inputs = module_and_function_inputs(fcfd)
+    del inputs["paths"]
+
+    def call(**changes):
+        return fcfd_loss(s_feats, t_feats, **{**inputs, **changes})
+
+    with pytest.raises(ChoiceError, match=r"paths: expected 's2t@k' or 't2s@k' with k in 1\.\.3"):
+        call(paths=["s2t@4"])
+    with pytest.raises(ChoiceError, match=r"paths: 't2s@3' needs the bridge t2s\[2\], got None"):
+        call(paths=["t2s@3"])
+    with pytest.raises(ChoiceError, match=r"paths: expected each path once"):
+        call(paths=["s2t@1", "s2t@1"])
+    with pytest.raises(FeatkdInputError, match=r"s2t: expected 3 bridges"):
+        call(s2t=inputs["s2t"][:2])
+    with pytest.raises(FeatkdInputError, match=r"t2s\[0\]: expected an nn.Module or None"):
+        call(t2s=["bridge", None, None])
+    with pytest.raises(ChoiceError, match=r"pool: expected None or a callable"):
+        call(pool="gap")
+    with pytest.raises(ChoiceError, match=r"warmup: expected a finite number >= 0"):
+        call(warmup=-1.0)
+    with pytest.raises(ChoiceError, match=r"reduction: expected one of"):
+        call(reduction="batchmean")
+    with pytest.raises(ShapeError, match=r"teacher\[3\]: expected logits of width 5"):
+        fcfd_loss(s_feats, [*t_feats[:3], t_feats[3][:, :4]], **inputs)
+    with pytest.raises(ShapeError, match=r"student: expected 4 stage outputs"):
+        fcfd_loss(s_feats[:3], t_feats, **inputs)
+    assert call(t2s=None).shape == ()  # no t2s bridges: s2t paths only
