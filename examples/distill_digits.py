@@ -190,7 +190,7 @@ def _build_fcfd(student: StagedCNN, teacher: StagedCNN, data: Digits) -> nn.Modu
     return nn.ModuleDict(
         {
             "fcfd": featkd.FCFDLoss(
-                student.stages, teacher.stages, example_input=(probe, probe), generator=0
+                student.stages, teacher.stages, example_input=(probe, probe), seed=0
             ),
             "kd": featkd.KDLoss(4.0),
         }

@@ -296,7 +296,7 @@ LABELLED = [c for c in CASES if c.labels]
 
 
 # ------------------------------------------------------------------ FCFD (lists of stage outputs)
-def tiny_fcfd(seed: int = 0, **options):
+def tiny_fcfd(init_seed: int = 0, **options):
     """A two-stage CNN pair on 4x4 images and the FCFD loss over it (every path, unless
     ``options`` say otherwise)."""
 
@@ -305,7 +305,7 @@ def tiny_fcfd(seed: int = 0, **options):
         return nn.ModuleList([body, nn.Sequential(nn.Flatten(1), nn.Linear(width * 16, 3))])
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(init_seed)
         student, teacher = net(4), net(6).eval().requires_grad_(False)
         images = torch.randn(4, 3, 4, 4)
         options = {"num_paths": "all", **options}

@@ -155,7 +155,7 @@ def test_fcfd_compiled_equals_eager(num_paths, no_finite_check):
     images = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
 
     def value_and_grads(compiled: bool):
-        fcfd, student, teacher = tiny_fcfd(num_paths=num_paths, generator=3)
+        fcfd, student, teacher = tiny_fcfd(num_paths=num_paths, seed=3)
         call = torch.compile(fcfd, backend="aot_eager") if compiled else fcfd
         with torch.no_grad():
             t_feats = stage_outputs(teacher, images)

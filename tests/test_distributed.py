@@ -361,7 +361,7 @@ def _fcfd_setup() -> tuple[StagedTrainee, Staged]:
         teacher.stages,
         example_input=(probe, probe),
         num_paths=2,
-        generator=FCFD_SEED,
+        seed=FCFD_SEED,
     )
     # The bridges (conv + BatchNorm2d) run in eval mode. In train mode each process normalises
     # with its own shard's batch statistics, as any BatchNorm under DDP does, and the step is no

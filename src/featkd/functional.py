@@ -6,6 +6,7 @@ is managed elsewhere.
 
 from featkd.cospress import flat_cosine_loss, neighbourhood_kl
 from featkd.distributed import gather_with_grad
+from featkd.fcfd import fcfd_loss
 from featkd.kd import kd_loss
 from featkd.kd2m.gaussian_kl import gaussian_kl_loss
 from featkd.kd2m.gaussian_wasserstein import gaussian_wasserstein_loss
@@ -18,6 +19,7 @@ from featkd.vkd import vkd_loss
 
 __all__ = [
     "batch_standardize",
+    "fcfd_loss",
     "flat_cosine_loss",
     "gather_with_grad",
     "gaussian_kl_loss",
