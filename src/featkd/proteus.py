@@ -23,8 +23,6 @@ from featkd.pooling import pool
 
 __all__ = ["ProteusLoss", "proteus_loss"]
 
-# the order of the terms: in last_parts, and the order they are added in
-TERMS = ("cls", "tokens")
 # the order of featkd 0.1's positional weights tuple
 _POSITIONAL_WEIGHTS = ("tokens", "cls")
 

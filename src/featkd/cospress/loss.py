@@ -33,8 +33,6 @@ from featkd.pooling import pool
 
 __all__ = ["CosPressLoss", "cospress_loss"]
 
-# the order of the terms: in last_parts, and the order they are added in
-TERMS = ("global", "cls", "local", "tokens")
 # the order of featkd 0.1's positional weights tuple
 _POSITIONAL_WEIGHTS = ("local", "global", "tokens", "cls")
 _GLOBAL_TERM = (
