@@ -105,6 +105,7 @@ def test_constructor_refuses_what_used_to_fail_later():
     """Issue 11.7: a dtype or device that torch rejected with its own error (or a complex
     dtype that failed at the first call, naming x), and a truthy string for finite_check that
     silently counted as True, are refused with a named featkd error."""
+
     def linear(**options):
         return LinearHead(4, 2, **options)
 
