@@ -144,9 +144,9 @@ def make_student(seed, device):
 def distil(method, views, steps, seed, device, lr, batch_size=128):
     student = make_student(seed, device)
     if method == "cospress":
-        loss_fn = CosPressLoss(64, 32, device=device)
+        loss_fn = CosPressLoss(student_dim=32, teacher_dim=64, device=device)
     elif method == "proteus":
-        loss_fn = ProteusLoss(32, 64, device=device)
+        loss_fn = ProteusLoss(student_dim=32, teacher_dim=64, device=device)
     else:
         return student.eval(), None, {}
     params = [*student.parameters(), *loss_fn.parameters()]  # the loss owns heads
@@ -304,12 +304,12 @@ def make_case(name, batch, device, seed=0):
     teacher = torch.randn(batch, n, d_t, device=device)
     student = torch.randn(batch, n, d_s, device=device, requires_grad=True)
     if name == "proteus":
-        loss_fn = ProteusLoss(d_s, d_t, device=device)
+        loss_fn = ProteusLoss(student_dim=d_s, teacher_dim=d_t, device=device)
         return lambda: loss_fn(student, teacher).backward()
     if name.startswith("cospress"):
         chunk = 2 ** int(name.split("chunk=2**")[1]) if "chunk=" in name else None
         kwargs = {"chunk_elements": chunk} if chunk else {}
-        loss_fn = CosPressLoss(d_t, d_s, device=device, **kwargs)
+        loss_fn = CosPressLoss(student_dim=d_s, teacher_dim=d_t, device=device, **kwargs)
         return lambda: loss_fn(student, teacher).backward()
     compressed = (teacher @ torch.randn(d_t, d_s, device=device) / d_t**0.5).requires_grad_()
     if name == "local_naive":

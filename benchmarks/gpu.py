@@ -164,7 +164,7 @@ def loss_and_head_cases(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.M
                 "head-student",
             ),
             "TeacherCompressionHead": (
-                lambda: featkd.TeacherCompressionHead(d_t, d_s),
+                lambda: featkd.TeacherCompressionHead(student_dim=d_s, teacher_dim=d_t),
                 "head-teacher",
             ),
             "LinearHead": (lambda: featkd.LinearHead(d_s, d_t), "head-student"),

@@ -76,9 +76,18 @@ def loss_builders(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module]
     projector = lambda: nn.Linear(d_s, d_t)  # noqa: E731 - KD2M needs equal widths
     return {
         "KDLoss": (lambda: featkd.KDLoss(4.0), "logits"),
-        "CosPressLoss (tokens)": (lambda: featkd.CosPressLoss(d_t, d_s), "tokens"),
-        "CosPressLoss (pooled)": (lambda: featkd.CosPressLoss(d_t, d_s), "pooled"),
-        "ProteusLoss (tokens)": (lambda: featkd.ProteusLoss(d_s, d_t), "tokens"),
+        "CosPressLoss (tokens)": (
+            lambda: featkd.CosPressLoss(student_dim=d_s, teacher_dim=d_t),
+            "tokens",
+        ),
+        "CosPressLoss (pooled)": (
+            lambda: featkd.CosPressLoss(student_dim=d_s, teacher_dim=d_t),
+            "pooled",
+        ),
+        "ProteusLoss (tokens)": (
+            lambda: featkd.ProteusLoss(student_dim=d_s, teacher_dim=d_t),
+            "tokens",
+        ),
         "WassersteinLoss (emd)": (
             lambda: featkd.WassersteinLoss("emd", projector=projector()),
             "pooled",

@@ -247,13 +247,13 @@ METHODS: list[Method] = [
     ),
     Method(
         "Proteus",
-        lambda s, t, d: featkd.ProteusLoss(s.feature_dim, t.feature_dim),
+        lambda s, t, d: featkd.ProteusLoss(student_dim=s.feature_dim, teacher_dim=t.feature_dim),
         _token_term,
         notes="student heads up to 256, MSE on GAP token + 16 grid tokens",
     ),
     Method(
         "CosPress",
-        lambda s, t, d: featkd.CosPressLoss(t.feature_dim, s.feature_dim),
+        lambda s, t, d: featkd.CosPressLoss(student_dim=s.feature_dim, teacher_dim=t.feature_dim),
         _token_term,
         notes="teacher head down to 32, GAP token as CLS + 16 grid tokens",
     ),

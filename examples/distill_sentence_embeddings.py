@@ -332,12 +332,12 @@ class Method:
 METHODS: list[Method] = [
     Method(
         "CosPress",
-        lambda s, t: featkd.CosPressLoss(t, s),
+        lambda s, t: featkd.CosPressLoss(student_dim=s, teacher_dim=t),
         notes="teacher head 384->128 keeps the neighbourhoods; student matches it by cosine",
     ),
     Method(
         "Proteus",
-        lambda s, t: featkd.ProteusLoss(s, t),
+        lambda s, t: featkd.ProteusLoss(student_dim=s, teacher_dim=t),
         readout=lambda loss_fn, s: loss_fn.cls_head(s),
         notes="student head 128->384 (LayerNorm, Linear), MSE to the teacher",
     ),

@@ -202,20 +202,24 @@ CASES: list[Case] = [
     ),
     Case(
         "CosPress-tokens",
-        lambda: featkd.CosPressLoss(teacher_dim=12, student_dim=8),
+        lambda: featkd.CosPressLoss(student_dim=8, teacher_dim=12),
         _tokens(5, 8, 12),
         min_batch=2,
     ),
     Case(
         "CosPress-pooled",
-        lambda: featkd.CosPressLoss(teacher_dim=12, student_dim=8, style="half"),
+        lambda: featkd.CosPressLoss(student_dim=8, teacher_dim=12, style="half"),
         _pair(8, 12),
         min_batch=2,
     ),
-    Case("Proteus-tokens", lambda: featkd.ProteusLoss(8, 12), _tokens(5, 8, 12)),
+    Case(
+        "Proteus-tokens",
+        lambda: featkd.ProteusLoss(student_dim=8, teacher_dim=12),
+        _tokens(5, 8, 12),
+    ),
     Case(
         "Proteus-pooled",
-        lambda: featkd.ProteusLoss(8, 12, num_prefix_tokens=0),
+        lambda: featkd.ProteusLoss(student_dim=8, teacher_dim=12, num_prefix_tokens=0),
         _pair(8, 12),
     ),
     Case(
@@ -247,7 +251,7 @@ CASES: list[Case] = [
     ),
     Case(
         "TeacherCompressionHead",
-        lambda: featkd.TeacherCompressionHead(12, 8),
+        lambda: featkd.TeacherCompressionHead(student_dim=8, teacher_dim=12),
         _head(12),
         names=("teacher", "teacher"),
         plain_layer=True,
@@ -285,7 +289,7 @@ CASES: list[Case] = [
     ),
     Case(
         "GlobalBatch-CosPress",
-        lambda: featkd.GlobalBatch(featkd.CosPressLoss(teacher_dim=12, student_dim=8)),
+        lambda: featkd.GlobalBatch(featkd.CosPressLoss(student_dim=8, teacher_dim=12)),
         _tokens(5, 8, 12),
         min_batch=2,
     ),

@@ -42,13 +42,13 @@ def test_linear_head_matches_reference(shape, device, dtype):
 
 
 def test_teacher_head_is_the_same_module_teacher_first(device):
-    head = TeacherCompressionHead(384, 192, device=device)
+    head = TeacherCompressionHead(student_dim=192, teacher_dim=384, device=device)
     assert isinstance(head, LinearHead)
     assert (head.teacher_dim, head.student_dim) == (384, 192)
     assert head.weight.shape == (192, 384)  # compresses: out = student width
     assert head.linear.bias is not None and head.linear.bias.shape == (192,)
     assert isinstance(head.norm, torch.nn.LayerNorm) and head.norm.normalized_shape == (384,)
-    assert "teacher_dim=384, student_dim=192" in repr(head)
+    assert "student_dim=192, teacher_dim=384" in repr(head)
     randomise_affine(head)
     x = torch.randn(2, 5, 384, device=device)
     np.testing.assert_allclose(
@@ -68,7 +68,7 @@ def test_default_initialisation_is_torch_default():
 
 
 def test_parameter_dtype_argument():
-    head = TeacherCompressionHead(8, 4, dtype=torch.float64)
+    head = TeacherCompressionHead(student_dim=4, teacher_dim=8, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in head.parameters())
     assert len(list(head.parameters())) == 4
 
@@ -82,7 +82,7 @@ def test_gradcheck():
 
 def test_wrong_width_names_the_argument():
     with pytest.raises(ShapeError, match=r"teacher: expected last dimension D=16, got 8"):
-        TeacherCompressionHead(16, 4)(torch.randn(2, 8))
+        TeacherCompressionHead(student_dim=4, teacher_dim=16)(torch.randn(2, 8))
     with pytest.raises(ShapeError, match=r"x: expected last dimension D=16, got 8"):
         LinearHead(16, 4)(torch.randn(2, 3, 8))
 
@@ -91,27 +91,34 @@ def test_bad_inputs_and_arguments():
     with pytest.raises(DTypeError, match=r"x: expected a floating-point tensor"):
         LinearHead(4, 2)(torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ShapeError, match=r"teacher: expected \(\.\.\., 4\)"):
-        TeacherCompressionHead(4, 2)(torch.tensor(1.0))
+        TeacherCompressionHead(student_dim=2, teacher_dim=4)(torch.tensor(1.0))
     with pytest.raises(ShapeError, match=r"no zero-sized dimension, got \(0, 4\)"):
         LinearHead(4, 2)(torch.zeros(0, 4))
     for bad in (0, -3, 2.5, True, "8"):
         with pytest.raises(ChoiceError, match=r"in_features: expected an integer >= 1"):
             LinearHead(bad, 2)
         with pytest.raises(ChoiceError, match=r"student_dim: expected an integer >= 1"):
-            TeacherCompressionHead(4, bad)
+            TeacherCompressionHead(student_dim=bad, teacher_dim=4)
 
 
 def test_constructor_refuses_what_used_to_fail_later():
     """Issue 11.7: a dtype or device that torch rejected with its own error (or a complex
     dtype that failed at the first call, naming x), and a truthy string for finite_check that
     silently counted as True, are refused with a named featkd error."""
-    for cls in (LinearHead, TeacherCompressionHead):
+
+    def linear(**options):
+        return LinearHead(4, 2, **options)
+
+    def compression(**options):
+        return TeacherCompressionHead(student_dim=2, teacher_dim=4, **options)
+
+    for build in (linear, compression):
         for bad in (torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn, "float32"):
             with pytest.raises(ChoiceError, match=r"dtype: expected None or one of torch.float16"):
-                cls(4, 2, dtype=bad)
+                build(dtype=bad)
         for bad in ("gpu", "cuda:x", True, 1.5):
             with pytest.raises(ChoiceError, match=r"device: expected None, a torch.device"):
-                cls(4, 2, device=bad)
+                build(device=bad)
     for ok in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert LinearHead(4, 2, dtype=ok, device="cpu").weight.dtype == (ok or torch.float32)
     head = LinearHead(4, 2)

@@ -33,7 +33,7 @@ def numpy64(x: torch.Tensor) -> np.ndarray:
 
 
 def make_loss(dtype=torch.float64, device="cpu", **kwargs) -> ProteusLoss:
-    loss_fn = ProteusLoss(5, 9, dtype=dtype, device=device, **kwargs)
+    loss_fn = ProteusLoss(student_dim=5, teacher_dim=9, dtype=dtype, device=device, **kwargs)
     with torch.no_grad():
         for head in (loss_fn.cls_head, loss_fn.token_head):
             head.norm.weight.uniform_(0.5, 1.5)
@@ -43,7 +43,7 @@ def make_loss(dtype=torch.float64, device="cpu", **kwargs) -> ProteusLoss:
 
 @pytest.mark.parametrize("num_prefix_tokens", [1, 0])
 def test_terms_match_reference(num_prefix_tokens, device, dtype):
-    weights = (0.5, 2.0)
+    weights = {"tokens": 0.5, "cls": 2.0}
     loss_fn = make_loss(dtype, device, weights=weights, num_prefix_tokens=num_prefix_tokens)
     student = torch.randn(4, 6, 5, dtype=dtype, device=device)
     teacher = torch.randn(4, 6, 9, dtype=dtype, device=device)
@@ -54,7 +54,7 @@ def test_terms_match_reference(num_prefix_tokens, device, dtype):
     tokens = ref_mse(ref_head(s, loss_fn.token_head), t)
     cls_term = ref_mse(ref_head(cls(s), loss_fn.cls_head), cls(t))
     tol = tolerance(dtype)
-    assert set(loss_fn.last_parts) == {"tokens", "cls"}
+    assert list(loss_fn.last_parts) == ["total", "cls", "tokens"]
     np.testing.assert_allclose(float(loss_fn.last_parts["tokens"]), tokens, **tol)
     np.testing.assert_allclose(float(loss_fn.last_parts["cls"]), cls_term, **tol)
     np.testing.assert_allclose(float(loss.detach()), 0.5 * tokens + 2.0 * cls_term, **tol)
@@ -65,7 +65,7 @@ def test_pooled_inputs_have_the_cls_term_only():
     student = torch.randn(7, 5, dtype=torch.float64)
     teacher = torch.randn(7, 9, dtype=torch.float64)
     loss = loss_fn(student, teacher)
-    assert set(loss_fn.last_parts) == {"cls"}
+    assert list(loss_fn.last_parts) == ["total", "cls"]
     expected = ref_mse(ref_head(numpy64(student), loss_fn.cls_head), numpy64(teacher))
     np.testing.assert_allclose(float(loss.detach()), expected, rtol=1e-10)
 
@@ -90,7 +90,7 @@ def test_gradient_routing():
         assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head.parameters())
     # the CLS head learns from the CLS term only, the token head from the token term only
     loss_fn.zero_grad(set_to_none=True)
-    loss_fn.weights = (0.0, 1.0)
+    loss_fn.weights = {"tokens": 0.0, "cls": 1.0}
     loss_fn(student, teacher).backward()
     assert all(p.grad is None or not bool(p.grad.any()) for p in loss_fn.token_head.parameters())
 
@@ -103,7 +103,7 @@ def test_gradcheck():
 
 
 def test_low_precision_and_autocast():
-    loss_fn = ProteusLoss(5, 9)
+    loss_fn = ProteusLoss(student_dim=5, teacher_dim=9)
     student, teacher = torch.randn(4, 6, 5), torch.randn(4, 6, 9)
     reference = loss_fn(student, teacher).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -115,7 +115,7 @@ def test_low_precision_and_autocast():
 
 
 def test_owns_two_heads():
-    loss_fn = ProteusLoss(192, 384)
+    loss_fn = ProteusLoss(student_dim=192, teacher_dim=384)
     assert featkd.ProteusLoss is ProteusLoss
     assert isinstance(loss_fn.cls_head, LinearHead) and isinstance(loss_fn.token_head, LinearHead)
     assert loss_fn.cls_head is not loss_fn.token_head
@@ -125,7 +125,7 @@ def test_owns_two_heads():
 
 
 def test_errors():
-    loss_fn = ProteusLoss(5, 9)
+    loss_fn = ProteusLoss(student_dim=5, teacher_dim=9)
     s, t = torch.randn(4, 6, 5), torch.randn(4, 6, 9)
     with pytest.raises(ShapeError, match=r"teacher: expected last dimension D_t=9, got 5"):
         loss_fn(s, torch.randn(4, 6, 5))
@@ -136,9 +136,9 @@ def test_errors():
     with pytest.raises(ShapeError, match=r"teacher: expected batch size 4"):
         loss_fn(s, t[:2])
     with pytest.raises(ChoiceError, match=r"weights: expected a dict of weights by term name"):
-        ProteusLoss(5, 9, weights=(1.0,))
+        ProteusLoss(student_dim=5, teacher_dim=9, weights=(1.0,))
     with pytest.raises(ChoiceError, match=r"num_prefix_tokens: expected an integer >= 0"):
-        ProteusLoss(5, 9, num_prefix_tokens=1.5)
+        ProteusLoss(student_dim=5, teacher_dim=9, num_prefix_tokens=1.5)
 
 
 def test_constructor_names_the_arguments_the_user_wrote():
@@ -146,15 +146,15 @@ def test_constructor_names_the_arguments_the_user_wrote():
     dtype or device raised torch's own error."""
     for bad in (0, 2.5, True):
         with pytest.raises(ChoiceError, match=r"^student_dim: expected an integer >= 1"):
-            ProteusLoss(bad, 9)
+            ProteusLoss(student_dim=bad, teacher_dim=9)
         with pytest.raises(ChoiceError, match=r"^teacher_dim: expected an integer >= 1"):
-            ProteusLoss(5, bad)
+            ProteusLoss(student_dim=5, teacher_dim=bad)
     with pytest.raises(ChoiceError, match=r"^dtype: expected None or one of torch.float16"):
-        ProteusLoss(5, 9, dtype=torch.int64)
+        ProteusLoss(student_dim=5, teacher_dim=9, dtype=torch.int64)
     with pytest.raises(ChoiceError, match=r"^device: expected None, a torch.device"):
-        ProteusLoss(5, 9, device="gpu")
+        ProteusLoss(student_dim=5, teacher_dim=9, device="gpu")
     for bad in (float("nan"), True, -1.0):
         with pytest.raises(ChoiceError, match=r"^weights\['cls'\]: expected a finite number >= 0"):
-            ProteusLoss(5, 9, weights={"cls": bad})
+            ProteusLoss(student_dim=5, teacher_dim=9, weights={"cls": bad})
     with pytest.raises(ChoiceError, match=r"^weights: expected a dict of weights by term name"):
-        ProteusLoss(5, 9, weights="11")
+        ProteusLoss(student_dim=5, teacher_dim=9, weights="11")

@@ -4,9 +4,15 @@ One structure serves two roles that differ only in which side they sit on:
 
 - :class:`LinearHead` ``(in_features, out_features)``: the student-side head of Proteus and
   FitNets-style losses, mapping the student up to the teacher's width.
-- :class:`TeacherCompressionHead` ``(teacher_dim, student_dim)``: the CosPress head, compressing
-  the teacher down to the student's width. The same module with its arguments named (and
-  ordered) teacher first, so the call site reads like the maths.
+- :class:`TeacherCompressionHead` ``(student_dim=..., teacher_dim=...)``: the CosPress head,
+  compressing the teacher down to the student's width. The same module with its widths named
+  after the two models.
+
+Both follow one dtype policy, that of a plain layer such as ``nn.Linear``: under autocast they
+follow autocast; outside it, the input must have the dtype of the parameters (a
+:class:`~featkd.DTypeError` otherwise, rather than torch's matmul error). A loss that owns a head
+(:class:`~featkd.CosPressLoss`, :class:`~featkd.ProteusLoss`) runs it with autocast off, in its
+parameters' dtype, casting the input to it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from featkd._checks import (
     check_width,
     describe_shape,
 )
-from featkd._options import check_bool, check_device, check_floating_dtype, check_int
+from featkd._options import (
+    check_bool,
+    check_device,
+    check_floating_dtype,
+    check_int,
+    keyword_widths,
+)
 
 __all__ = ["LinearHead", "TeacherCompressionHead"]
 
@@ -34,6 +46,11 @@ class LinearHead(nn.Module):
     Both layers use torch's default initialisation (LayerNorm affine at ones/zeros, Linear
     Kaiming-uniform). Applied to the last dimension, so token tensors ``(B, N, in)`` and pooled
     vectors ``(B, in)`` both work.
+
+    Dtype: a plain layer, like ``nn.Linear``. Under autocast it follows autocast; outside, the
+    input must have the parameters' dtype (a :class:`~featkd.DTypeError` otherwise: convert the
+    head with ``.to(dtype)``). :class:`~featkd.ProteusLoss` runs it with autocast off in its
+    parameters' dtype, casting the student's features to it.
 
     Args:
         in_features: width of the input features.
@@ -111,13 +128,21 @@ class LinearHead(nn.Module):
 class TeacherCompressionHead(LinearHead):
     """The CosPress teacher head: ``LayerNorm(teacher_dim) -> Linear(teacher_dim, student_dim)``.
 
-    A :class:`LinearHead` whose arguments are named teacher first. It compresses teacher
+    A :class:`LinearHead` whose widths are named after the two models. It compresses teacher
     features into the student's width; :class:`featkd.CosPressLoss` trains it to preserve the
     teacher's cosine-similarity neighbourhoods.
 
+    Dtype: the policy of :class:`LinearHead`, a plain layer like ``nn.Linear``. Under autocast
+    it follows autocast; outside, the input must have the parameters' dtype (a
+    :class:`~featkd.DTypeError` otherwise). :class:`~featkd.CosPressLoss` and
+    :func:`~featkd.cospress.cospress_loss` run it with autocast off in its parameters' dtype,
+    casting the teacher's features to it.
+
     Args:
+        student_dim: width of the student features (output). Keyword-only: featkd 0.1 took
+            ``(teacher_dim, student_dim)`` by position, still read so for one release with a
+            ``FutureWarning``.
         teacher_dim: width of the teacher features (input).
-        student_dim: width of the student features (output).
         device: where to create the parameters.
         dtype: parameter dtype.
 
@@ -126,7 +151,7 @@ class TeacherCompressionHead(LinearHead):
         - output: ``(..., student_dim)``
 
     Example:
-        >>> head = TeacherCompressionHead(384, 192)
+        >>> head = TeacherCompressionHead(student_dim=192, teacher_dim=384)
         >>> head(torch.randn(2, 257, 384)).shape
         torch.Size([2, 257, 192])
     """
@@ -135,14 +160,15 @@ class TeacherCompressionHead(LinearHead):
 
     def __init__(
         self,
-        teacher_dim: int,
-        student_dim: int,
-        *,
+        *widths: int,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_int(teacher_dim, "teacher_dim", 1)
-        check_int(student_dim, "student_dim", 1)
+        student_dim, teacher_dim = keyword_widths(
+            type(self).__name__, widths, ("teacher_dim", "student_dim"), student_dim, teacher_dim
+        )
         super().__init__(teacher_dim, student_dim, device=device, dtype=dtype)
 
     @property
@@ -154,4 +180,4 @@ class TeacherCompressionHead(LinearHead):
         return self.out_features
 
     def extra_repr(self) -> str:
-        return f"teacher_dim={self.teacher_dim}, student_dim={self.student_dim}"
+        return f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}"

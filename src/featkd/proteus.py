@@ -9,79 +9,219 @@ not included.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from featkd._checks import check_feature_pair, check_same_device
-from featkd._options import check_int, check_weights
-from featkd._precision import result_dtype, work_dtype
+from featkd._checks import ChoiceError, check_feature_pair, check_same_device
+from featkd._loss import DistillationLoss, Terms, check_reduction, evaluate
+from featkd._options import check_int, check_weights, keyword_widths
 from featkd.heads import LinearHead
 from featkd.pooling import pool
 
-__all__ = ["ProteusLoss"]
+__all__ = ["ProteusLoss", "proteus_loss"]
 
-_TERMS = ("tokens", "cls")
+# the order of featkd 0.1's positional weights tuple
+_POSITIONAL_WEIGHTS = ("tokens", "cls")
 
 
-class ProteusLoss(nn.Module):
+def _check_head(head: Any, name: str, widths: tuple[int, int] | None = None) -> LinearHead:
+    if not isinstance(head, LinearHead):
+        raise ChoiceError(
+            f"{name}: expected a featkd.LinearHead (LayerNorm -> Linear from the student's width "
+            f"to the teacher's), got {type(head).__name__}"
+        )
+    if widths is not None and (head.in_features, head.out_features) != widths:
+        raise ChoiceError(
+            f"{name}: expected a LinearHead({widths[0]}, {widths[1]}) like cls_head, got "
+            f"LinearHead({head.in_features}, {head.out_features})"
+        )
+    return head
+
+
+def _check_inputs(
+    student: torch.Tensor, teacher: torch.Tensor, cls_head: LinearHead, token_head: Any
+) -> None:
+    check_feature_pair(
+        student, teacher, student_dim=cls_head.in_features, teacher_dim=cls_head.out_features
+    )
+    heads = {"cls_head": cls_head.weight}
+    if student.ndim == 3:
+        if token_head is None:
+            raise ChoiceError(
+                "token_head: required for token inputs (B, N, D_s): pass a second LinearHead, "
+                "or pooled (B, D_s) features for the CLS term alone"
+            )
+        heads["token_head"] = token_head.weight
+    check_same_device({"student": student, **heads})
+
+
+def _mse(mapped: torch.Tensor, target: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """The mean squared error over all elements: per sample ``(B,)``, or over the whole batch in
+    one pass (the value of featkd 0.1, bit for bit)."""
+    if not per_sample:
+        return F.mse_loss(mapped, target)
+    return F.mse_loss(mapped, target, reduction="none").flatten(1).mean(dim=1)
+
+
+def _proteus_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cls_head: LinearHead,
+    token_head: LinearHead | None,
+    num_prefix_tokens: int,
+    per_sample: bool,
+) -> Terms:
+    """Unchecked core: the CLS term and, for token inputs, the tokens term; per sample ``(B,)``,
+    or their batch means with ``per_sample=False``. The heads run in their parameters' dtype."""
+    tokens = student.ndim == 3
+    heads = (cls_head, token_head) if tokens else (cls_head,)
+    work = student.dtype  # a float64 head makes the maths float64, as float64 features do
+    for head in heads:
+        work = torch.promote_types(work, head.weight.dtype)
+    mode = "cls" if num_prefix_tokens >= 1 else "mean"
+    target = teacher.detach().to(work)
+    s_cls = pool(student.to(cls_head.weight.dtype), mode, num_prefix_tokens=num_prefix_tokens)
+    t_cls = pool(target, mode, num_prefix_tokens=num_prefix_tokens)
+    # the callers validated the inputs: the heads skip their own finiteness check (a host sync)
+    terms = {"cls": _mse(cls_head(s_cls, finite_check=False).to(work), t_cls, per_sample)}
+    if tokens:
+        mapped = token_head(student.to(token_head.weight.dtype), finite_check=False)
+        terms["tokens"] = _mse(mapped.to(work), target, per_sample)
+    return Terms(terms)
+
+
+def proteus_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cls_head: LinearHead,
+    token_head: LinearHead | None = None,
+    *,
+    num_prefix_tokens: int = 1,
+    weights: Mapping[str, float] | None = None,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Proteus feature distillation with student heads you own.
+
+    ``loss = w_cls MSE(g_cls(S_cls), sg(T_cls)) + w_tokens MSE(g_tokens(S), sg(T))``, the terms
+    in this order, each the mean squared error over a sample's elements (the CLS vector, or all
+    its tokens), then over the batch. For pooled ``(B, D)`` inputs only the CLS term exists, on
+    the pooled vectors. The heads and the student get gradient from every term; the teacher
+    never. The heads run with autocast off in their parameters' dtype (see
+    :class:`~featkd.LinearHead`), the MSE in float32 or wider (float64 for float64 features or
+    heads); the loss comes back in float32 (float64 for float64 students).
+
+    Args:
+        student: the student's features.
+        teacher: the teacher's features (detached inside).
+        cls_head: the :class:`~featkd.LinearHead` ``(D_s, D_t)`` of the CLS term.
+        token_head: the ``LinearHead(D_s, D_t)`` of the tokens term; required for token inputs.
+        num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the mean
+            token stands in for the CLS token.
+        weights: weights by term name, e.g. ``{"cls": 0.5}``; unnamed terms weigh 1.
+        reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` (one value per sample).
+        labels: accepted for the common call and unused.
+
+    Shape:
+        - student: ``(B, N, D_s)`` tokens (CLS first) or ``(B, D_s)`` pooled
+        - teacher: ``(B, N, D_t)`` or ``(B, D_t)``, the same layout as ``student``
+        - output: scalar, or ``(B,)`` with ``reduction="none"``
+
+    Example:
+        >>> from featkd import LinearHead
+        >>> cls_head, token_head = LinearHead(32, 64), LinearHead(32, 64)
+        >>> student, teacher = torch.randn(4, 17, 32), torch.randn(4, 17, 64)
+        >>> proteus_loss(student, teacher, cls_head, token_head).shape
+        torch.Size([])
+        >>> proteus_loss(student[:, 0], teacher[:, 0], cls_head, reduction="none").shape
+        torch.Size([4])
+    """
+    cls_head = _check_head(cls_head, "cls_head")
+    if token_head is not None:
+        _check_head(token_head, "token_head", (cls_head.in_features, cls_head.out_features))
+    num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+    weights = check_weights(weights or {}, "weights", _POSITIONAL_WEIGHTS, "proteus_loss")
+    reduction = check_reduction(reduction)
+    _check_inputs(student, teacher, cls_head, token_head)
+    per_sample = reduction != "mean"
+    loss, _ = evaluate(
+        _proteus_terms,
+        student,
+        teacher,
+        cls_head,
+        token_head,
+        num_prefix_tokens,
+        per_sample,
+        weights=weights,
+        reduction=reduction,
+    )
+    return loss
+
+
+class ProteusLoss(DistillationLoss):
     """Student heads + MSE against the raw teacher (the Proteus baseline of CosPress).
 
-    ``loss = w_tokens MSE(g_tokens(S), sg(T)) + w_cls MSE(g_cls(S_cls), sg(T_cls))``, each MSE the
-    mean over all elements. ``g_tokens`` and ``g_cls`` are separate :class:`~featkd.LinearHead`
-    s (``LayerNorm(D_s) -> Linear(D_s, D_t)``). For pooled ``(B, D)`` inputs only the CLS term
-    exists, on the pooled vectors. The heads and the student get gradient from every term; the
-    teacher never. The heads run with autocast off in their own dtype and the MSE in float32
-    or wider; the loss comes back in float32 (float64 for float64 students). After each call
-    ``last_parts`` holds the detached terms that exist (``tokens``, ``cls``).
+    The loss of :func:`proteus_loss` with two :class:`~featkd.LinearHead` s of its own
+    (``LayerNorm(D_s) -> Linear(D_s, D_t)``), ``cls_head`` and ``token_head``. The heads run
+    with autocast off in their parameters' dtype and the MSE in float32 or wider; the loss comes
+    back in float32 (float64 for float64 students). After each call ``last_parts`` holds
+    ``"total"`` and the terms that exist, in the order ``cls``, ``tokens``. ``labels`` is
+    accepted and unused.
 
     Note:
         Owns parameters (the two heads): add ``loss_fn.parameters()`` to the optimiser.
 
     Args:
-        student_dim: student width ``D_s``.
+        student_dim: student width ``D_s`` (keyword-only; positional ``(student_dim,
+            teacher_dim)`` still work for one release, with a ``FutureWarning``).
         teacher_dim: teacher width ``D_t``.
         num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the mean
             token stands in for the CLS token.
-        weights: weights of the terms ``(tokens, cls)``.
+        weights: weights by term name (``"cls"``, ``"tokens"``); unnamed terms weigh 1.
+        reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` (one value per sample).
         device: where to create the heads.
         dtype: dtype of the heads' parameters.
 
     Shape:
         - student: ``(B, N, D_s)`` tokens (CLS first) or ``(B, D_s)`` pooled
         - teacher: ``(B, N, D_t)`` or ``(B, D_t)``, the same layout as ``student``
-        - output: scalar
+        - labels: ignored
+        - output: scalar, or ``(B,)`` with ``reduction="none"``
 
     Example:
         >>> loss_fn = ProteusLoss(student_dim=32, teacher_dim=64)
         >>> student = torch.randn(4, 17, 32, requires_grad=True)
         >>> loss = loss_fn(student, torch.randn(4, 17, 64))
         >>> loss.backward()
-        >>> sorted(loss_fn.last_parts)
-        ['cls', 'tokens']
+        >>> list(loss_fn.last_parts)
+        ['total', 'cls', 'tokens']
     """
 
     def __init__(
         self,
-        student_dim: int,
-        teacher_dim: int,
-        *,
+        *widths: int,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
         num_prefix_tokens: int = 1,
-        weights: dict[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
+        reduction: str = "mean",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         # checked here, or the heads would report them as in_features and out_features
-        check_int(student_dim, "student_dim", 1)
-        check_int(teacher_dim, "teacher_dim", 1)
-        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
-        self.weights = tuple(
-            check_weights(weights or {}, "weights", _TERMS, type(self).__name__).values()
+        student_dim, teacher_dim = keyword_widths(
+            name, widths, ("student_dim", "teacher_dim"), student_dim, teacher_dim
         )
+        self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+        self.weights = check_weights(weights or {}, "weights", _POSITIONAL_WEIGHTS, name)
+        self.reduction = check_reduction(reduction)
         self.token_head = LinearHead(student_dim, teacher_dim, device=device, dtype=dtype)
         self.cls_head = LinearHead(student_dim, teacher_dim, device=device, dtype=dtype)
-        self.last_parts: dict[str, torch.Tensor] = {}
 
     @property
     def student_dim(self) -> int:
@@ -91,35 +231,18 @@ class ProteusLoss(nn.Module):
     def teacher_dim(self) -> int:
         return self.cls_head.out_features
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Compute the loss; ``labels`` is accepted for a uniform call and unused."""
-        check_feature_pair(
-            student, teacher, student_dim=self.student_dim, teacher_dim=self.teacher_dim
+    def _check(self, student, teacher, labels) -> None:
+        _check_inputs(student, teacher, self.cls_head, self.token_head)
+
+    def _terms(self, student, teacher, labels) -> Terms:
+        per_sample = self.reduction != "mean"
+        return _proteus_terms(
+            student, teacher, self.cls_head, self.token_head, self.num_prefix_tokens, per_sample
         )
-        check_same_device({"student": student, "heads": self.cls_head.weight})
-        work = work_dtype(student, teacher, self.cls_head.weight)
-        mode = "cls" if self.num_prefix_tokens >= 1 else "mean"
-        with torch.autocast(student.device.type, enabled=False):
-            head_dtype = self.cls_head.weight.dtype
-            target = teacher.detach().to(work)
-            s = student.to(head_dtype)
-            s_cls = pool(s, mode, num_prefix_tokens=self.num_prefix_tokens)
-            t_cls = pool(target, mode, num_prefix_tokens=self.num_prefix_tokens)
-            # the inputs are validated above: the heads skip their own finiteness check
-            s_cls_mapped = self.cls_head(s_cls, finite_check=False)
-            parts = {"cls": F.mse_loss(s_cls_mapped.to(work), t_cls)}
-            if student.ndim == 3:
-                s_mapped = self.token_head(s, finite_check=False)
-                parts["tokens"] = F.mse_loss(s_mapped.to(work), target)
-            weight = dict(zip(_TERMS, self.weights, strict=True))
-            total = sum(weight[name] * value for name, value in parts.items())
-        self.last_parts = {name: parts[name].detach() for name in _TERMS if name in parts}
-        return total.to(result_dtype(student.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, weights={self.weights}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, weights={self.weights}, "
+            f"reduction={self.reduction!r}"
         )
