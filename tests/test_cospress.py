@@ -21,8 +21,7 @@ from featkd import (
     TeacherCompressionHead,
     cosine_preservation,
 )
-from featkd.cospress import DEFAULT_TEMPERATURES
-from featkd.functional import neighbourhood_kl
+from featkd.cospress import DEFAULT_TEMPERATURES, neighbourhood_kl
 
 
 @pytest.fixture(scope="module", autouse=True)

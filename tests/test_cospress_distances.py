@@ -15,8 +15,7 @@ from cospress_reference import (
 )
 
 from featkd import ChoiceError, ShapeError
-from featkd.cospress import DEFAULT_TEMPERATURES
-from featkd.functional import flat_cosine_loss, neighbourhood_kl
+from featkd.cospress import DEFAULT_TEMPERATURES, flat_cosine_loss, neighbourhood_kl
 
 
 @pytest.fixture(scope="module", autouse=True)

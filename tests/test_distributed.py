@@ -281,7 +281,7 @@ def _token_data(sizes, seed: int = 2):
 def _cospress_trainee() -> Trainee:
     torch.manual_seed(11)
     # CosPress's global term compares the batch's CLS vectors: batch-level, so GlobalBatch.
-    return Trainee(GlobalBatch(featkd.CosPressLoss(D_T, D_S))).double()
+    return Trainee(GlobalBatch(featkd.CosPressLoss(student_dim=D_S, teacher_dim=D_T))).double()
 
 
 def _cospress_steps(rank: int | None) -> list[dict]:
@@ -516,7 +516,7 @@ def _real_losses() -> dict[str, nn.Module]:
     """Seeded, so every rank and the parent build the same parameters."""
     torch.manual_seed(5)
     return {
-        "CosPressLoss": featkd.CosPressLoss(D_T, D_S),
+        "CosPressLoss": featkd.CosPressLoss(student_dim=D_S, teacher_dim=D_T),
         "VkDLoss-whitening": featkd.VkDLoss(D_S, D_T, normalize="whitening"),
         "VkDLoss-batch_standardize": featkd.VkDLoss(D_S, D_T, normalize="batch_standardize"),
         "GaussianWassersteinLoss": featkd.GaussianWassersteinLoss(projector=nn.Linear(D_S, D_T)),

@@ -446,9 +446,19 @@ def _drawn_cases(d_s: int, d_t: int, tokens: int) -> list[Case]:
     return [
         Case("VkD-tokens", lambda: featkd.VkDLoss(d_s, d_t, teacher_pool="patch_mean"), token_pair),
         Case("VkD-whitening", lambda: featkd.VkDLoss(d_s, d_t, normalize="whitening"), pair),
-        Case("CosPress-tokens", lambda: featkd.CosPressLoss(d_t, d_s), token_pair),
-        Case("CosPress-pooled", lambda: featkd.CosPressLoss(d_t, d_s), pair),
-        Case("Proteus-tokens", lambda: featkd.ProteusLoss(d_s, d_t), token_pair),
+        Case(
+            "CosPress-tokens",
+            lambda: featkd.CosPressLoss(student_dim=d_s, teacher_dim=d_t),
+            token_pair,
+        ),
+        Case(
+            "CosPress-pooled", lambda: featkd.CosPressLoss(student_dim=d_s, teacher_dim=d_t), pair
+        ),
+        Case(
+            "Proteus-tokens",
+            lambda: featkd.ProteusLoss(student_dim=d_s, teacher_dim=d_t),
+            token_pair,
+        ),
         Case("W2-sinkhorn", lambda: featkd.WassersteinLoss("sinkhorn", projector=up()), pair),
         Case("W2-sliced", lambda: featkd.WassersteinLoss("sliced", projector=up(), seed=0), pair),
         Case("GaussianW2", lambda: featkd.GaussianWassersteinLoss(projector=up()), pair),
@@ -461,7 +471,11 @@ def _drawn_cases(d_s: int, d_t: int, tokens: int) -> list[Case]:
             labels=True,
         ),
         Case("OrthogonalProjector", lambda: featkd.OrthogonalProjector(d_s, d_t), _head(d_s)),
-        Case("TeacherCompressionHead", lambda: featkd.TeacherCompressionHead(d_t, d_s), _head(d_t)),
+        Case(
+            "TeacherCompressionHead",
+            lambda: featkd.TeacherCompressionHead(student_dim=d_s, teacher_dim=d_t),
+            _head(d_t),
+        ),
         Case("Whitening", lambda: featkd.Whitening(d_s), _head(d_s), names=X),
     ]
 

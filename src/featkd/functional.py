@@ -4,7 +4,7 @@ Each function here is what the corresponding module calls; use it when the proje
 is managed elsewhere.
 """
 
-from featkd.cospress import flat_cosine_loss, neighbourhood_kl
+from featkd.cospress import cospress_loss, flat_cosine_loss, neighbourhood_kl
 from featkd.distributed import gather_with_grad
 from featkd.fcfd import fcfd_loss
 from featkd.kd import kd_loss
@@ -15,10 +15,12 @@ from featkd.kd2m.metrics import kd2m_loss
 from featkd.kd2m.mmd import mmd_loss
 from featkd.kd2m.wasserstein import wasserstein_loss
 from featkd.normalize import batch_standardize, layer_norm, whiten
+from featkd.proteus import proteus_loss
 from featkd.vkd import vkd_loss
 
 __all__ = [
     "batch_standardize",
+    "cospress_loss",
     "fcfd_loss",
     "flat_cosine_loss",
     "gather_with_grad",
@@ -30,6 +32,7 @@ __all__ = [
     "layer_norm",
     "mmd_loss",
     "neighbourhood_kl",
+    "proteus_loss",
     "vkd_loss",
     "wasserstein_loss",
     "whiten",

@@ -129,10 +129,10 @@ def cospress_loss(
     ``loss = w_global L_global + w_cls L_cls + w_local L_local + w_tokens L_tokens``, the terms
     in this order (the last two for token inputs only):
 
-    - ``L_global``: :func:`~featkd.functional.neighbourhood_kl` between the CLS vectors of
+    - ``L_global``: :func:`~featkd.cospress.neighbourhood_kl` between the CLS vectors of
       ``sg(teacher)`` and of ``h(sg(teacher))`` over the batch (the pooled vectors for
       ``(B, D)`` inputs): a batch-level term;
-    - ``L_cls``: :func:`~featkd.functional.flat_cosine_loss` between the student's CLS token
+    - ``L_cls``: :func:`~featkd.cospress.flat_cosine_loss` between the student's CLS token
       and ``sg(h(teacher))``'s, per image;
     - ``L_local``: the neighbourhood KL between the tokens of each image of ``sg(teacher)``
       and of ``h(sg(teacher))``, per image;
@@ -151,7 +151,7 @@ def cospress_loss(
         head: the :class:`~featkd.TeacherCompressionHead` mapping ``D_t -> D_s``; put its
             parameters in the optimiser.
         temperatures: softmax temperatures of the KL terms, each in ``[1e-6, 1e6]``.
-        style: ``"full"`` or ``"half"`` (see :func:`~featkd.functional.neighbourhood_kl`).
+        style: ``"full"`` or ``"half"`` (see :func:`~featkd.cospress.neighbourhood_kl`).
         weights: weights by term name, e.g. ``{"global": 0.5}``; unnamed terms weigh 1.
         num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the
             mean token stands in for the CLS token.
@@ -210,7 +210,7 @@ class CosPressLoss(DistillationLoss):
     row-wise conditional KL. The KL maths runs in float32 or wider with autocast off; the loss
     comes back in float32 (float64 for float64 students). A dead (all-zero) student sample or
     CLS token gets a finite gradient of the usual size (see
-    :func:`~featkd.functional.flat_cosine_loss`). After each call ``last_parts`` holds
+    :func:`~featkd.cospress.flat_cosine_loss`). After each call ``last_parts`` holds
     ``"total"`` and the terms that exist, in the order ``global``, ``cls``, ``local``,
     ``tokens`` (the paper's ``L_global``, ``L_token``, ``L_local``, ``L_fea``). ``labels`` is
     accepted and unused.
@@ -229,7 +229,7 @@ class CosPressLoss(DistillationLoss):
             ``FutureWarning``).
         teacher_dim: teacher width ``D_t``.
         temperatures: softmax temperatures of the KL terms, each in ``[1e-6, 1e6]``.
-        style: ``"full"`` or ``"half"`` (see :func:`~featkd.functional.neighbourhood_kl`).
+        style: ``"full"`` or ``"half"`` (see :func:`~featkd.cospress.neighbourhood_kl`).
         weights: weights by term name (``"global"``, ``"cls"``, ``"local"``, ``"tokens"``);
             unnamed terms weigh 1.
         num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the
