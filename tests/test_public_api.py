@@ -116,3 +116,25 @@ def test_import_loads_neither_dynamo_nor_pot():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("name", "home"),
+    [
+        ("neighbourhood_kl", "featkd.cospress"),
+        ("flat_cosine_loss", "featkd.cospress"),
+        ("layer_norm", "featkd.normalize"),
+        ("batch_standardize", "featkd.normalize"),
+        ("whiten", "featkd.normalize"),
+        ("gather_with_grad", "featkd"),
+    ],
+)
+def test_building_blocks_moved_out_of_functional_still_resolve_for_one_release(name, home):
+    import featkd.functional
+
+    assert name not in featkd.functional.__all__
+    with pytest.warns(FutureWarning, match=f"featkd.functional.{name} moved to {home}.{name}"):
+        moved = getattr(featkd.functional, name)
+    assert moved is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_loss'"):
+        featkd.functional.not_a_loss
