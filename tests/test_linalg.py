@@ -226,22 +226,22 @@ def _covariance(d, rank=None, seed=0):
     return torch.from_numpy(np.cov(x, rowvar=False))
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_cholesky_whitener(eps):
+@pytest.mark.parametrize("shift", [0.0, 1e-3])
+def test_cholesky_whitener(shift):
     cov = _covariance(6)
-    w = _normalization.cholesky_whitener(cov, eps)
-    shrunk = cov + eps * torch.eye(6, dtype=cov.dtype)
+    w = _normalization.cholesky_whitener(cov, shift)
+    shrunk = cov + shift * torch.eye(6, dtype=cov.dtype)
     torch.testing.assert_close(w.T @ shrunk @ w, torch.eye(6, dtype=cov.dtype), atol=1e-10, rtol=0)
     # W = L^{-T} is upper triangular
     torch.testing.assert_close(w, w.triu(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_zca_whitener_is_inverse_square_root(eps):
+@pytest.mark.parametrize("shift", [0.0, 1e-3])
+def test_zca_whitener_is_inverse_square_root(shift):
     cov = _covariance(6)
-    shrunk = cov.numpy() + eps * np.eye(6)
+    shrunk = cov.numpy() + shift * np.eye(6)
     expected = np.linalg.inv(scipy.linalg.sqrtm(shrunk).real)
-    w = _normalization.zca_whitener(cov, eps)
+    w = _normalization.zca_whitener(cov, shift)
     np.testing.assert_allclose(w.numpy(), expected, atol=1e-9)
 
 
@@ -268,10 +268,10 @@ def test_gradcheck_zca_whitener():
 
 
 def test_zca_whitener_gradient_with_coincident_eigenvalues():
-    """``cov = c I`` (every eigenvalue equal): the gradient of ``(cov + eps I)^{-1/2}`` is the
-    derivative of the scalar function, ``-1/2 (c + eps)^{-3/2}``, not eigh's NaN."""
-    c, eps = 0.5, 1e-3
+    """``cov = c I`` (every eigenvalue equal): the gradient of ``(cov + shift I)^{-1/2}`` is the
+    derivative of the scalar function, ``-1/2 (c + shift)^{-3/2}``, not eigh's NaN."""
+    c, shift = 0.5, 1e-3
     cov = (c * torch.eye(4, dtype=torch.float64)).requires_grad_()
-    _normalization.zca_whitener(cov, eps).trace().backward()
-    expected = -0.5 * (c + eps) ** -1.5 * torch.eye(4, dtype=torch.float64)
+    _normalization.zca_whitener(cov, shift).trace().backward()
+    expected = -0.5 * (c + shift) ** -1.5 * torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(cov.grad, expected, rtol=1e-12, atol=1e-12)

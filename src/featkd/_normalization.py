@@ -58,19 +58,19 @@ def whiten(
     # shrinkage relative to the average variance, so it means the same at any feature scale;
     # floored at sqrt(smallest normal): constant features (a zero covariance) would otherwise
     # give a shrinkage whose inverse square root, and the cube of it in the gradient, overflow
-    shrink = (shrinkage * cov.diagonal().mean()).clamp_min(torch.finfo(cov.dtype).tiny ** 0.5)
+    shift = (shrinkage * cov.diagonal().mean()).clamp_min(torch.finfo(cov.dtype).tiny ** 0.5)
     whitener = cholesky_whitener if method == "cholesky" else zca_whitener
-    return (x - mean) @ whitener(cov, shrink)
+    return (x - mean) @ whitener(cov, shift)
 
 
-def cholesky_whitener(cov: torch.Tensor, eps: float) -> torch.Tensor:
-    """``W`` with ``W^T (cov + eps I) W = I`` from ``cov + eps I = L L^T``: ``W = L^{-T}``.
+def cholesky_whitener(cov: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """``W`` with ``W^T (cov + shift I) W = I`` from ``cov + shift I = L L^T``: ``W = L^{-T}``.
 
     Whitening is ``(x - mu) W``; returns the upper-triangular ``L^{-T}``.
     """
     d = cov.shape[0]
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    lower = torch.linalg.cholesky(cov + eps * eye)
+    lower = torch.linalg.cholesky(cov + shift * eye)
     # L^{-1} by a triangular solve, then transpose
     return torch.linalg.solve_triangular(lower, eye, upper=False).mT
 
@@ -80,7 +80,7 @@ class _InverseSqrtPSD(torch.autograd.Function):
     Daleckii-Krein backward written out.
 
     ``torch.linalg.eigh``'s own backward divides by eigenvalue gaps and returns NaN when two
-    eigenvalues coincide (constant features give ``M = eps I``), although ``M^{-1/2}`` is smooth
+    eigenvalues coincide (constant features give ``M = shift I``), although ``M^{-1/2}`` is smooth
     there. With ``r = sqrt(eigenvalues)`` the divided difference of ``x^{-1/2}`` is
     ``-1 / (r_i r_j (r_i + r_j))``, finite and exact also for ``r_i = r_j``.
     """
@@ -101,8 +101,8 @@ class _InverseSqrtPSD(torch.autograd.Function):
         return evecs @ (divided * (evecs.mT @ sym @ evecs)) @ evecs.mT
 
 
-def zca_whitener(cov: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
-    """``(cov + eps I)^{-1/2}`` (symmetric, the ZCA whitening matrix) by an eigendecomposition;
+def zca_whitener(cov: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """``(cov + shift I)^{-1/2}`` (symmetric, the ZCA whitening matrix) by an eigendecomposition;
     its gradient stays finite when eigenvalues coincide (see :class:`_InverseSqrtPSD`)."""
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return _InverseSqrtPSD.apply(cov + eps * eye)
+    return _InverseSqrtPSD.apply(cov + shift * eye)
