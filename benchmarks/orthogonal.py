@@ -226,11 +226,11 @@ def build_cases(
 @contextlib.contextmanager
 def count_squarings() -> Iterator[list]:
     """Record the squarings featkd's scaling and squaring chose (a diagnostic only; reads a
-    private function of ``featkd._linalg`` and records nothing if it has moved)."""
-    from featkd import _linalg
+    private function of ``featkd._expm`` and records nothing if it has moved)."""
+    from featkd import _expm
 
     found: list = []
-    original = getattr(_linalg, "_expm_columns", None)
+    original = getattr(_expm, "expm_columns", None)
     if original is None:
         yield found
         return
@@ -240,11 +240,11 @@ def count_squarings() -> Iterator[list]:
         found.append(result[1])
         return result
 
-    _linalg._expm_columns = recording
+    _expm.expm_columns = recording
     try:
         yield found
     finally:
-        _linalg._expm_columns = original
+        _expm.expm_columns = original
 
 
 # ------------------------------------------------------------------------------------ timing

@@ -110,7 +110,9 @@ def _tokens_to_map(tokens: int, width_s: int, width_t: int, side: int) -> Callab
 
 def _vkd_fixed_squarings() -> nn.Module:
     """VkD whose matrix exponential uses a fixed number of squarings: no host sync."""
-    loss = featkd.VkDLoss(8, 12, normalize="batch_standardize", distance="mse")
+    loss = featkd.VkDLoss(
+        student_dim=8, teacher_dim=12, normalize="batch_standardize", distance="mse"
+    )
     loss.projector.max_squarings = 8
     with torch.no_grad():  # away from the identity, so the exponential has work to do
         loss.projector.generator.normal_(0.0, 0.3)
@@ -224,21 +226,25 @@ CASES: list[Case] = [
     ),
     Case(
         "VkD-tokens-map",
-        lambda: featkd.VkDLoss(8, 12),
+        lambda: featkd.VkDLoss(student_dim=8, teacher_dim=12),
         _tokens_to_map(5, 8, 12, 2),
         channels=(-1, 1),
     ),
     Case("VkD-batch-standardize-fixed-squarings", _vkd_fixed_squarings, _pair(8, 12), min_batch=2),
     Case(
         "VkD-whitening-cayley",
-        lambda: featkd.VkDLoss(4, 6, normalize="whitening", map="cayley"),
+        lambda: featkd.VkDLoss(student_dim=4, teacher_dim=6, normalize="whitening", map="cayley"),
         _pair(4, 6),  # B = 8 > D_t: a well-conditioned batch covariance
         min_batch=2,
     ),
     Case(
         "VkD-householder-tokens",
         lambda: featkd.VkDLoss(
-            8, 12, normalize="none", map="householder", teacher_pool="patch_mean"
+            student_dim=8,
+            teacher_dim=12,
+            normalize="none",
+            map="householder",
+            teacher_pool="patch_mean",
         ),
         _tokens(5, 8, 12),
     ),

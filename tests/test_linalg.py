@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from featkd import _linalg
+from featkd import _expm, _normalization, _stiefel
 from featkd.diagnostics import orthogonality_error
 
 # (k, n): companion path (n > 1.5 k), dense path (n <= 1.5 k), square, one column
@@ -42,8 +42,8 @@ def _full_generator_by_loops(generator: torch.Tensor) -> torch.Tensor:
 
 def test_generator_matrix_layout():
     gen = _random_generator(3, 7, 1.0)
-    skew, tall = _linalg.stiefel_blocks(gen)
-    full = _linalg.stiefel_generator_matrix(skew, tall)
+    skew, tall = _stiefel.stiefel_blocks(gen)
+    full = _stiefel.stiefel_generator_matrix(skew, tall)
     torch.testing.assert_close(full, _full_generator_by_loops(gen), rtol=0, atol=0)
     torch.testing.assert_close(full, -full.T, rtol=0, atol=0)
 
@@ -52,18 +52,18 @@ def test_generator_matrix_layout():
 @pytest.mark.parametrize("scale", SCALES)
 def test_stiefel_expm_equals_first_columns_of_matrix_exp(k, n, scale):
     gen = _random_generator(k, n, scale)
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
     expected = torch.linalg.matrix_exp(_full_generator_by_loops(gen))[:, :k]
-    got = _linalg.stiefel_expm(skew, tall)
+    got = _stiefel.stiefel_expm(skew, tall)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("k,n", [(4, 30), (6, 8)])
 def test_stiefel_expm_against_scipy(k, n):
     gen = _random_generator(k, n, 5.0, seed=3)
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
     expected = scipy.linalg.expm(_full_generator_by_loops(gen).numpy())[:, :k]
-    np.testing.assert_allclose(_linalg.stiefel_expm(skew, tall).numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(_stiefel.stiefel_expm(skew, tall).numpy(), expected, atol=1e-12)
 
 
 def test_stiefel_expm_closed_form_single_rotation():
@@ -71,40 +71,40 @@ def test_stiefel_expm_closed_form_single_rotation():
     t = 1.3
     gen = torch.zeros(5, 1, dtype=torch.float64)
     gen[1, 0] = t
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
     expected = torch.tensor(
         [[math.cos(t)], [math.sin(t)], [0.0], [0.0], [0.0]], dtype=torch.float64
     )
-    torch.testing.assert_close(_linalg.stiefel_expm(skew, tall), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(_stiefel.stiefel_expm(skew, tall), expected, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("scale", [0.05, 8.0])
 def test_synchronisation_free_path_matches(k, n, scale):
     gen = _random_generator(k, n, scale)
-    skew, tall = _linalg.stiefel_blocks(gen)
-    adaptive = _linalg.stiefel_expm(skew, tall)
-    fixed = _linalg.stiefel_expm(skew, tall, max_squarings=10)
+    skew, tall = _stiefel.stiefel_blocks(gen)
+    adaptive = _stiefel.stiefel_expm(skew, tall)
+    fixed = _stiefel.stiefel_expm(skew, tall, max_squarings=10)
     torch.testing.assert_close(fixed, adaptive, rtol=0, atol=1e-12)
 
 
 def test_synchronisation_free_path_reads_nothing_on_the_host(monkeypatch):
     gen = _random_generator(6, 40, 3.0)
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation")
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    out = _linalg.stiefel_expm(skew, tall, max_squarings=8)
+    out = _stiefel.stiefel_expm(skew, tall, max_squarings=8)
     monkeypatch.undo()
     assert out.shape == (40, 6)
 
 
 def test_adaptive_path_reads_the_host_once(monkeypatch):
     gen = _random_generator(6, 40, 3.0)
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
     calls = []
     original = torch.Tensor.tolist
 
@@ -113,25 +113,28 @@ def test_adaptive_path_reads_the_host_once(monkeypatch):
         return original(self)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting)
-    _linalg.stiefel_expm(skew, tall)
+    _stiefel.stiefel_expm(skew, tall)
     monkeypatch.undo()
     assert len(calls) == 1
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 30.0, 200.0])
-def test_expm_taylor_general_matrix_against_scipy(scale):
+def test_expm_general_matrix_against_scipy(scale):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((12, 12)) * scale / math.sqrt(12)
-    got = _linalg.expm_taylor(torch.from_numpy(a))
+    got = _expm.expm_columns(torch.from_numpy(a), slice(0, 12))[0]
     expected = scipy.linalg.expm(a)
     err = np.abs(got.numpy() - expected).max() / max(1.0, np.abs(expected).max())
     assert err < 1e-12
 
 
-def test_expm_taylor_columns():
+def test_expm_columns():
     a = torch.randn(9, 9, dtype=torch.float64)
     torch.testing.assert_close(
-        _linalg.expm_taylor(a, columns=4), _linalg.expm_taylor(a)[:, :4], rtol=0, atol=1e-13
+        _expm.expm_columns(a, slice(0, 4))[0],
+        _expm.expm_columns(a, slice(0, 9))[0][:, :4],
+        rtol=0,
+        atol=1e-13,
     )
 
 
@@ -139,11 +142,11 @@ def test_expm_taylor_columns():
 @pytest.mark.parametrize("scale", [0.0, 1.0, 40.0])
 def test_stiefel_cayley_equals_dense_solve(k, n, scale):
     gen = _random_generator(k, n, scale)
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
     a = _full_generator_by_loops(gen)
     eye = torch.eye(n, dtype=torch.float64)
     expected = torch.linalg.solve(eye - a / 2, eye + a / 2)[:, :k]
-    torch.testing.assert_close(_linalg.stiefel_cayley(skew, tall), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_stiefel.stiefel_cayley(skew, tall), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("k,n", [(3, 9), (4, 5)])
@@ -152,7 +155,7 @@ def test_gradcheck_stiefel_expm(k, n, scale):
     gen = _random_generator(k, n, scale).requires_grad_()
 
     def weight(g):
-        return _linalg.stiefel_expm(*_linalg.stiefel_blocks(g))
+        return _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(g))
 
     assert torch.autograd.gradcheck(weight, (gen,))
 
@@ -161,7 +164,7 @@ def test_gradcheck_synchronisation_free_path():
     gen = _random_generator(3, 9, 6.0).requires_grad_()
 
     def weight(g):
-        return _linalg.stiefel_expm(*_linalg.stiefel_blocks(g), max_squarings=6)
+        return _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(g), max_squarings=6)
 
     assert torch.autograd.gradcheck(weight, (gen,))
 
@@ -172,7 +175,7 @@ def test_gradcheck_stiefel_cayley(k, n, scale):
     gen = _random_generator(k, n, scale).requires_grad_()
 
     def weight(g):
-        return _linalg.stiefel_cayley(*_linalg.stiefel_blocks(g))
+        return _stiefel.stiefel_cayley(*_stiefel.stiefel_blocks(g))
 
     assert torch.autograd.gradcheck(weight, (gen,))
 
@@ -181,10 +184,10 @@ def test_gradient_matches_matrix_exp_backward():
     gen = _random_generator(5, 30, 4.0, seed=7)
     cotangent = torch.randn(30, 5, dtype=torch.float64)
     ours = gen.clone().requires_grad_()
-    (_linalg.stiefel_expm(*_linalg.stiefel_blocks(ours)) * cotangent).sum().backward()
+    (_stiefel.stiefel_expm(*_stiefel.stiefel_blocks(ours)) * cotangent).sum().backward()
     ref = gen.clone().requires_grad_()
-    skew, tall = _linalg.stiefel_blocks(ref)
-    full = _linalg.stiefel_generator_matrix(skew, tall)
+    skew, tall = _stiefel.stiefel_blocks(ref)
+    full = _stiefel.stiefel_generator_matrix(skew, tall)
     (torch.linalg.matrix_exp(full)[:, :5] * cotangent).sum().backward()
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-9, atol=1e-11)
 
@@ -194,18 +197,18 @@ def test_gradient_matches_matrix_exp_backward():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_orthonormality_at_random_parameters(k, n, scale, dtype):
     gen = _random_generator(k, n, scale, dtype=dtype, seed=k + n)
-    skew, tall = _linalg.stiefel_blocks(gen)
+    skew, tall = _stiefel.stiefel_blocks(gen)
     bound = 1e-5 if dtype == torch.float32 else 1e-12
-    assert orthogonality_error(_linalg.stiefel_expm(skew, tall)) <= bound
-    assert orthogonality_error(_linalg.stiefel_cayley(skew, tall)) <= bound
+    assert orthogonality_error(_stiefel.stiefel_expm(skew, tall)) <= bound
+    assert orthogonality_error(_stiefel.stiefel_cayley(skew, tall)) <= bound
 
 
 def test_polar_step_rescues_rank_deficient_float32():
     # n - k < k makes B^T B singular; at large norms the float32 core loses orthonormality
     gen = _random_generator(100, 170, 300.0, dtype=torch.float32, seed=5)
-    skew, tall = _linalg.stiefel_blocks(gen)
-    raw = _linalg.stiefel_expm(skew, tall, polar=False)
-    fixed = _linalg.stiefel_expm(skew, tall, polar=True)
+    skew, tall = _stiefel.stiefel_blocks(gen)
+    raw = _stiefel.stiefel_expm(skew, tall, polar=False)
+    fixed = _stiefel.stiefel_expm(skew, tall, polar=True)
     assert orthogonality_error(fixed) <= 1e-5
     assert orthogonality_error(fixed) < orthogonality_error(raw)
 
@@ -214,7 +217,7 @@ def test_non_finite_generator_is_reported():
     gen = _random_generator(3, 10, 1.0)
     gen[5, 1] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
-        _linalg.stiefel_expm(*_linalg.stiefel_blocks(gen))
+        _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(gen))
 
 
 def _covariance(d, rank=None, seed=0):
@@ -223,28 +226,28 @@ def _covariance(d, rank=None, seed=0):
     return torch.from_numpy(np.cov(x, rowvar=False))
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_cholesky_whitener(eps):
+@pytest.mark.parametrize("shift", [0.0, 1e-3])
+def test_cholesky_whitener(shift):
     cov = _covariance(6)
-    w = _linalg.cholesky_whitener(cov, eps)
-    shrunk = cov + eps * torch.eye(6, dtype=cov.dtype)
+    w = _normalization.cholesky_whitener(cov, shift)
+    shrunk = cov + shift * torch.eye(6, dtype=cov.dtype)
     torch.testing.assert_close(w.T @ shrunk @ w, torch.eye(6, dtype=cov.dtype), atol=1e-10, rtol=0)
     # W = L^{-T} is upper triangular
     torch.testing.assert_close(w, w.triu(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_zca_whitener_is_inverse_square_root(eps):
+@pytest.mark.parametrize("shift", [0.0, 1e-3])
+def test_zca_whitener_is_inverse_square_root(shift):
     cov = _covariance(6)
-    shrunk = cov.numpy() + eps * np.eye(6)
+    shrunk = cov.numpy() + shift * np.eye(6)
     expected = np.linalg.inv(scipy.linalg.sqrtm(shrunk).real)
-    w = _linalg.zca_whitener(cov, eps)
+    w = _normalization.zca_whitener(cov, shift)
     np.testing.assert_allclose(w.numpy(), expected, atol=1e-9)
 
 
 def test_whiteners_with_singular_covariance_and_shrinkage():
     cov = _covariance(8, rank=4)  # 4 samples in 8 dimensions: rank 3 after centring
-    for whitener in (_linalg.cholesky_whitener, _linalg.zca_whitener):
+    for whitener in (_normalization.cholesky_whitener, _normalization.zca_whitener):
         w = whitener(cov, 1e-2)
         assert torch.isfinite(w).all()
         shrunk = cov + 1e-2 * torch.eye(8, dtype=cov.dtype)
@@ -259,16 +262,16 @@ def test_gradcheck_zca_whitener():
     def whiten(x):
         centred = x - x.mean(0)
         cov = centred.T @ centred / 9
-        return _linalg.zca_whitener(cov, 1e-2 * cov.diagonal().mean())
+        return _normalization.zca_whitener(cov, 1e-2 * cov.diagonal().mean())
 
     assert torch.autograd.gradcheck(whiten, (x,))
 
 
 def test_zca_whitener_gradient_with_coincident_eigenvalues():
-    """``cov = c I`` (every eigenvalue equal): the gradient of ``(cov + eps I)^{-1/2}`` is the
-    derivative of the scalar function, ``-1/2 (c + eps)^{-3/2}``, not eigh's NaN."""
-    c, eps = 0.5, 1e-3
+    """``cov = c I`` (every eigenvalue equal): the gradient of ``(cov + shift I)^{-1/2}`` is the
+    derivative of the scalar function, ``-1/2 (c + shift)^{-3/2}``, not eigh's NaN."""
+    c, shift = 0.5, 1e-3
     cov = (c * torch.eye(4, dtype=torch.float64)).requires_grad_()
-    _linalg.zca_whitener(cov, eps).trace().backward()
-    expected = -0.5 * (c + eps) ** -1.5 * torch.eye(4, dtype=torch.float64)
+    _normalization.zca_whitener(cov, shift).trace().backward()
+    expected = -0.5 * (c + shift) ** -1.5 * torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(cov.grad, expected, rtol=1e-12, atol=1e-12)

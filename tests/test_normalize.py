@@ -23,11 +23,11 @@ def test_batch_standardize_needs_two_samples():
         batch_standardize(torch.randn(1, 3))
 
 
-def numpy_cholesky_whitening(x, eps):
+def numpy_cholesky_whitening(x, shrinkage):
     mu = x.mean(0)
     xc = x - mu
     cov = xc.T @ xc / len(x)
-    shrink = eps * np.trace(cov) / len(cov)
+    shrink = shrinkage * np.trace(cov) / len(cov)
     lower = np.linalg.cholesky(cov + shrink * np.eye(len(cov)))
     # (x - mu) L^{-T}: solve L z^T = xc^T
     return np.linalg.solve(lower, xc.T).T
@@ -151,3 +151,41 @@ def test_tiny_eps_on_constant_features_gives_zero_with_finite_gradients():
         assert torch.equal(out.detach(), torch.zeros(4, 3))
         (grad,) = torch.autograd.grad(out.sum(), x)
         assert bool(torch.isfinite(grad).all())
+
+
+# ------------------------------------------------------------------ one meaning per name (issue 12)
+def test_whitening_shrinkage_and_its_old_name_eps(rng):
+    """``eps`` meant the relative shrinkage in whitening and an added epsilon in the
+    standardisations; the whitening's is ``shrinkage`` now, ``eps=`` warns for one release."""
+    x = torch.from_numpy(rng.standard_normal((12, 5)))
+    expected = numpy_cholesky_whitening(x.numpy(), 1e-2)
+    np.testing.assert_allclose(whiten(x, shrinkage=1e-2).numpy(), expected, rtol=1e-9)
+    np.testing.assert_allclose(whiten(x, "cholesky", 1e-2).numpy(), expected, rtol=1e-9)
+    with pytest.warns(FutureWarning, match="whiten: eps= is renamed to shrinkage="):
+        np.testing.assert_allclose(whiten(x, eps=1e-2).numpy(), expected, rtol=1e-9)
+    with pytest.raises(ChoiceError, match="eps: renamed to shrinkage; pass only shrinkage"):
+        whiten(x, eps=1e-2, shrinkage=1e-2)
+    with pytest.raises(ChoiceError, match="shrinkage: expected a finite number > 0, got 0"):
+        whiten(x, shrinkage=0)
+    with pytest.warns(FutureWarning, match="Whitening: eps= is renamed to shrinkage="):
+        old = Whitening(5, eps=1e-2)
+    assert old.shrinkage == Whitening(5, shrinkage=1e-2).shrinkage == 1e-2
+    assert Whitening(5).shrinkage == 1e-5
+    assert "shrinkage=0.01" in repr(old)
+    np.testing.assert_allclose(old.double()(x).detach().numpy(), expected, rtol=1e-9)
+    eps_error = pytest.raises(ChoiceError, match="eps: expected a finite number > 0, got -1")
+    with eps_error, pytest.warns(FutureWarning):
+        Whitening(5, eps=-1.0)
+    with pytest.raises(ChoiceError, match="shrinkage: expected a finite number > 0, got nan"):
+        Whitening(5, shrinkage=float("nan"))
+
+
+def test_whitening_unchecked_path_equals_forward():
+    """What a loss that validated its input calls: the same whitening and running statistics."""
+    x = torch.randn(16, 4)
+    checked, unchecked = Whitening(4), Whitening(4)
+    torch.testing.assert_close(checked(x), unchecked.whiten_unchecked(x), rtol=0, atol=0)
+    torch.testing.assert_close(checked.running_cov, unchecked.running_cov, rtol=0, atol=0)
+    checked.eval(), unchecked.eval()
+    assert not checked.uses_batch_statistics
+    torch.testing.assert_close(checked(x[:1]), unchecked.whiten_unchecked(x[:1]), rtol=0, atol=0)

@@ -8,9 +8,9 @@ autocast off; results come back in the input dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from featkd import _normalization
 from featkd._checks import (
     DeviceError,
     ShapeError,
@@ -18,7 +18,7 @@ from featkd._checks import (
     check_min_batch,
     validate_features,
 )
-from featkd._linalg import cholesky_whitener, zca_whitener
+from featkd._normalization import WHITENING_METHODS
 from featkd._options import (
     check_bool,
     check_choice,
@@ -27,19 +27,14 @@ from featkd._options import (
     check_int,
     check_number,
     check_positive,
+    renamed,
 )
-from featkd._precision import work_dtype
+from featkd._precision import full_precision
 
 __all__ = ["WHITENING_METHODS", "Whitening", "batch_standardize", "layer_norm", "whiten"]
 
-WHITENING_METHODS = ("cholesky", "zca")
 _VECTORS = {2: "(B, D)"}
-
-
-def _eps_floor(eps: float, dtype: torch.dtype) -> float:
-    # an eps below sqrt(smallest normal) rounds to 0 in float32 (1e-300 does), and the
-    # gradient of (var + eps)^(-1/2), its cube, overflows: NaN on a constant channel
-    return max(eps, torch.finfo(dtype).tiny ** 0.5)
+_SHRINKAGE = 1e-5
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.Tensor:
@@ -61,9 +56,8 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.
     if x.ndim == 0:
         raise ShapeError(f"{name}: expected (..., D), got a scalar")
     eps = check_positive(eps, "eps")  # it guards a division
-    work = work_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x.to(work), x.shape[-1:], eps=_eps_floor(eps, work)).to(x.dtype)
+    with full_precision(x) as work:
+        return _normalization.layer_norm(x.to(work), eps).to(x.dtype)
 
 
 def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") -> torch.Tensor:
@@ -83,40 +77,33 @@ def batch_standardize(x: torch.Tensor, eps: float = 1e-5, *, name: str = "x") ->
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "batch statistics need two samples")
     eps = check_positive(eps, "eps")  # it guards a division
-    work = work_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        xw = x.to(work)
-        mean = xw.mean(0, keepdim=True)
-        var = xw.var(0, unbiased=False, keepdim=True)
-        return ((xw - mean) * (var + _eps_floor(eps, work)).rsqrt()).to(x.dtype)
-
-
-def _whitener(cov: torch.Tensor, method: str, eps: float) -> torch.Tensor:
-    # shrinkage relative to the average variance, so eps means the same at any feature scale
-    # floored at sqrt(smallest normal): constant features (a zero covariance) would otherwise
-    # give a shrinkage whose inverse square root, and the cube of it in the gradient, overflow
-    shrink = (eps * cov.diagonal().mean()).clamp_min(torch.finfo(cov.dtype).tiny ** 0.5)
-    if method == "cholesky":
-        return cholesky_whitener(cov, shrink)
-    return zca_whitener(cov, shrink)
-
-
-def _mean_and_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = x.mean(0)
-    centred = x - mean
-    return mean, centred.mT @ centred / x.shape[0]
+    with full_precision(x) as work:
+        return _normalization.batch_standardize(x.to(work), eps).to(x.dtype)
 
 
 def whiten(
-    x: torch.Tensor, method: str = "cholesky", eps: float = 1e-5, *, name: str = "x"
+    x: torch.Tensor,
+    method: str = "cholesky",
+    shrinkage: float | None = None,
+    *,
+    eps: float | None = None,
+    name: str = "x",
 ) -> torch.Tensor:
     """Whiten a batch with its own statistics: ``(x - mu) W`` with ``W^T (Sigma + s I) W = I``.
 
     ``cholesky``: ``W = L^{-T}`` from ``Sigma + s I = L L^T`` (VkD's generative prior);
-    ``zca``: ``W = (Sigma + s I)^{-1/2}``. The shrinkage ``s = eps * mean(diag(Sigma))`` is
-    relative to the average variance; it is what makes ``B <= D`` (a singular batch covariance)
-    work. On a full-rank batch the output covariance is the identity up to about
-    ``eps * mean variance / smallest eigenvalue``.
+    ``zca``: ``W = (Sigma + s I)^{-1/2}``. The shrinkage ``s = shrinkage * mean(diag(Sigma))``
+    is relative to the average variance; it is what makes ``B <= D`` (a singular batch
+    covariance) work. On a full-rank batch the output covariance is the identity up to about
+    ``shrinkage * mean variance / smallest eigenvalue``.
+
+    Args:
+        x: the batch.
+        method: ``"cholesky"`` or ``"zca"``.
+        shrinkage: relative shrinkage, > 0 (default 1e-5).
+        eps: the former name of ``shrinkage`` (featkd 0.1), accepted for one release with a
+            ``FutureWarning``.
+        name: how errors call ``x``.
 
     Shape:
         - x: ``(B, D)``, ``B >= 2``
@@ -132,12 +119,12 @@ def whiten(
     validate_features(x, name, _VECTORS)
     check_min_batch(x, name, 2, "a covariance needs two samples")
     check_choice(method, "method", WHITENING_METHODS)
-    eps = check_positive(eps, "eps")  # it guards a division
-    work = work_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
+    shrinkage = renamed("whiten", "eps", "shrinkage", eps, shrinkage, _SHRINKAGE)
+    shrinkage = check_positive(shrinkage, "shrinkage" if eps is None else "eps")
+    with full_precision(x) as work:
         xw = x.to(work)
-        mean, cov = _mean_and_cov(xw)
-        return ((xw - mean) @ _whitener(cov, method, eps)).to(x.dtype)
+        mean, cov = _normalization.covariance(xw)
+        return _normalization.whiten(xw, mean, cov, method, shrinkage).to(x.dtype)
 
 
 class Whitening(nn.Module):
@@ -150,7 +137,10 @@ class Whitening(nn.Module):
     Args:
         dim: feature width ``D``.
         method: ``"cholesky"`` (default, as in VkD) or ``"zca"``.
-        eps: shrinkage relative to the average variance (needed when ``B <= D``), > 0.
+        shrinkage: shrinkage relative to the average variance (needed when ``B <= D``), > 0;
+            default 1e-5.
+        eps: the former name of ``shrinkage`` (featkd 0.1), accepted for one release with a
+            ``FutureWarning``.
         momentum: weight of the new batch in the running estimates, in ``(0, 1]`` (beyond 1
             the update extrapolates and the running covariance stops being positive definite).
         track_running_stats: keep running mean/covariance buffers for eval mode.
@@ -176,7 +166,8 @@ class Whitening(nn.Module):
         dim: int,
         *,
         method: str = "cholesky",
-        eps: float = 1e-5,
+        shrinkage: float | None = None,
+        eps: float | None = None,
         momentum: float = 0.1,
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
@@ -185,12 +176,13 @@ class Whitening(nn.Module):
         super().__init__()
         check_int(dim, "dim", 1)
         check_choice(method, "method", WHITENING_METHODS)
-        eps = check_positive(eps, "eps")  # it guards a division
+        shrinkage = renamed("Whitening", "eps", "shrinkage", eps, shrinkage, _SHRINKAGE)
+        shrinkage = check_positive(shrinkage, "shrinkage" if eps is None else "eps")
         momentum = check_number(momentum, "momentum", minimum=0, maximum=1, exclusive_minimum=True)
         check_bool(track_running_stats, "track_running_stats")
         check_floating_dtype(dtype)
         check_device(device)
-        self.dim, self.method, self.eps, self.momentum = dim, method, eps, momentum
+        self.dim, self.method, self.shrinkage, self.momentum = dim, method, shrinkage, momentum
         self.track_running_stats = track_running_stats
         if track_running_stats:
             factory = {"device": device, "dtype": dtype or torch.float32}
@@ -198,10 +190,16 @@ class Whitening(nn.Module):
             self.register_buffer("running_cov", torch.eye(dim, **factory))
             self.register_buffer("num_batches_tracked", torch.tensor(0, device=device))
 
-    def forward(self, x: torch.Tensor, *, name: str = "x") -> torch.Tensor:
-        """Whiten ``x`` ``(B, D)``; ``name`` is how errors call it (a loss that whitens its
-        teacher passes ``"teacher"``)."""
-        validate_features(x, name, _VECTORS, width=self.dim)
+    @property
+    def uses_batch_statistics(self) -> bool:
+        """Whether a call whitens with the batch's own statistics (training mode, or no running
+        statistics) rather than the running ones."""
+        return self.training or not self.track_running_stats
+
+    def check_batch(self, x: torch.Tensor, name: str) -> None:
+        """What a batch ``x`` (already checked as features of width ``D``) must satisfy for this
+        module: the device of the running statistics, two samples for batch statistics.
+        ``name`` is how errors call it (a loss that whitens its teacher passes ``"teacher"``)."""
         if self.track_running_stats and x.device != self.running_mean.device:
             # torch would fail inside the running-statistics update, naming neither side
             raise DeviceError(
@@ -209,26 +207,35 @@ class Whitening(nn.Module):
                 f"running statistics; move the loss or module that holds them with .to()), "
                 f"got one on {x.device}"
             )
-        use_batch = self.training or not self.track_running_stats
-        if use_batch:
+        if self.uses_batch_statistics:
             check_min_batch(x, name, 2, "whitening with batch statistics needs two samples")
-        work = work_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xw = x.to(work)
-            if use_batch:
-                mean, cov = _mean_and_cov(xw)
-                if self.track_running_stats:
-                    with torch.no_grad():
-                        m = self.momentum
-                        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-                        self.running_cov.lerp_(cov.detach().to(self.running_cov.dtype), m)
-                        self.num_batches_tracked += 1
-            else:
-                mean, cov = self.running_mean.to(work), self.running_cov.to(work)
-            return ((xw - mean) @ _whitener(cov, self.method, self.eps)).to(x.dtype)
+
+    def whiten_unchecked(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without its checks, computing in ``x``'s dtype with autocast left as
+        it is: for a loss that has checked ``x`` (:meth:`check_batch`) and runs in full
+        precision already. Updates the running statistics in training mode."""
+        if self.uses_batch_statistics:
+            mean, cov = _normalization.covariance(x)
+            if self.track_running_stats:
+                with torch.no_grad():
+                    m = self.momentum
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                    self.running_cov.lerp_(cov.detach().to(self.running_cov.dtype), m)
+                    self.num_batches_tracked += 1
+        else:
+            mean, cov = self.running_mean.to(x.dtype), self.running_cov.to(x.dtype)
+        return _normalization.whiten(x, mean, cov, self.method, self.shrinkage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Whiten ``x`` ``(B, D)``, in float32 (float64 for float64 input) with autocast off;
+        returned in ``x``'s dtype."""
+        validate_features(x, "x", _VECTORS, width=self.dim)
+        self.check_batch(x, "x")
+        with full_precision(x) as work:
+            return self.whiten_unchecked(x.to(work)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
-            f"{self.dim}, method={self.method!r}, eps={self.eps}, momentum={self.momentum}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"{self.dim}, method={self.method!r}, shrinkage={self.shrinkage}, "
+            f"momentum={self.momentum}, track_running_stats={self.track_running_stats}"
         )

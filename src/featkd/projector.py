@@ -7,10 +7,10 @@ The weight ``P`` (``d_t x d_s``, ``d_t >= d_s``) is a function of a free paramet
     ``P = expm(A)[:, :d_s]`` with ``A = [[S, -B^T], [B, 0]]`` skew-symmetric, ``S`` from the
     strictly lower triangle of the generator's top ``d_s x d_s`` block and ``B`` its other
     rows. Evaluated from ``2 d_s x 2 d_s`` matrix functions and tall-skinny products
-    (:func:`featkd._linalg.stiefel_expm`), never forming a ``d_t x d_t`` matrix.
+    (:func:`featkd._stiefel.stiefel_expm`), never forming a ``d_t x d_t`` matrix.
 ``cayley``
     ``P = (I - A/2)^{-1} (I + A/2)[:, :d_s]`` for the same ``A``, by one ``d_s x d_s`` solve
-    (:func:`featkd._linalg.stiefel_cayley`).
+    (:func:`featkd._stiefel.stiefel_cayley`).
 ``householder``
     ``P = -H_1 H_2 ... H_{d_s} E`` with reflections ``H_i = I - 2 v_i v_i^T / ||v_i||^2``,
     ``v_i = e_i +`` the generator's column ``i`` below the diagonal
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd import _linalg
+from featkd import _stiefel
 from featkd._checks import (
     ChoiceError,
     NonFiniteError,
@@ -39,6 +39,7 @@ from featkd._checks import (
     describe_shape,
 )
 from featkd._options import check_choice, check_device, check_floating_dtype, check_int
+from featkd._precision import full_precision
 
 __all__ = ["ORTHOGONAL_MAPS", "OrthogonalProjector"]
 
@@ -146,11 +147,6 @@ class OrthogonalProjector(nn.Module):
             else:
                 self.generator.normal_(0.0, 1.0 / math.sqrt(self.generator.shape[0]))
 
-    def _work_dtype(self, *others: torch.Tensor) -> torch.dtype:
-        if self.generator.dtype == torch.float64 or any(t.dtype == torch.float64 for t in others):
-            return torch.float64
-        return torch.float32
-
     def _orthonormal_columns(self, dtype: torch.dtype) -> torch.Tensor:
         """``P`` of shape ``(max, min)`` with orthonormal columns, in ``dtype``."""
         gen = self.generator.to(dtype)
@@ -158,11 +154,11 @@ class OrthogonalProjector(nn.Module):
             vectors = gen.tril(-1)
             tau = 2.0 / (1.0 + vectors.square().sum(dim=0))
             return -torch.linalg.householder_product(vectors, tau)
-        skew, tall = _linalg.stiefel_blocks(gen)
+        skew, tall = _stiefel.stiefel_blocks(gen)
         if self.map == "cayley":
-            return _linalg.stiefel_cayley(skew, tall)
+            return _stiefel.stiefel_cayley(skew, tall)
         try:
-            return _linalg.stiefel_expm(skew, tall, max_squarings=self.max_squarings)
+            return _stiefel.stiefel_expm(skew, tall, max_squarings=self.max_squarings)
         except FloatingPointError:
             raise NonFiniteError(
                 f"generator: expected finite values, got NaN/Inf in the parameter of shape "
@@ -172,9 +168,8 @@ class OrthogonalProjector(nn.Module):
     def compute_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)``, computed with autocast disabled in
         ``dtype`` (default float32, or float64 for a float64 parameter)."""
-        work = dtype or self._work_dtype()
-        with torch.autocast(self.generator.device.type, enabled=False):
-            columns = self._orthonormal_columns(work)
+        with full_precision(self.generator) as work:
+            columns = self._orthonormal_columns(dtype or work)
         return columns.mT if self.transposed else columns
 
     @property
@@ -187,8 +182,8 @@ class OrthogonalProjector(nn.Module):
         (``matrix_exp``) or Cayley transform (``cayley``) gives the weight's columns."""
         if self.map == "householder":
             raise ChoiceError("skew_generator: not defined for map='householder'")
-        skew, tall = _linalg.stiefel_blocks(self.generator)
-        return _linalg.stiefel_generator_matrix(skew, tall)
+        skew, tall = _stiefel.stiefel_blocks(self.generator)
+        return _stiefel.stiefel_generator_matrix(skew, tall)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x``: ``(..., in_features) -> (..., out_features)``.
@@ -210,8 +205,7 @@ class OrthogonalProjector(nn.Module):
         check_width(x, "x", self.in_features, "in_features")
         check_same_device({"the projector's generator": self.generator, "x": x})
         check_finite(x, "x")
-        work = self._work_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x, self.generator) as work:
             weight = self.compute_weight(work)
             out = F.linear(x.to(work), weight)
         return out.to(x.dtype)

@@ -1,0 +1,226 @@
+"""The matrix exponential by scaling and squaring with a Taylor polynomial (unchecked maths).
+
+``expm(M)`` (or some of its columns) for a dense square ``M``: the powers ``Y^1..Y^4`` of
+``Y = M / rho`` (``rho = max(||M||_F, 1)``, so they cannot overflow) are formed once; the
+Taylor polynomial of ``exp(Y rho / 2^s)`` is evaluated in Paterson-Stockmeyer form, then squared
+``s`` times. Degree and number of squarings come from a rigorous bound on the Taylor remainder
+built from the norms of the computed powers; reading that bound is one host synchronisation per
+call, like :func:`torch.linalg.matrix_exp`. Passing ``max_squarings`` makes the evaluation
+synchronisation-free (a fixed degree, the squarings chosen on the device and masked). Gradients
+come from autograd through the matrix products.
+
+:mod:`featkd._stiefel` uses it on the small companion core of the Stiefel exponential.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["expm_columns"]
+
+# Paterson-Stockmeyer block size: the powers X^1..X^4 are formed once, degrees are 4r.
+_PS_BLOCK = 4
+_MAX_BLOCKS = 6  # degree <= 24
+# fixed, synchronisation-free choice: degree 16 (float32) / 24 (float64) and the squarings
+# that bring the Frobenius-bound below theta_m
+_FIXED_BLOCKS = {torch.float32: 4, torch.float64: 6}
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) / 2
+
+
+# Taylor terms j = 1.._MAX_TERM enter the remainder bounds; beyond that they are negligible
+# whenever the bound is small enough to be accepted (the terms then decay geometrically).
+_MAX_TERM = _PS_BLOCK * _MAX_BLOCKS + 40
+_TERMS = np.arange(1, _MAX_TERM + 1)
+_LOG_FACTORIALS = np.array([math.lgamma(j + 1) for j in _TERMS])
+_SQUARINGS = np.arange(0, 64)
+
+
+def _log_remainder_bounds(log_norms: list[float], log_rho: float) -> np.ndarray:
+    """``log`` of bounds on ``||sum_{j > m} X^j / j!||_F`` for ``X = Y rho / 2^s``, for every
+    ``s`` in ``_SQUARINGS`` (rows) and degree ``m = q r`` (columns ``r = 1.._MAX_BLOCKS``).
+
+    ``log_norms[b] = log ||Y^b||`` (``b = 1..q``); ``||Y^j|| <= ||Y^q||^a ||Y^b||`` for
+    ``j = a q + b`` and ``<= ||Y||^j`` (submultiplicativity). The ``phi``-type coefficients
+    ``1/(j+1)!`` are smaller than ``1/j!``, so the bounds cover them too.
+    """
+    q = _PS_BLOCK
+    norms = np.asarray(log_norms, dtype=np.float64)
+    a, b = np.divmod(_TERMS, q)
+    with np.errstate(invalid="ignore"):
+        blocked = a * norms[q] + np.where(b > 0, norms[b], 0.0)
+        log_power = np.minimum(blocked, _TERMS * norms[1])
+        log_scale = log_rho - _SQUARINGS * math.log(2.0)
+        terms = log_power - _LOG_FACTORIALS + _TERMS * log_scale[:, None]
+        # suffix log-sum-exp: tails[:, j - 1] bounds the sum of the terms j.._MAX_TERM
+        tails = np.logaddexp.accumulate(terms[:, ::-1], axis=1)[:, ::-1]
+    degrees = q * np.arange(1, _MAX_BLOCKS + 1)
+    return tails[:, degrees]  # the tail starting at j = degree + 1
+
+
+def _plan(log_norms: list[float], log_rho: float, tol: float, cost) -> tuple[int, int]:
+    """Cheapest ``(blocks r, squarings s)``, degree ``q r``, whose remainder bound for
+    ``X = Y rho / 2^s`` is at most ``tol``; ``cost(r, s)`` (numpy-broadcastable) in
+    dense-product units."""
+    if not all(math.isfinite(v) or v == -math.inf for v in [*log_norms, log_rho]):
+        raise FloatingPointError("matrix exponential: the generator has non-finite entries")
+    feasible = _log_remainder_bounds(log_norms, log_rho) <= math.log(tol)
+    if not feasible.any():
+        raise FloatingPointError("matrix exponential: the generator's norm is too large")
+    blocks = np.arange(1, _MAX_BLOCKS + 1)[None, :]
+    costs = np.where(feasible, cost(blocks, _SQUARINGS[:, None]), np.inf)
+    s, r = np.unravel_index(np.argmin(costs), costs.shape)
+    return int(r) + 1, int(s)
+
+
+def _squarings_on_device(
+    log_norms: torch.Tensor, log_rho: torch.Tensor, degree: int, max_squarings: int, tol: float
+) -> torch.Tensor:
+    """Fewest squarings ``s <= max_squarings`` meeting the remainder bound of :func:`_plan` at
+    a fixed degree, computed on the device (no host synchronisation)."""
+    q = log_norms.shape[0] - 1
+    dtype, device = log_norms.dtype, log_norms.device
+    js = list(range(degree + 1, degree + 80))
+    a = torch.tensor([j // q for j in js], dtype=dtype, device=device)
+    log_nb = torch.stack([log_norms[j % q] if j % q else log_norms.new_zeros(()) for j in js])
+    blocked = a * log_norms[q] + log_nb
+    j_t = torch.tensor(js, dtype=dtype, device=device)
+    power = torch.minimum(blocked, j_t * log_norms[1])
+    log_fact = torch.tensor([math.lgamma(j + 1) for j in js], dtype=dtype, device=device)
+    s = torch.arange(max_squarings + 1, dtype=dtype, device=device)
+    log_scale = log_rho - s * math.log(2.0)
+    bounds = torch.logsumexp(power - log_fact + j_t * log_scale[:, None], dim=1)
+    return (bounds > math.log(tol)).sum().clamp(max=max_squarings).to(dtype)
+
+
+def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.Tensor:
+    """``log`` of norm bounds for ``powers[j] = Y^j`` (``powers[0]`` is the identity: ``0``).
+
+    Frobenius norms are rigorous 2-norm bounds but overestimate by up to ``sqrt(dim)``, which
+    for ``Y^q`` (whose ``q``-th root sets the number of squarings) costs a squaring. So for
+    ``Y^q`` the bound is ``min(||Y^q||_F, 1.1 * estimate)``, the estimate from a few steps of
+    block power iteration on ``Y^{qT} Y^q`` (four fixed start vectors, no RNG use).
+    """
+    top = powers[-1].detach()
+    dim = top.shape[-1]
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    seeds = torch.arange(1, 4 * dim + 1, dtype=top.dtype, device=top.device) * golden
+    v = (seeds - seeds.floor() - 0.5).reshape(dim, 4)
+    for _ in range(iterations):
+        v = ((top @ v).mT @ top).mT  # Y^T Y v without transposing Y
+        v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(top.dtype).tiny)
+    estimate = (top @ v).norm(dim=0).max()
+    norms = torch.stack([p.detach().norm() for p in powers[1:]])
+    norms = torch.cat([norms[:-1], torch.minimum(norms[-1], 1.1 * estimate)[None]])
+    return torch.cat([norms.new_zeros(1), norms.log()])
+
+
+def _ps_polynomial(
+    stacked: torch.Tensor,
+    block_coeffs: torch.Tensor,
+    top_coeff: float | torch.Tensor,
+    top_power: torch.Tensor,
+    left_mult_power,
+) -> torch.Tensor:
+    """Paterson-Stockmeyer evaluation of ``sum_i (X^q)^i B_i``, ``B_i = sum_j C[i, j] X^j``.
+
+    ``stacked[j] = X^j`` for ``j < q`` (or the same columns of each), ``block_coeffs`` the
+    ``(r, q)`` matrix ``C``, ``top_coeff * top_power`` the degree-``q r`` term (``top_power``
+    is ``X^q`` or its columns) and ``left_mult_power(Y) = X^q @ Y``. All blocks come from one
+    contraction; Horner in ``X^q`` then takes ``r - 1`` products.
+    """
+    q, m, c = stacked.shape
+    blocks = (block_coeffs.to(stacked.dtype) @ stacked.reshape(q, m * c)).reshape(-1, m, c)
+    acc = top_coeff * top_power + blocks[-1]
+    for i in range(blocks.shape[0] - 2, -1, -1):
+        acc = left_mult_power(acc) + blocks[i]
+    return acc
+
+
+def _taylor_coefficients(
+    degree: int, shift: int, scale: float | torch.Tensor, q: int, like: torch.Tensor
+) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """``C[i, j] = scale^j / (i q + j + shift)!`` (``(r, q)``) and the top coefficient
+    ``1 / (degree + shift)!``: the Taylor coefficients of ``exp`` (``shift = 0``) or ``phi1``
+    (``shift = 1``) with ``scale^j`` folded into the block coefficients."""
+    blocks = degree // q
+    inv_fact = torch.tensor(
+        [[1.0 / math.factorial(i * q + j + shift) for j in range(q)] for i in range(blocks)],
+        dtype=torch.float64,
+        device=like.device,
+    )
+    if isinstance(scale, torch.Tensor):
+        powers = scale.to(torch.float64) ** torch.arange(q, device=like.device)
+    else:
+        powers = torch.tensor([scale**j for j in range(q)], dtype=torch.float64, device=like.device)
+    return inv_fact * powers, 1.0 / math.factorial(degree + shift)
+
+
+def expm_columns(
+    matrix: torch.Tensor,
+    columns: slice,
+    *,
+    left_mult=None,
+    max_squarings: int | None = None,
+) -> tuple[torch.Tensor, int | None]:
+    """``expm(matrix)[:, columns]`` and the number of squarings (``None`` when counted on the
+    device), by scaling and squaring with a Taylor polynomial in
+    Paterson-Stockmeyer form, differentiated by autograd through the products.
+
+    The powers are formed for ``Y = matrix / rho`` with ``rho = max(||matrix||_F, 1)``
+    (detached) so they cannot overflow; then ``X = Y rho / 2^s``. ``left_mult(V) = matrix @ V``
+    may exploit structure (it is used for the powers). Degree and squarings come from the
+    remainder bound on ``||Y^j||_F``, read on the host (one synchronisation), or, with
+    ``max_squarings``, from a fixed degree with the squarings counted and masked on the device.
+    """
+    n = matrix.shape[0]
+    dtype, device = matrix.dtype, matrix.device
+    left_mult = left_mult or (lambda v: matrix @ v)
+    q = _PS_BLOCK
+    rho = matrix.detach().norm().clamp_min(1.0)
+    eye = torch.eye(n, dtype=dtype, device=device)
+    powers = [eye, matrix / rho]
+    for _ in range(2, q + 1):
+        powers.append(left_mult(powers[-1]) / rho)
+    log_norms_dev = _log_power_norms(powers)
+    log_rho_dev = rho.log()
+    tol = _unit_roundoff(dtype)
+    stacked = torch.stack(powers[:q])
+    fraction = len(range(n)[columns]) / n
+
+    if max_squarings is None:
+        *log_norms, log_rho = torch.cat([log_norms_dev, log_rho_dev[None]]).tolist()  # sync
+
+        def cost(blocks, s):
+            # in dense n x n products, the powers already paid for; s = 0 needs the columns only
+            return np.where(s == 0, fraction * (blocks - 1), (blocks - 1) + (s - 1) + fraction)
+
+        blocks, squarings = _plan(log_norms, log_rho, tol, cost)
+        scale = math.exp(log_rho) * 2.0**-squarings
+        coeffs, top = _taylor_coefficients(q * blocks, 0, scale, q, matrix)
+        x_q = powers[q] * scale**q
+        if squarings == 0:
+            cols = stacked[:, :, columns]
+            return _ps_polynomial(cols, coeffs, top, x_q[:, columns], lambda v: x_q @ v), 0
+        expo = _ps_polynomial(stacked, coeffs, top, x_q, lambda v: x_q @ v)
+        for _ in range(squarings - 1):
+            expo = expo @ expo
+        return expo @ expo[:, columns], squarings
+
+    degree = q * _FIXED_BLOCKS[dtype]
+    needed = _squarings_on_device(log_norms_dev, log_rho_dev, degree, max_squarings, tol)
+    scale_dev = rho * torch.exp2(-needed)
+    coeffs, top = _taylor_coefficients(degree, 0, scale_dev, q, matrix)
+    x_q = powers[q] * scale_dev**q
+    expo = _ps_polynomial(stacked, coeffs, top, x_q, lambda v: x_q @ v)
+    if max_squarings == 0:
+        return expo[:, columns], None
+    for step in range(max_squarings - 1):
+        expo = torch.where(needed > step, expo @ expo, expo)
+    last = torch.where(needed > max_squarings - 1, expo @ expo[:, columns], expo[:, columns])
+    return last, None
