@@ -107,11 +107,11 @@ def loss_builders(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module]
         "GaussianKLLoss (full)": (lambda: featkd.GaussianKLLoss(projector=projector()), "pooled"),
         "MMDLoss (rbf)": (lambda: featkd.MMDLoss(projector=projector()), "pooled"),
         "VkDLoss (tokens, layer_norm)": (
-            lambda: featkd.VkDLoss(d_s, d_t, teacher_pool="patch_mean"),
+            lambda: featkd.VkDLoss(student_dim=d_s, teacher_dim=d_t, teacher_pool="patch_mean"),
             "tokens",
         ),
         "VkDLoss (pooled, whitening)": (
-            lambda: featkd.VkDLoss(d_s, d_t, normalize="whitening"),
+            lambda: featkd.VkDLoss(student_dim=d_s, teacher_dim=d_t, normalize="whitening"),
             "pooled",
         ),
     }

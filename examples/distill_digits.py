@@ -233,14 +233,20 @@ METHODS: list[Method] = [
     Method("Hinton KD", lambda s, t, d: featkd.KDLoss(4.0), _kd_term, notes="logits, T=4"),
     Method(
         "VkD (layer norm)",
-        lambda s, t, d: featkd.VkDLoss(s.feature_dim, t.feature_dim, student_pool="gap"),
+        lambda s, t, d: featkd.VkDLoss(
+            student_dim=s.feature_dim, teacher_dim=t.feature_dim, student_pool="gap"
+        ),
         _map_term,
         notes="orthogonal projection 32->256, layer-normed teacher, smooth-L1",
     ),
     Method(
         "VkD (whitening)",
         lambda s, t, d: featkd.VkDLoss(
-            s.feature_dim, t.feature_dim, normalize="whitening", student_pool="gap", eps=1e-2
+            student_dim=s.feature_dim,
+            teacher_dim=t.feature_dim,
+            normalize="whitening",
+            student_pool="gap",
+            shrinkage=1e-2,
         ),
         _map_term,
         notes="Cholesky-whitened teacher (B=128 < D=256: shrinkage 1e-2)",

@@ -343,7 +343,7 @@ METHODS: list[Method] = [
     ),
     Method(
         "VkD",
-        lambda s, t: featkd.VkDLoss(s, t),
+        lambda s, t: featkd.VkDLoss(student_dim=s, teacher_dim=t),
         readout=lambda loss_fn, s: loss_fn.projector(s),
         notes="orthogonal projection 128->384, layer-normed teacher, smooth-L1",
     ),

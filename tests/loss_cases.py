@@ -17,6 +17,20 @@ from torch import nn
 import featkd
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...] | None]
+Tolerance = tuple[float, float]
+
+# (rtol, atol) against float32 under autocast
+FLOAT32_MATHS = (1e-4, 1e-5)  # autocast off inside the loss: float32 rounding only
+ROUNDED_INPUTS = (2e-2, 1e-3)  # the inputs and the result rounded to 8 (bf16) / 11 (fp16) bits
+LAYER_UNDER_AUTOCAST = (2e-2, 3e-2)  # a linear layer computed in half precision
+ROUNDED_HEAD_INPUTS = (2e-2, 1e-2)  # a head's outputs (O(1) values) from rounded inputs
+
+# why a case breaks the compiled graph
+SINKHORN_STOP = "Sinkhorn's stopping test reads the marginal error on the host"
+SLICED_GENERATOR = "the sliced directions are drawn from a torch.Generator"
+CLASS_GROUPS = "conditional=True groups the batch by class, sizes read on the host"
+LABEL_CHECK = "the labels are checked for negative values on the host"
+ADAPTIVE_SQUARINGS = "the adaptive matrix exponential reads a norm bound on the host"
 
 
 @dataclass
@@ -38,6 +52,12 @@ class Case:
             and answers in the input's dtype.
         empty_ok: a head that maps an empty batch to an empty output (like ``nn.Linear``)
             rather than refusing it.
+        autocast_tolerance: ``(rtol, atol)`` against float32 under autocast, for float32
+            features and for half-precision features (``tests/test_autocast.py``, stated in
+            ``docs/reliability.md``).
+        graph_break: why ``torch.compile`` cannot make one graph of it (with the finite check
+            off); empty when it does (``fullgraph=True`` is asserted).
+        slow_compile: its graph breaks make it slow to trace (the compile test is marked slow).
     """
 
     name: str
@@ -49,6 +69,9 @@ class Case:
     channels: tuple[int, int] = (-1, -1)
     plain_layer: bool = False
     empty_ok: bool = False
+    autocast_tolerance: tuple[Tolerance, Tolerance] = (FLOAT32_MATHS, ROUNDED_INPUTS)
+    graph_break: str = ""
+    slow_compile: bool = False
 
     @property
     def is_head(self) -> bool:
@@ -124,40 +147,54 @@ X = ("x", "x")
 CASES: list[Case] = [
     Case("KDLoss", lambda: featkd.KDLoss(4.0), _pair(10)),
     Case("W2-emd", lambda: featkd.WassersteinLoss("emd"), _pair(8)),
-    Case("W2-sinkhorn", lambda: featkd.WassersteinLoss("sinkhorn"), _pair(8)),
+    Case(
+        "W2-sinkhorn",
+        lambda: featkd.WassersteinLoss("sinkhorn"),
+        _pair(8),
+        graph_break=SINKHORN_STOP,
+    ),
     Case(
         "W2-sinkhorn-debias",
         lambda: featkd.WassersteinLoss("sinkhorn", debias=True, reg=0.5),
         _pair(8),
+        graph_break=SINKHORN_STOP,
     ),
     Case(
         "W2-sliced",
         lambda: featkd.WassersteinLoss("sliced", n_projections=16, seed=0),
         _pair(8),
+        graph_break=SLICED_GENERATOR,
     ),
     Case(
         "W2-emd-conditional",
         lambda: featkd.WassersteinLoss("emd", conditional=True),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
+        slow_compile=True,
     ),
     Case(
         "W2-sinkhorn-conditional",
         lambda: featkd.WassersteinLoss("sinkhorn", conditional=True),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
+        slow_compile=True,
     ),
     Case(
         "JointW2-emd",
         lambda: featkd.JointWassersteinLoss(label_weight=1.0),
         _pair(8),
         labels=True,
+        graph_break=LABEL_CHECK,
     ),
     Case(
         "JointW2-sinkhorn",
         lambda: featkd.JointWassersteinLoss(label_weight=1.0, solver="sinkhorn"),
         _pair(8),
         labels=True,
+        graph_break=LABEL_CHECK,
+        slow_compile=True,
     ),
     Case("GaussianW2-full", lambda: featkd.GaussianWassersteinLoss("full"), _pair(8), min_batch=2),
     Case("GaussianW2-diag", lambda: featkd.GaussianWassersteinLoss("diag"), _pair(8), min_batch=2),
@@ -166,6 +203,8 @@ CASES: list[Case] = [
         lambda: featkd.GaussianWassersteinLoss("full", conditional=True),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
+        slow_compile=True,
     ),
     Case("GaussianKL-full", lambda: featkd.GaussianKLLoss("full"), _pair(8), min_batch=2),
     Case("GaussianKL-diag", lambda: featkd.GaussianKLLoss("diag"), _pair(8), min_batch=2),
@@ -174,6 +213,8 @@ CASES: list[Case] = [
         lambda: featkd.GaussianKLLoss("full", conditional=True),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
+        slow_compile=True,
     ),
     Case("MMD-rbf", lambda: featkd.MMDLoss("rbf"), _pair(8)),
     Case(
@@ -189,18 +230,22 @@ CASES: list[Case] = [
         lambda: featkd.MMDLoss("rbf", conditional=True),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
+        slow_compile=True,
     ),
     Case(
         "KD2M-projector",
         lambda: featkd.KD2MLoss("w2_gaussian", projector=nn.Linear(6, 8)),
         _pair(6, 8),
         min_batch=2,
+        autocast_tolerance=(ROUNDED_INPUTS, ROUNDED_INPUTS),
     ),
     Case(
         "KD2M-kl-diag-conditional",
         lambda: featkd.KD2MLoss("kl_gaussian_diag", conditional=True),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
     ),
     Case(
         "CosPress-tokens",
@@ -229,6 +274,7 @@ CASES: list[Case] = [
         lambda: featkd.VkDLoss(student_dim=8, teacher_dim=12),
         _tokens_to_map(5, 8, 12, 2),
         channels=(-1, 1),
+        graph_break=ADAPTIVE_SQUARINGS,
     ),
     Case("VkD-batch-standardize-fixed-squarings", _vkd_fixed_squarings, _pair(8, 12), min_batch=2),
     Case(
@@ -254,6 +300,7 @@ CASES: list[Case] = [
         _head(5, 8),
         names=X,
         plain_layer=True,
+        autocast_tolerance=(LAYER_UNDER_AUTOCAST, LAYER_UNDER_AUTOCAST),
     ),
     Case(
         "TeacherCompressionHead",
@@ -261,6 +308,7 @@ CASES: list[Case] = [
         _head(12),
         names=("teacher", "teacher"),
         plain_layer=True,
+        autocast_tolerance=(LAYER_UNDER_AUTOCAST, LAYER_UNDER_AUTOCAST),
     ),
     Case(
         "OrthogonalProjector-expm",
@@ -268,6 +316,8 @@ CASES: list[Case] = [
         _head(5, 8),
         names=X,
         empty_ok=True,
+        graph_break=ADAPTIVE_SQUARINGS,
+        autocast_tolerance=(FLOAT32_MATHS, ROUNDED_HEAD_INPUTS),
     ),
     Case(
         "OrthogonalProjector-cayley-down",
@@ -275,23 +325,40 @@ CASES: list[Case] = [
         _head(12),
         names=X,
         empty_ok=True,
+        autocast_tolerance=(FLOAT32_MATHS, ROUNDED_HEAD_INPUTS),
     ),
     # width 4 < B = 8: a well-conditioned batch covariance
-    Case("Whitening", lambda: featkd.Whitening(4), _head(4), names=X, min_batch=2),
+    Case(
+        "Whitening",
+        lambda: featkd.Whitening(4),
+        _head(4),
+        names=X,
+        min_batch=2,
+        autocast_tolerance=(FLOAT32_MATHS, ROUNDED_HEAD_INPUTS),
+    ),
     Case(
         "Whitening-zca",
         lambda: featkd.Whitening(4, method="zca"),
         _head(4),
         names=X,
         min_batch=2,
+        autocast_tolerance=(FLOAT32_MATHS, ROUNDED_HEAD_INPUTS),
     ),
-    Case("Whitening-eval", lambda: featkd.Whitening(4, method="zca").eval(), _head(4), names=X),
+    Case(
+        "Whitening-eval",
+        lambda: featkd.Whitening(4, method="zca").eval(),
+        _head(4),
+        names=X,
+        autocast_tolerance=(FLOAT32_MATHS, ROUNDED_HEAD_INPUTS),
+    ),
     Case("GlobalBatch-KD", lambda: featkd.GlobalBatch(featkd.KDLoss()), _pair(10)),
     Case(
         "GlobalBatch-MMD-conditional",
         lambda: featkd.GlobalBatch(featkd.MMDLoss("rbf", conditional=True)),
         _pair(8),
         labels=True,
+        graph_break=CLASS_GROUPS,
+        slow_compile=True,
     ),
     Case(
         "GlobalBatch-CosPress",

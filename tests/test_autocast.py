@@ -1,6 +1,6 @@
 """Every loss and head under ``torch.autocast``: finite values and gradients, and results within
 the documented tolerance of float32 (the table in ``docs/reliability.md``, checked against
-``TOLERANCES`` below by :func:`test_docs_table_matches_the_tolerances`).
+each case's ``autocast_tolerance`` by :func:`test_docs_table_matches_the_tolerances`).
 
 Two ways features reach a loss inside an autocast region:
 
@@ -23,23 +23,7 @@ import pytest
 import torch
 from loss_cases import CASES, Case, head_scalar, stage_outputs, tiny_fcfd
 
-# (rtol, atol) against float32, for float32 features and for half-precision features
-FLOAT32_MATHS = (1e-4, 1e-5)  # autocast off inside the loss: float32 rounding only
-ROUNDED_INPUTS = (2e-2, 1e-3)  # the inputs and the result rounded to 8 (bf16) / 11 (fp16) bits
-LAYER_UNDER_AUTOCAST = (2e-2, 3e-2)  # a linear layer computed in half precision
-ROUNDED_HEAD_INPUTS = (2e-2, 1e-2)  # a head's outputs (O(1) values) from rounded inputs
 GRADIENT_COSINE = 0.99  # minimum cosine between the autocast and float32 student gradients
-
-TOLERANCES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    case.name: (FLOAT32_MATHS, ROUNDED_INPUTS) for case in CASES
-}
-TOLERANCES["KD2M-projector"] = (ROUNDED_INPUTS, ROUNDED_INPUTS)  # the projector runs under it
-TOLERANCES["LinearHead"] = (LAYER_UNDER_AUTOCAST, LAYER_UNDER_AUTOCAST)
-TOLERANCES["TeacherCompressionHead"] = (LAYER_UNDER_AUTOCAST, LAYER_UNDER_AUTOCAST)
-for name in ("OrthogonalProjector-expm", "OrthogonalProjector-cayley-down"):
-    TOLERANCES[name] = (FLOAT32_MATHS, ROUNDED_HEAD_INPUTS)
-for name in ("Whitening", "Whitening-zca", "Whitening-eval"):
-    TOLERANCES[name] = (FLOAT32_MATHS, ROUNDED_HEAD_INPUTS)
 FCFD_TOLERANCE = (5e-2, 1e-2)  # the networks' stages and the bridges run under autocast
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
@@ -93,7 +77,7 @@ def check_against_float32(case, device, amp_dtype, low_precision_features: bool,
     assert out.dtype == expected_dtype
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     assert all(torch.isfinite(g).all() for g in param_grads.values())
-    rtol, atol = TOLERANCES[case.name][int(low_precision_features)]
+    rtol, atol = case.autocast_tolerance[int(low_precision_features)]
     torch.testing.assert_close(out.float(), reference.float(), rtol=rtol, atol=atol)
     cosine = torch.nn.functional.cosine_similarity(
         grad.float().flatten(), ref_grad.float().flatten(), dim=0
@@ -140,15 +124,16 @@ def test_fcfd_under_autocast(device, amp_dtype):
 
 def test_docs_table_matches_the_tolerances():
     """``docs/reliability.md`` states the tolerances asserted here, row by row."""
+    tolerances = {case.name: case.autocast_tolerance for case in CASES}
     rows = {}
     for line in DOCS.read_text().splitlines():
         match = re.match(r"\|\s*`([^`]+)`\s*\|[^|]*\|\s*([^|]+)\|\s*([^|]+)\|", line)
-        if match and (match.group(1) in TOLERANCES or match.group(1) == "FCFD"):
+        if match and (match.group(1) in tolerances or match.group(1) == "FCFD"):
             rows[match.group(1)] = (match.group(2).strip(), match.group(3).strip())
 
     def text(tol):
         return f"rtol {tol[0]:g}, atol {tol[1]:g}"
 
-    expected = {name: (text(f32), text(rounded)) for name, (f32, rounded) in TOLERANCES.items()}
+    expected = {name: (text(f32), text(rounded)) for name, (f32, rounded) in tolerances.items()}
     expected["FCFD"] = ("n/a", text(FCFD_TOLERANCE))
     assert rows == expected

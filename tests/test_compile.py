@@ -6,8 +6,8 @@ one test of its own (marked slow). The NaN/Inf input check synchronises with the
 breaks the graph there; the recommended setting under compile is ``featkd.set_finite_check(False)``
 and the tests use it, except where they check that the check still works when compiled.
 
-What compiles to one graph (``fullgraph=True`` asserts it) and what breaks it is listed in
-``FULL_GRAPH`` and explained in ``docs/reliability.md``: POT's exact solver runs on the host in
+What compiles to one graph (``fullgraph=True`` asserts it) and why the others break it is each
+case's ``graph_break`` (in ``tests/loss_cases.py``), explained in ``docs/reliability.md``: POT's exact solver runs on the host in
 numpy, Sinkhorn's stopping test and the class grouping of ``conditional=True`` read values on
 the host, and the sliced directions come from a ``torch.Generator``.
 """
@@ -25,51 +25,10 @@ from featkd import NonFiniteError
 # torch's own deprecation noise from inside the compiler
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method`:DeprecationWarning")
 
-# cases that compile to a single graph once the finite check is off
-FULL_GRAPH = {
-    "KDLoss",
-    "W2-emd",  # POT's solver is a custom op: one opaque node, no graph break
-    "GaussianW2-full",
-    "GaussianW2-diag",
-    "GaussianKL-full",
-    "GaussianKL-diag",
-    "MMD-rbf",
-    "MMD-rbf-unbiased",
-    "MMD-linear",
-    "MMD-poly",
-    "KD2M-projector",
-    "CosPress-tokens",
-    "CosPress-pooled",
-    "Proteus-tokens",
-    "Proteus-pooled",
-    "LinearHead",
-    "TeacherCompressionHead",
-    "GlobalBatch-KD",
-    "GlobalBatch-CosPress",
-    "VkD-batch-standardize-fixed-squarings",
-    "VkD-whitening-cayley",
-    "VkD-householder-tokens",
-    "OrthogonalProjector-cayley-down",
-    "Whitening",
-    "Whitening-zca",
-    "Whitening-eval",
-}
-# more graph breaks (class grouping on the host, several Sinkhorn stopping tests, POT's emd per
-# class) make these slower to trace; the loss classes themselves are covered by the fast cases
-SLOW = {
-    "W2-emd-conditional",
-    "W2-sinkhorn-conditional",
-    "JointW2-sinkhorn",
-    "GaussianW2-conditional",
-    "GaussianKL-conditional",
-    "MMD-rbf-conditional",
-    "GlobalBatch-MMD-conditional",
-}
-
 
 def params(cases):
     return [
-        pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in SLOW else [])
+        pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow_compile else [])
         for c in cases
     ]
 
@@ -119,7 +78,7 @@ def check_compiled_equals_eager(case: Case, backend: str, fullgraph: bool, batch
 
 @pytest.mark.parametrize("case", params(CASES))
 def test_compiled_equals_eager(case, no_finite_check):
-    check_compiled_equals_eager(case, "aot_eager", fullgraph=case.name in FULL_GRAPH)
+    check_compiled_equals_eager(case, "aot_eager", fullgraph=not case.graph_break)
 
 
 @pytest.mark.parametrize("name", ["KDLoss", "CosPress-tokens", "LinearHead"])

@@ -517,8 +517,12 @@ def _real_losses() -> dict[str, nn.Module]:
     torch.manual_seed(5)
     return {
         "CosPressLoss": featkd.CosPressLoss(student_dim=D_S, teacher_dim=D_T),
-        "VkDLoss-whitening": featkd.VkDLoss(D_S, D_T, normalize="whitening"),
-        "VkDLoss-batch_standardize": featkd.VkDLoss(D_S, D_T, normalize="batch_standardize"),
+        "VkDLoss-whitening": featkd.VkDLoss(
+            student_dim=D_S, teacher_dim=D_T, normalize="whitening"
+        ),
+        "VkDLoss-batch_standardize": featkd.VkDLoss(
+            student_dim=D_S, teacher_dim=D_T, normalize="batch_standardize"
+        ),
         "GaussianWassersteinLoss": featkd.GaussianWassersteinLoss(projector=nn.Linear(D_S, D_T)),
         "MMDLoss-conditional": featkd.MMDLoss(conditional=True, projector=nn.Linear(D_S, D_T)),
         "WassersteinLoss-emd": featkd.WassersteinLoss("emd", projector=nn.Linear(D_S, D_T)),

@@ -444,8 +444,16 @@ def _drawn_cases(d_s: int, d_t: int, tokens: int) -> list[Case]:
     up = lambda: nn.Linear(d_s, d_t)  # noqa: E731 - KD2M compares equal widths
     pair, token_pair = _pair(d_s, d_t), _tokens(tokens, d_s, d_t)
     return [
-        Case("VkD-tokens", lambda: featkd.VkDLoss(d_s, d_t, teacher_pool="patch_mean"), token_pair),
-        Case("VkD-whitening", lambda: featkd.VkDLoss(d_s, d_t, normalize="whitening"), pair),
+        Case(
+            "VkD-tokens",
+            lambda: featkd.VkDLoss(student_dim=d_s, teacher_dim=d_t, teacher_pool="patch_mean"),
+            token_pair,
+        ),
+        Case(
+            "VkD-whitening",
+            lambda: featkd.VkDLoss(student_dim=d_s, teacher_dim=d_t, normalize="whitening"),
+            pair,
+        ),
         Case(
             "CosPress-tokens",
             lambda: featkd.CosPressLoss(student_dim=d_s, teacher_dim=d_t),

@@ -32,7 +32,9 @@ def _featkd_imports(path: Path) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == "featkd":
+            if node.module == "featkd":  # from featkd import _expm: the names are modules
+                found += [f"featkd.{alias.name}" for alias in node.names]
+            elif node.module.split(".")[0] == "featkd":
                 found.append(node.module)
         elif isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.split(".")[0] == "featkd"]
