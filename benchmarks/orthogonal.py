@@ -226,8 +226,8 @@ def build_cases(
 @contextlib.contextmanager
 def count_squarings() -> Iterator[list]:
     """Record the squarings featkd's scaling and squaring chose (a diagnostic only; reads a
-    private function of ``featkd._expm`` and records nothing if it has moved)."""
-    from featkd import _expm
+    private function of ``featkd.vkd._expm`` and records nothing if it has moved)."""
+    from featkd.vkd import _expm
 
     found: list = []
     original = getattr(_expm, "expm_columns", None)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from featkd import ChoiceError, FeatkdInputError, ShapeError
-from featkd.bridges import (
+from featkd.fcfd.bridges import (
     FeatureSpec,
     MapToTokens,
     PoolFeatures,

@@ -18,7 +18,7 @@ from featkd import (
     TeacherCompressionHead,
 )
 from featkd.cospress import cospress_loss
-from featkd.proteus import proteus_loss
+from featkd.cospress.proteus import proteus_loss
 
 TOKENS = ((6, 5, 4), (6, 5, 7))
 POOLED = ((6, 4), (6, 7))

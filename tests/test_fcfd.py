@@ -22,8 +22,8 @@ from featkd import (
     NonFiniteError,
     ShapeError,
 )
-from featkd.bridges import FeatureSpec
 from featkd.fcfd import fcfd_loss
+from featkd.fcfd.bridges import FeatureSpec
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -27,15 +28,23 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent is a module, not a package
+        return False
+
+
 def _featkd_imports(path: Path) -> list[str]:
     tree = ast.parse(path.read_text())
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "featkd":  # from featkd import _expm: the names are modules
-                found += [f"featkd.{alias.name}" for alias in node.names]
-            elif node.module.split(".")[0] == "featkd":
-                found.append(node.module)
+            if node.module.split(".")[0] == "featkd":
+                # "from featkd.vkd import _expm" imports the module featkd.vkd._expm
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    found.append(submodule if _is_module(submodule) else node.module)
         elif isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.split(".")[0] == "featkd"]
     return found

@@ -11,8 +11,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from featkd import _expm, _normalization, _stiefel
 from featkd.diagnostics import orthogonality_error
+from featkd.vkd import _expm, _normalization, _stiefel
 
 # (k, n): companion path (n > 1.5 k), dense path (n <= 1.5 k), square, one column
 SHAPES = [(3, 10), (8, 40), (20, 25), (16, 16), (1, 7), (30, 200)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from featkd import ChoiceError, DTypeError, FeatkdInputError, ShapeError, Whitening
-from featkd.normalize import batch_standardize, layer_norm, whiten
+from featkd.vkd.normalize import batch_standardize, layer_norm, whiten
 
 
 def test_layer_norm_matches_numpy(rng):

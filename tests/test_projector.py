@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from featkd import ChoiceError, DTypeError, NonFiniteError, ShapeError, orthogonality_error
-from featkd.projector import OrthogonalProjector
+from featkd.vkd.projector import OrthogonalProjector
 
 MAPS = ["matrix_exp", "cayley", "householder"]
 

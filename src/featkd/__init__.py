@@ -14,8 +14,7 @@ from featkd._checks import (
     set_finite_check,
 )
 from featkd._loss import FrozenParametersWarning, StudentGradientWarning
-from featkd.bridges import FeatureSpec, build_bridge
-from featkd.cospress import CosPressLoss
+from featkd.cospress import CosPressLoss, LinearHead, ProteusLoss, TeacherCompressionHead
 from featkd.diagnostics import (
     CosinePreservation,
     cosine_preservation,
@@ -24,7 +23,7 @@ from featkd.diagnostics import (
 )
 from featkd.distributed import GlobalBatch, gather_with_grad
 from featkd.fcfd import FCFDLoss
-from featkd.heads import LinearHead, TeacherCompressionHead
+from featkd.fcfd.bridges import FeatureSpec, build_bridge
 from featkd.hooks import FeatureTap, NotCapturedError, UnknownModuleError
 from featkd.kd import KDLoss
 from featkd.kd2m import (
@@ -36,11 +35,8 @@ from featkd.kd2m import (
     SinkhornConvergenceWarning,
     WassersteinLoss,
 )
-from featkd.normalize import Whitening
 from featkd.pooling import align_tokens, pool, to_tokens
-from featkd.projector import OrthogonalProjector
-from featkd.proteus import ProteusLoss
-from featkd.vkd import VkDLoss
+from featkd.vkd import OrthogonalProjector, VkDLoss, Whitening
 
 __version__ = "0.1.0"
 

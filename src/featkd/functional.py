@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 from featkd.cospress import cospress_loss
+from featkd.cospress.proteus import proteus_loss
 from featkd.fcfd import fcfd_loss
 from featkd.kd import kd_loss
 from featkd.kd2m import (
@@ -22,7 +23,6 @@ from featkd.kd2m import (
     mmd_loss,
     wasserstein_loss,
 )
-from featkd.proteus import proteus_loss
 from featkd.vkd import vkd_loss
 
 __all__ = [
@@ -43,9 +43,9 @@ __all__ = [
 _MOVED = {
     "neighbourhood_kl": "featkd.cospress",
     "flat_cosine_loss": "featkd.cospress",
-    "layer_norm": "featkd.normalize",
-    "batch_standardize": "featkd.normalize",
-    "whiten": "featkd.normalize",
+    "layer_norm": "featkd.vkd.normalize",
+    "batch_standardize": "featkd.vkd.normalize",
+    "whiten": "featkd.vkd.normalize",
     "gather_with_grad": "featkd",
 }
 

@@ -20,7 +20,11 @@ CLS token alone.
 The official code follows this, not a naive reading of the paper; the log-space symmetrisation,
 the finite diagonal mask and the temperatures ``0.01, 0.02, ..., 0.10`` are from it.
 
+Proteus, the feature-regression baseline CosPress is compared against, lives here too.
+
 Modules: :mod:`~featkd.cospress.loss` (:func:`cospress_loss`, :class:`CosPressLoss`),
+:mod:`~featkd.cospress.proteus` (:func:`proteus_loss`, :class:`ProteusLoss`),
+:mod:`~featkd.cospress.heads` (:class:`TeacherCompressionHead`, :class:`LinearHead`),
 :mod:`~featkd.cospress.distances` (:func:`neighbourhood_kl`, :func:`flat_cosine_loss`); the
 private ``_neighbourhood`` (the KL's autograd function) and ``_cosine`` (unit vectors with a
 bounded gradient) below them.
@@ -28,14 +32,20 @@ bounded gradient) below them.
 
 from featkd.cospress._neighbourhood import DEFAULT_CHUNK_ELEMENTS, DEFAULT_TEMPERATURES, KL_STYLES
 from featkd.cospress.distances import flat_cosine_loss, neighbourhood_kl
+from featkd.cospress.heads import LinearHead, TeacherCompressionHead
 from featkd.cospress.loss import CosPressLoss, cospress_loss
+from featkd.cospress.proteus import ProteusLoss, proteus_loss
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_TEMPERATURES",
     "KL_STYLES",
     "CosPressLoss",
+    "LinearHead",
+    "ProteusLoss",
+    "TeacherCompressionHead",
     "cospress_loss",
     "flat_cosine_loss",
     "neighbourhood_kl",
+    "proteus_loss",
 ]

@@ -28,7 +28,7 @@ from featkd.cospress._neighbourhood import (
     check_temperatures,
     neighbourhood_kl_per_set,
 )
-from featkd.heads import LinearHead, TeacherCompressionHead
+from featkd.cospress.heads import LinearHead, TeacherCompressionHead
 from featkd.pooling import pool
 
 __all__ = ["CosPressLoss", "cospress_loss"]

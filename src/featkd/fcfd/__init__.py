@@ -1,7 +1,7 @@
 """FCFD: function-consistent feature distillation (Liu et al., ICLR 2023).
 
 Both networks are split into ``K`` stages, the last one ending in logits. Stage outputs are
-carried across by bridges (:mod:`featkd.bridges`), and *mixed paths* run the first ``k`` stages
+carried across by bridges (:mod:`featkd.fcfd.bridges`), and *mixed paths* run the first ``k`` stages
 of one network and the remaining stages of the other:
 
 * ``s2t@k``: student stages ``1..k`` -> the s2t bridge after stage ``k`` -> teacher stages

@@ -1,7 +1,7 @@
 """The layers bridges are built from: token <-> map conversions, resizing, pooling, prefix-token
 and grid adaptation, and the strided / transposed convolutions between integer grid ratios.
 
-:func:`featkd.bridges.build_bridge` assembles them; each is a plain ``nn.Module`` that can also be
+:func:`featkd.fcfd.bridges.build_bridge` assembles them; each is a plain ``nn.Module`` that can also be
 used on its own. Axis legend: ``b`` batch, ``n`` tokens, ``d``/``c`` width, ``h, w`` grid.
 """
 

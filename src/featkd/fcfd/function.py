@@ -160,7 +160,7 @@ def fcfd_loss(
         - output: scalar, or ``(B,)`` with ``reduction="none"``
 
     Example:
-        >>> from featkd.bridges import FeatureSpec, build_bridge
+        >>> from featkd.fcfd.bridges import FeatureSpec, build_bridge
         >>> head = lambda c: nn.Sequential(nn.Flatten(), nn.Linear(c * 16, 3))
         >>> s_stages = [nn.Conv2d(3, 4, 3, padding=1), head(4)]
         >>> t_stages = [nn.Conv2d(3, 6, 3, padding=1), head(6)]

@@ -1,4 +1,4 @@
-"""What FCFD reads from its probing forward: the :class:`~featkd.bridges.FeatureSpec` of every
+"""What FCFD reads from its probing forward: the :class:`~featkd.fcfd.bridges.FeatureSpec` of every
 stage output, and how the last features are pooled for the pooled terms."""
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class FCFDLoss(DistillationLoss):
             are all non-negative), a bool for every bridge, or a mapping ``{"s2t": ..., "t2s":
             ...}`` of a bool or a list of ``K - 1`` bools (one per stage).
         resample: spatial resampling in map bridges: ``"conv"`` (strided / transposed conv,
-            integer ratios only), ``"interpolate"`` or ``"auto"``; see :mod:`featkd.bridges`.
+            integer ratios only), ``"interpolate"`` or ``"auto"``; see :mod:`featkd.fcfd.bridges`.
         pool: how the last features are pooled for the pooled terms: ``"auto"`` (GAP of a map,
             CLS of tokens with a prefix token, else the token mean; no pooled term when the last
             features are already vectors), a :func:`~featkd.pool` mode, a callable ``(x) ->
@@ -108,7 +108,7 @@ class FCFDLoss(DistillationLoss):
             ``(student, teacher)``.
         student_layouts: per-stage layouts of the ``K - 1`` student features: ``None`` (read
             from the rank: 4 map, 3 tokens, 2 vector), or a list of ``"map"`` / ``"tokens"`` /
-            ``"vector"`` / :class:`~featkd.bridges.FeatureSpec` (to give a non-square grid).
+            ``"vector"`` / :class:`~featkd.fcfd.bridges.FeatureSpec` (to give a non-square grid).
         teacher_layouts: the same for the teacher.
         reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` (one value per image).
 

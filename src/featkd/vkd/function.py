@@ -8,7 +8,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from featkd import _normalization
 from featkd._checks import (
     ChoiceError,
     ShapeError,
@@ -22,8 +21,9 @@ from featkd._checks import (
 )
 from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_choice, check_int, check_positive, renamed
-from featkd.normalize import Whitening
 from featkd.pooling import POOL_MODES, pool
+from featkd.vkd import _normalization
+from featkd.vkd.normalize import Whitening
 
 __all__ = ["DISTANCES", "NORMALIZATIONS", "vkd_loss"]
 

@@ -7,8 +7,6 @@ import torch
 from featkd._checks import ChoiceError
 from featkd._loss import DistillationLoss, Terms, check_reduction
 from featkd._options import check_positive, keyword_widths, renamed
-from featkd.normalize import Whitening
-from featkd.projector import OrthogonalProjector
 from featkd.vkd.function import (
     _EPS,
     _check_inputs,
@@ -16,6 +14,8 @@ from featkd.vkd.function import (
     _vkd_terms,
     _whitening_eps,
 )
+from featkd.vkd.normalize import Whitening
+from featkd.vkd.projector import OrthogonalProjector
 
 __all__ = ["VkDLoss"]
 

@@ -9,7 +9,7 @@ call, like :func:`torch.linalg.matrix_exp`. Passing ``max_squarings`` makes the 
 synchronisation-free (a fixed degree, the squarings chosen on the device and masked). Gradients
 come from autograd through the matrix products.
 
-:mod:`featkd._stiefel` uses it on the small companion core of the Stiefel exponential.
+:mod:`featkd.vkd._stiefel` uses it on the small companion core of the Stiefel exponential.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ The weight ``P`` (``d_t x d_s``, ``d_t >= d_s``) is a function of a free paramet
     ``P = expm(A)[:, :d_s]`` with ``A = [[S, -B^T], [B, 0]]`` skew-symmetric, ``S`` from the
     strictly lower triangle of the generator's top ``d_s x d_s`` block and ``B`` its other
     rows. Evaluated from ``2 d_s x 2 d_s`` matrix functions and tall-skinny products
-    (:func:`featkd._stiefel.stiefel_expm`), never forming a ``d_t x d_t`` matrix.
+    (:func:`featkd.vkd._stiefel.stiefel_expm`), never forming a ``d_t x d_t`` matrix.
 ``cayley``
     ``P = (I - A/2)^{-1} (I + A/2)[:, :d_s]`` for the same ``A``, by one ``d_s x d_s`` solve
-    (:func:`featkd._stiefel.stiefel_cayley`).
+    (:func:`featkd.vkd._stiefel.stiefel_cayley`).
 ``householder``
     ``P = -H_1 H_2 ... H_{d_s} E`` with reflections ``H_i = I - 2 v_i v_i^T / ||v_i||^2``,
     ``v_i = e_i +`` the generator's column ``i`` below the diagonal
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd import _stiefel
 from featkd._checks import (
     ChoiceError,
     NonFiniteError,
@@ -40,6 +39,7 @@ from featkd._checks import (
 )
 from featkd._options import check_choice, check_device, check_floating_dtype, check_int
 from featkd._precision import full_precision
+from featkd.vkd import _stiefel
 
 __all__ = ["ORTHOGONAL_MAPS", "OrthogonalProjector"]
 

@@ -3,7 +3,7 @@ whitening (Cholesky or ZCA, with shrinkage relative to the average variance).
 
 Each function computes in its input's dtype; callers put it inside the precision fence
 (:func:`featkd._precision.full_precision`) and check their inputs first
-(:mod:`featkd.normalize` holds the checked, public forms). Axis legend: ``B`` batch, ``D``
+(:mod:`featkd.vkd.normalize` holds the checked, public forms). Axis legend: ``B`` batch, ``D``
 width.
 """
 

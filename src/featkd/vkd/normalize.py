@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featkd import _normalization
 from featkd._checks import (
     DeviceError,
     ShapeError,
@@ -18,7 +17,6 @@ from featkd._checks import (
     check_min_batch,
     validate_features,
 )
-from featkd._normalization import WHITENING_METHODS
 from featkd._options import (
     check_bool,
     check_choice,
@@ -30,6 +28,8 @@ from featkd._options import (
     renamed,
 )
 from featkd._precision import full_precision
+from featkd.vkd import _normalization
+from featkd.vkd._normalization import WHITENING_METHODS
 
 __all__ = ["WHITENING_METHODS", "Whitening", "batch_standardize", "layer_norm", "whiten"]
 

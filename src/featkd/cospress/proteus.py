@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from featkd._checks import ChoiceError, check_feature_pair, check_same_device
 from featkd._loss import DistillationLoss, Terms, check_reduction, evaluate
 from featkd._options import check_int, check_weights, keyword_widths
-from featkd.heads import LinearHead
+from featkd.cospress.heads import LinearHead
 from featkd.pooling import pool
 
 __all__ = ["ProteusLoss", "proteus_loss"]

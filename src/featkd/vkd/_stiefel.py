@@ -23,7 +23,7 @@ so ``P = [I + S X1 + X2; B X1]`` where ``[X1; X2]`` are the first ``k`` columns 
 rest is ``2k x 2k`` work, and multiplying by ``M`` costs half a dense product because of its
 identity and zero blocks.
 
-``phi1(M)`` comes from the exponential of the companion core (see :mod:`featkd._expm`: scaling
+``phi1(M)`` comes from the exponential of the companion core (see :mod:`featkd.vkd._expm`: scaling
 and squaring with a Taylor polynomial, one host synchronisation per call unless
 ``max_squarings`` fixes the squarings). ``M`` is first balanced by the exact similarity
 ``diag(I, r I)`` (``r ~ ||B||``), so its off-diagonal blocks have equal size and its norm is
@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from featkd import _expm
+from featkd.vkd import _expm
 
 __all__ = [
     "skew_from_lower",
