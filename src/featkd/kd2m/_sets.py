@@ -27,7 +27,6 @@ from featkd._checks import (
 )
 
 __all__ = [
-    "CONDITIONAL_NEEDS_LABELS",
     "FEATURES",
     "Groups",
     "check_joint_inputs",
@@ -37,20 +36,20 @@ __all__ = [
 ]
 
 FEATURES = {2: "(B, D)"}
-CONDITIONAL_NEEDS_LABELS = "conditional=True matches the classes one by one"
 
 
 def validate_pair(
     student: Any,
     teacher: Any,
-    labels: Any = None,
+    labels: Any,
+    conditional: bool,
     *,
-    labels_needed_for: str | None = None,
-    min_batch: int = 1,
-    min_batch_why: str = "",
+    batch_statistic: str | None = None,
 ) -> None:
     """The front door of every KD2M loss: two finite float ``(B, D)`` tensors of one batch size,
-    width and device, and (when given or needed) integer labels ``(B,)``."""
+    width and device, and integer labels ``(B,)`` when given (needed with ``conditional``).
+    ``batch_statistic`` says why the loss needs two samples: then ``B >= 2`` unless
+    ``conditional`` (a class seen once has its own closed form)."""
     validate_features(student, "student", FEATURES)
     validate_features(teacher, "teacher", FEATURES)
     check_same_batch(student, teacher, "student", "teacher")
@@ -62,17 +61,16 @@ def validate_pair(
         )
     check_same_device({"student": student, "teacher": teacher})
     batch = student.shape[0]
-    if batch < min_batch:
-        reason = f" ({min_batch_why})" if min_batch_why else ""
+    if batch < 2 and batch_statistic is not None and not conditional:
         raise ShapeError(
-            f"student: expected a batch of at least {min_batch}{reason}, "
+            f"student: expected a batch of at least 2 ({batch_statistic}), "
             f"got {batch} (shape {describe_shape(student.shape)})"
         )
     if labels is None:
-        if labels_needed_for is not None:
+        if conditional:
             raise FeatkdInputError(
                 f"labels: expected class indices of shape ({batch},) because "
-                f"{labels_needed_for}, got None"
+                "conditional=True matches the classes one by one, got None"
             )
         return
     check_labels(labels, batch)

@@ -14,7 +14,6 @@ from featkd._checks import ChoiceError, FeatkdInputError
 from featkd._loss import Terms
 from featkd._options import check_bool, check_choice, check_int, check_number, check_positive
 from featkd.kd2m._sets import (
-    CONDITIONAL_NEEDS_LABELS,
     check_joint_inputs,
     make_groups,
     validate_pair,
@@ -94,12 +93,7 @@ def check_inputs(
     label_cost: str,
 ) -> None:
     """The features (and, for the joint cost, labels and logits), checked once."""
-    validate_pair(
-        student,
-        teacher,
-        labels,
-        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
-    )
+    validate_pair(student, teacher, labels, conditional)
     if label_weight > 0:
         check_joint_inputs(student, labels, student_logits, teacher_logits, label_cost)
         return

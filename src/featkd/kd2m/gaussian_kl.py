@@ -20,11 +20,12 @@ from featkd.kd2m._gaussian import (
     shrunk_mahalanobis,
     shrunk_trace_inverse_product,
 )
-from featkd.kd2m._sets import CONDITIONAL_NEEDS_LABELS, make_groups, validate_pair
+from featkd.kd2m._sets import make_groups, validate_pair
 
 __all__ = ["KL_DIRECTIONS", "GaussianKLLoss", "gaussian_kl_loss"]
 
 COVARIANCES = ("full", "diag")
+_COVARIANCE = "a covariance needs two samples"
 KL_DIRECTIONS = ("student_teacher", "teacher_student")
 _BATCH_LEVEL = f"the divergence between fitted Gaussians {BATCH_LEVEL}"
 _RIDGE = 1e-3
@@ -35,19 +36,6 @@ def _check_options(covariance: str, direction: str, ridge: float, conditional: b
     check_choice(direction, "direction", KL_DIRECTIONS)
     check_bool(conditional, "conditional")
     return check_positive(ridge, "ridge")
-
-
-def _check_inputs(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, conditional: bool
-) -> None:
-    validate_pair(
-        student,
-        teacher,
-        labels,
-        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
-        min_batch=1 if conditional else 2,
-        min_batch_why="a covariance needs two samples",
-    )
 
 
 def _gaussian_kl_terms(
@@ -174,7 +162,7 @@ def gaussian_kl_loss(
     ridge = renamed("gaussian_kl_loss", "eps", "ridge", eps, ridge, default=_RIDGE)
     ridge = _check_options(covariance, direction, ridge, conditional)
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
-    _check_inputs(student, teacher, labels, conditional)
+    validate_pair(student, teacher, labels, conditional, batch_statistic=_COVARIANCE)
     loss, _ = evaluate(
         _gaussian_kl_terms,
         student,
@@ -241,7 +229,7 @@ class GaussianKLLoss(MatchingLoss):
         self.conditional = conditional
 
     def _check(self, student, teacher, labels) -> None:
-        _check_inputs(student, teacher, labels, self.conditional)
+        validate_pair(student, teacher, labels, self.conditional, batch_statistic=_COVARIANCE)
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _gaussian_kl_terms(

@@ -11,30 +11,18 @@ from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_bool, check_choice
 from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
 from featkd.kd2m._gaussian import bures_residual, centre, common_frame
-from featkd.kd2m._sets import CONDITIONAL_NEEDS_LABELS, make_groups, validate_pair
+from featkd.kd2m._sets import make_groups, validate_pair
 
 __all__ = ["GaussianWassersteinLoss", "gaussian_wasserstein_loss"]
 
 COVARIANCES = ("full", "diag")
+_COVARIANCE = "a covariance needs two samples"
 _BATCH_LEVEL = f"the distance between fitted Gaussians {BATCH_LEVEL}"
 
 
 def _check_options(covariance: str, conditional: bool) -> None:
     check_choice(covariance, "covariance", COVARIANCES)
     check_bool(conditional, "conditional")
-
-
-def _check_inputs(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, conditional: bool
-) -> None:
-    validate_pair(
-        student,
-        teacher,
-        labels,
-        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
-        min_batch=1 if conditional else 2,
-        min_batch_why="a covariance needs two samples",
-    )
 
 
 def _gaussian_wasserstein_terms(
@@ -130,7 +118,7 @@ def gaussian_wasserstein_loss(
     """
     _check_options(covariance, conditional)
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
-    _check_inputs(student, teacher, labels, conditional)
+    validate_pair(student, teacher, labels, conditional, batch_statistic=_COVARIANCE)
     loss, _ = evaluate(
         _gaussian_wasserstein_terms,
         student,
@@ -188,7 +176,7 @@ class GaussianWassersteinLoss(MatchingLoss):
         self.conditional = conditional
 
     def _check(self, student, teacher, labels) -> None:
-        _check_inputs(student, teacher, labels, self.conditional)
+        validate_pair(student, teacher, labels, self.conditional, batch_statistic=_COVARIANCE)
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _gaussian_wasserstein_terms(

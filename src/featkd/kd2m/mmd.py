@@ -20,7 +20,7 @@ from featkd.kd2m._kernels import (
     rbf,
     squared_bandwidths,
 )
-from featkd.kd2m._sets import CONDITIONAL_NEEDS_LABELS, make_groups, matmul_nt, validate_pair
+from featkd.kd2m._sets import make_groups, matmul_nt, validate_pair
 from featkd.kd2m._transport import squared_distances
 
 __all__ = ["MMDLoss", "mmd_loss"]
@@ -71,13 +71,13 @@ def _check_inputs(
     estimator: str,
     conditional: bool,
 ) -> None:
+    pairs = "the unbiased estimator needs pairs of distinct samples"
     validate_pair(
         student,
         teacher,
         labels,
-        labels_needed_for=CONDITIONAL_NEEDS_LABELS if conditional else None,
-        min_batch=2 if estimator == "unbiased" and not conditional else 1,
-        min_batch_why="the unbiased estimator needs pairs of distinct samples",
+        conditional,
+        batch_statistic=pairs if estimator == "unbiased" else None,
     )
 
 
