@@ -152,12 +152,14 @@ def check_same_batch(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
         )
 
 
-def check_width(x: torch.Tensor, name: str, expected: int, symbol: str = "D") -> None:
-    """The last dimension of ``x`` equals ``expected``."""
+def check_width(
+    x: torch.Tensor, name: str, expected: int, symbol: str = "D", hint: str = ""
+) -> None:
+    """The last dimension of ``x`` equals ``expected``; ``hint`` (the fix) ends the message."""
     if x.shape[-1] != expected:
         raise ShapeError(
             f"{name}: expected last dimension {symbol}={expected}, "
-            f"got {x.shape[-1]} (shape {describe_shape(x.shape)})"
+            f"got {x.shape[-1]} (shape {describe_shape(x.shape)}){'; ' + hint if hint else ''}"
         )
 
 

@@ -20,8 +20,10 @@ from featkd._checks import (
     FeatkdInputError,
     ShapeError,
     check_labels,
+    check_min_batch,
     check_same_batch,
     check_same_device,
+    check_width,
     describe_shape,
     validate_features,
 )
@@ -53,19 +55,17 @@ def validate_pair(
     validate_features(student, "student", FEATURES)
     validate_features(teacher, "teacher", FEATURES)
     check_same_batch(student, teacher, "student", "teacher")
-    if teacher.shape[1] != student.shape[1]:
-        raise ShapeError(
-            f"teacher: expected last dimension D={student.shape[1]} (the student's width), "
-            f"got {teacher.shape[1]} (shape {describe_shape(teacher.shape)}); when the widths "
-            "differ give the module a projector=, e.g. torch.nn.Linear(D_s, D_t)"
-        )
+    check_width(
+        teacher,
+        "teacher",
+        student.shape[1],
+        hint="D is the student's width: when the widths differ, give the module a "
+        "projector=, e.g. torch.nn.Linear(D_s, D_t)",
+    )
     check_same_device({"student": student, "teacher": teacher})
     batch = student.shape[0]
-    if batch < 2 and batch_statistic is not None and not conditional:
-        raise ShapeError(
-            f"student: expected a batch of at least 2 ({batch_statistic}), "
-            f"got {batch} (shape {describe_shape(student.shape)})"
-        )
+    if batch_statistic is not None and not conditional:
+        check_min_batch(student, "student", 2, batch_statistic)
     if labels is None:
         if conditional:
             raise FeatkdInputError(
