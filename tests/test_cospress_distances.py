@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
-from cospress_reference import (
+from references import (
     numpy64,
     ref_neighbourhood_kl,
     ref_one_minus_cos,
