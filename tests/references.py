@@ -140,9 +140,9 @@ def ref_stiefel_generator(generator: torch.Tensor) -> torch.Tensor:
 
 
 def ref_householder_columns(generator: torch.Tensor) -> torch.Tensor:
-    """-H_1 ... H_k E_k with H_i = I - 2 v v^T / |v|^2, v = e_i + column i below the diagonal:
-    the product of reflections as torch's ``parametrizations.orthogonal`` defines its Householder
-    map (METHODS.md section 1, the note on non-square weights), one reflection at a time."""
+    """The Householder map of METHODS.md section 1 (its note on non-square weights), transcribed
+    as the product of reflections one at a time: -H_1 ... H_k E_k with
+    H_i = I - 2 v v^T / |v|^2, v = e_i + column i below the diagonal."""
     n, k = generator.shape
     q = torch.eye(n, dtype=generator.dtype)
     for i in range(k):
@@ -362,7 +362,7 @@ def ref_kernel(kernel, sigmas=(), degree=2, coef0=0.0):
 
 def ref_mmd_loops(s, t, k, estimator="biased"):
     """MMD^2 with explicit loops: the V-statistic or the U-statistic of Gretton et al., "A Kernel
-    Two-Sample Test" (JMLR 2012), Lemma 6 (eq. 3); the cross term is the same in both."""
+    Two-Sample Test" (JMLR 2012), Lemma 6; the cross term is the same in both."""
     n, m = len(s), len(t)
     if estimator == "biased" or n == 1:
         ss = sum(k(s[i], s[j]) for i in range(n) for j in range(n)) / n**2
@@ -481,7 +481,8 @@ def ref_pairwise_cosines(x):
 
 def ref_linear_cka(x, y):
     """Linear CKA, Kornblith et al., "Similarity of Neural Network Representations Revisited"
-    (ICML 2019), eq. after (4): ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on centred X, Y."""
+    (ICML 2019), the linear-kernel form ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on
+    column-centred X, Y."""
     x = x - x.mean(0)
     y = y - y.mean(0)
     return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
