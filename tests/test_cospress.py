@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
-from cospress_reference import numpy64, ref_cospress, ref_head
+from references import numpy64, ref_cospress, ref_head
 
 import featkd
 from featkd import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
-from cospress_reference import (
+from references import (
     numpy64,
     ref_neighbourhood_kl,
     ref_one_minus_cos,
@@ -140,7 +140,8 @@ def test_half_precision_inputs_are_computed_in_float32():
     full = neighbourhood_kl(reference.bfloat16().float(), candidate.bfloat16().float())
     low = neighbourhood_kl(reference.bfloat16(), candidate.bfloat16())
     assert low.dtype == torch.float32
-    np.testing.assert_allclose(float(low), float(full), rtol=1e-2)
+    # the same values in float32: equal up to float32 rounding (a bfloat16 computation is not)
+    np.testing.assert_allclose(float(low), float(full), rtol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = neighbourhood_kl(reference, candidate)
     assert under_autocast.dtype == torch.float32

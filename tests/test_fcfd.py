@@ -598,7 +598,9 @@ def test_under_autocast_cpu_bfloat16():
     loss.backward()
     grads = _grads([*student, *fcfd.s2t.values(), *fcfd.t2s.values()])
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
-    torch.testing.assert_close(loss.float(), reference, rtol=0.1, atol=0.05)
+    # bfloat16 stages: the loss (~9) within 1e-3 relative of float32 over seeds 0-4 (was
+    # rtol=0.1, atol=0.05: a lost term worth 10% of the loss would have passed)
+    torch.testing.assert_close(loss.float(), reference, rtol=1e-2, atol=0.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -7,30 +7,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from references import ref_gaussian_kl, ref_gaussian_kl_mpmath
 from scale_data import SCALES, batch_at_scale, labels_with_a_lone_class
 
 from featkd import ChoiceError, FeatkdInputError, GaussianKLLoss, ShapeError
 from featkd.functional import gaussian_kl_loss
-
-
-def _kl_reference(p: np.ndarray, q: np.ndarray, eps: float, diagonal: bool = False) -> float:
-    """KL(N_p || N_q) with D x D inverses and slogdet, float64, shrunk covariances."""
-    width = p.shape[1]
-    mean_p, mean_q = p.mean(0), q.mean(0)
-    cov_p = np.atleast_2d(np.cov(p.T, bias=True)) + eps * np.eye(width)
-    cov_q = np.atleast_2d(np.cov(q.T, bias=True)) + eps * np.eye(width)
-    if diagonal:
-        cov_p, cov_q = np.diag(np.diag(cov_p)), np.diag(np.diag(cov_q))
-    inverse_q = np.linalg.inv(cov_q)
-    delta = mean_q - mean_p
-    return 0.5 * float(
-        np.trace(inverse_q @ cov_p)
-        + delta @ inverse_q @ delta
-        - width
-        + np.linalg.slogdet(cov_q)[1]
-        - np.linalg.slogdet(cov_p)[1]
-    )
-
 
 SIZES = [(6, 10), (8, 8), (16, 5)]  # B < D, B = D, B > D
 
@@ -45,7 +26,7 @@ def test_matches_transcription(rng, device, dtype, direction, covariance, batch,
     # the reference sees the inputs the loss sees (rounded to dtype)
     s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
     p, q = (s, t) if direction == "student_teacher" else (t, s)
-    expected = _kl_reference(p, q, eps, diagonal=covariance == "diag")
+    expected = ref_gaussian_kl(p, q, eps, diagonal=covariance == "diag")
     got = gaussian_kl_loss(
         torch.tensor(s, dtype=dtype, device=device),
         torch.tensor(t, dtype=dtype, device=device),
@@ -121,7 +102,7 @@ def test_conditional_matches_per_class(rng):
         for c in (1, 3, 8):
             rows = labels == c
             # one sample: both covariances are eps I, so KL = ||s - t||^2 / (2 eps)
-            expected.append(_kl_reference(s[rows], t[rows], eps, diagonal=covariance == "diag"))
+            expected.append(ref_gaussian_kl(s[rows], t[rows], eps, diagonal=covariance == "diag"))
         loss_fn = GaussianKLLoss(covariance, ridge=eps, conditional=True)
         got = loss_fn(torch.tensor(s), torch.tensor(t), labels=torch.tensor(labels))
         assert float(got) == pytest.approx(np.mean(expected), rel=1e-10)
@@ -211,30 +192,6 @@ def test_identical_batches_give_zero_at_every_scale(rng, dtype, scale, covarianc
             assert abs(float(got)) <= 1e-12 * width, (batch, width, direction)
 
 
-def _kl_high_precision(p: np.ndarray, q: np.ndarray, eps: float) -> float:
-    """KL(N_p || N_q) of the shrunk fitted Gaussians with D x D matrices, 50 digits: a float64
-    transcription loses everything when S + eps I has condition ~1e15."""
-    mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 50
-    batch, width = p.shape
-
-    def moments(x):
-        mean = mpmath.matrix(width, 1)
-        for j in range(width):
-            mean[j] = mpmath.fsum(mpmath.mpf(v) for v in x[:, j]) / batch
-        centred = mpmath.matrix(x.tolist()) - mpmath.ones(batch, 1) * mean.T
-        return mean, centred.T * centred / batch + mpmath.mpf(eps) * mpmath.eye(width)
-
-    mean_p, cov_p = moments(p)
-    mean_q, cov_q = moments(q)
-    inverse_q = mpmath.inverse(cov_q)
-    delta = mean_q - mean_p
-    trace = mpmath.fsum((inverse_q * cov_p)[i, i] for i in range(width))
-    mahalanobis = (delta.T * inverse_q * delta)[0, 0]
-    logdets = mpmath.log(mpmath.det(cov_q)) - mpmath.log(mpmath.det(cov_p))
-    return float((trace + mahalanobis - width + logdets) / 2)
-
-
 @pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
 @pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
 @pytest.mark.parametrize("covariance", ["full", "diag"])
@@ -256,9 +213,9 @@ def test_scaled_batches_at_large_scale_match_references(
     s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
     p, q = (s, t) if direction == "student_teacher" else (t, s)
     if covariance == "full":
-        expected = np.mean([_kl_high_precision(p[g], q[g], eps) for g in groups])
+        expected = np.mean([ref_gaussian_kl_mpmath(p[g], q[g], eps) for g in groups])
     else:  # diagonal covariances are well conditioned: float64 suffices
-        expected = np.mean([_kl_reference(p[g], q[g], eps, diagonal=True) for g in groups])
+        expected = np.mean([ref_gaussian_kl(p[g], q[g], eps, diagonal=True) for g in groups])
     got = gaussian_kl_loss(
         torch.tensor(s, dtype=dtype),
         torch.tensor(t, dtype=dtype),
@@ -284,7 +241,9 @@ def test_scale_invariance_with_the_ridge_in_the_callers_units(rng, dtype, batch,
     t = 0.7 * rng.standard_normal((batch, width)) + 0.3
     student, teacher = torch.tensor(s, dtype=dtype), torch.tensor(t, dtype=dtype)
     unit = float(gaussian_kl_loss(student, teacher, covariance=covariance, ridge=0.05))
-    assert unit == pytest.approx(_kl_reference(s, t, 0.05, diagonal=covariance == "diag"), rel=1e-4)
+    assert unit == pytest.approx(
+        ref_gaussian_kl(s, t, 0.05, diagonal=covariance == "diag"), rel=1e-4
+    )
     for c in (2.0**-75, 2.0**62):
         got = gaussian_kl_loss(c * student, c * teacher, covariance=covariance, ridge=0.05 * c**2)
         assert float(got) == pytest.approx(unit, rel=1e-12), c

@@ -6,30 +6,18 @@ import re
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from conftest import tolerance
+from references import (
+    ref_bures_wasserstein,
+    ref_bures_wasserstein_mpmath,
+    ref_diag_gaussian_wasserstein,
+)
 from scale_data import SCALES, batch_at_scale, labels_with_a_lone_class
 
 from featkd import ChoiceError, FeatkdInputError, GaussianWassersteinLoss, ShapeError
 from featkd.functional import gaussian_wasserstein_loss
 from featkd.kd2m._gaussian import bures_residual
-
-
-def _bures_reference(s: np.ndarray, t: np.ndarray) -> float:
-    """The textbook formula with D x D matrix square roots (scipy), float64."""
-    mean_s, mean_t = s.mean(0), t.mean(0)
-    cov_s = np.atleast_2d(np.cov(s.T, bias=True))
-    cov_t = np.atleast_2d(np.cov(t.T, bias=True))
-    root_s = scipy.linalg.sqrtm(cov_s)
-    cross = scipy.linalg.sqrtm(root_s @ cov_t @ root_s)
-    bures = np.trace(cov_s) + np.trace(cov_t) - 2 * np.trace(cross).real
-    return float(np.sum((mean_s - mean_t) ** 2) + bures)
-
-
-def _diag_reference(s: np.ndarray, t: np.ndarray) -> float:
-    return float(np.sum((s.mean(0) - t.mean(0)) ** 2) + np.sum((s.std(0) - t.std(0)) ** 2))
-
 
 # B < D, B = D, B > D
 SIZES = [(6, 10), (8, 8), (16, 5)]
@@ -48,26 +36,13 @@ def test_full_matches_scipy_sqrtm(rng, device, dtype, batch, width):
     singular_rtol = 1e-10 if batch > width else 1e-7
     tol = {"rtol": singular_rtol, "atol": 1e-9} if dtype == torch.float64 else tolerance(dtype)
     torch.testing.assert_close(
-        got.cpu().double(), torch.tensor(_bures_reference(s, t), dtype=torch.float64), **tol
+        got.cpu().double(), torch.tensor(ref_bures_wasserstein(s, t), dtype=torch.float64), **tol
     )
 
 
 def test_full_matches_high_precision_reference(rng):
-    mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 40
     s, t = rng.standard_normal((2, 5, 7))  # B < D: singular covariances
-
-    def psd_sqrt(a):  # eigen-decomposition, 40 digits: rounding-level eigenvalues stay ~1e-20
-        values, vectors = mpmath.eigsy(a)
-        roots = mpmath.diag([mpmath.sqrt(max(v, 0)) for v in values])
-        return vectors * roots * vectors.T
-
-    cov_s = mpmath.matrix(np.cov(s.T, bias=True).tolist())
-    cov_t = mpmath.matrix(np.cov(t.T, bias=True).tolist())
-    root_s = psd_sqrt(cov_s)
-    cross = psd_sqrt(root_s * cov_t * root_s)
-    trace = sum(cov_s[i, i] + cov_t[i, i] - 2 * cross[i, i] for i in range(7))
-    expected = float(mpmath.re(trace)) + float(np.sum((s.mean(0) - t.mean(0)) ** 2))
+    expected = ref_bures_wasserstein_mpmath(s, t)
     got = gaussian_wasserstein_loss(torch.tensor(s), torch.tensor(t))
     assert float(got) == pytest.approx(expected, rel=1e-12)
 
@@ -77,7 +52,7 @@ def test_diag_matches_numpy(rng, batch, width):
     s = rng.standard_normal((batch, width)) * rng.uniform(0.1, 3, width)
     t = rng.standard_normal((batch, width)) + 1
     got = gaussian_wasserstein_loss(torch.tensor(s), torch.tensor(t), covariance="diag")
-    assert float(got) == pytest.approx(_diag_reference(s, t), rel=1e-12)
+    assert float(got) == pytest.approx(ref_diag_gaussian_wasserstein(s, t), rel=1e-12)
 
 
 def test_closed_forms(rng):
@@ -164,7 +139,7 @@ def test_conditional_matches_per_class(rng):
         if rows.sum() == 1:  # zero covariances: the distance between the two points
             expected.append(float(np.sum((s[rows] - t[rows]) ** 2)))
         else:
-            expected.append(_bures_reference(s[rows], t[rows]))
+            expected.append(ref_bures_wasserstein(s[rows], t[rows]))
     student = torch.tensor(s, requires_grad=True)
     loss_fn = GaussianWassersteinLoss(conditional=True)
     got = loss_fn(student, torch.tensor(t), labels=torch.tensor(labels))
@@ -180,7 +155,9 @@ def test_conditional_matches_per_class(rng):
         covariance="diag",
         conditional=True,
     )
-    expected_diag = np.mean([_diag_reference(s[labels == c], t[labels == c]) for c in (0, 2, 4)])
+    expected_diag = np.mean(
+        [ref_diag_gaussian_wasserstein(s[labels == c], t[labels == c]) for c in (0, 2, 4)]
+    )
     assert float(diag) == pytest.approx(expected_diag, rel=1e-10)
 
 
@@ -244,31 +221,6 @@ def test_identical_batches_give_zero_at_every_scale(rng, dtype, scale, covarianc
         assert 0 <= float(got) <= (100 * unit) ** 2 * trace, (batch, width)
 
 
-def _bures_high_precision(s: np.ndarray, t: np.ndarray) -> float:
-    """Squared Bures-Wasserstein distance of the fitted Gaussians, 40 significant digits."""
-    mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 40
-
-    def psd_sqrt(a):
-        values, vectors = mpmath.eigsy(a)
-        return vectors * mpmath.diag([mpmath.sqrt(max(v, 0)) for v in values]) * vectors.T
-
-    def moments(x):
-        mean = mpmath.matrix(x.shape[1], 1)
-        for j in range(x.shape[1]):
-            mean[j] = mpmath.fsum(mpmath.mpf(v) for v in x[:, j]) / x.shape[0]
-        centred = mpmath.matrix(x.tolist()) - mpmath.ones(x.shape[0], 1) * mean.T
-        return mean, centred.T * centred / x.shape[0]
-
-    mean_s, cov_s = moments(s)
-    mean_t, cov_t = moments(t)
-    root_s = psd_sqrt(cov_s)
-    cross = psd_sqrt(root_s * cov_t * root_s)
-    width = s.shape[1]
-    bures = mpmath.fsum(cov_s[i, i] + cov_t[i, i] - 2 * cross[i, i] for i in range(width))
-    return float(mpmath.fsum((mean_s[i] - mean_t[i]) ** 2 for i in range(width)) + bures)
-
-
 @pytest.mark.parametrize("conditional", [False, True], ids=["batch", "conditional"])
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 @pytest.mark.parametrize(("batch", "width"), [(6, 10), (16, 5)])
@@ -286,7 +238,9 @@ def test_nearly_equal_batches_at_large_scale_match_references(
     labels = labels_with_a_lone_class(batch)
     groups = [labels.numpy() == c for c in (0, 1, 2)] if conditional else [np.full(batch, True)]
     # the diagonal form subtracts standard deviations, not traces: float64 numpy suffices
-    reference = _bures_high_precision if covariance == "full" else _diag_reference
+    reference = (
+        ref_bures_wasserstein_mpmath if covariance == "full" else ref_diag_gaussian_wasserstein
+    )
     expected = np.mean([reference(s[g], t[g]) for g in groups])
     got = gaussian_wasserstein_loss(
         torch.tensor(s, dtype=dtype),
@@ -311,7 +265,7 @@ def test_scaling_law_up_to_the_range_of_the_result(rng, batch, width, covariance
     t = s + 0.1 * rng.standard_normal((batch, width)) + 0.05
     student, teacher = torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
     unit = float(gaussian_wasserstein_loss(student, teacher, covariance=covariance))
-    reference = _bures_reference if covariance == "full" else _diag_reference
+    reference = ref_bures_wasserstein if covariance == "full" else ref_diag_gaussian_wasserstein
     assert unit == pytest.approx(reference(s, t), rel=1e-4)
     for c in (2.0**-60, 2.0**62):
         assert c**2 * unit < float(torch.finfo(torch.float32).max) / 2

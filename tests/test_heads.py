@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
+from references import ref_head
 
 from featkd import ChoiceError, DTypeError, LinearHead, ShapeError, TeacherCompressionHead
-
-
-def reference_head(x: np.ndarray, head: LinearHead) -> np.ndarray:
-    """LayerNorm (biased variance, eps 1e-5, affine) then x W^T + b, in float64 numpy."""
-    gamma = head.norm.weight.detach().double().cpu().numpy()
-    beta = head.norm.bias.detach().double().cpu().numpy()
-    weight = head.linear.weight.detach().double().cpu().numpy()
-    bias = head.linear.bias.detach().double().cpu().numpy()
-    mean = x.mean(axis=-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    normed = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
-    return normed @ weight.T + bias
 
 
 def randomise_affine(head: LinearHead) -> None:
@@ -37,7 +26,7 @@ def test_linear_head_matches_reference(shape, device, dtype):
     out = head(x)
     assert out.shape == (*shape[:-1], 6)
     assert out.dtype == dtype and out.device.type == device.type
-    expected = reference_head(x.double().cpu().numpy(), head)
+    expected = ref_head(x.double().cpu().numpy(), head)
     np.testing.assert_allclose(out.detach().double().cpu().numpy(), expected, **tolerance(dtype))
 
 
@@ -53,7 +42,7 @@ def test_teacher_head_is_the_same_module_teacher_first(device):
     x = torch.randn(2, 5, 384, device=device)
     np.testing.assert_allclose(
         head(x).detach().double().cpu().numpy(),
-        reference_head(x.double().cpu().numpy(), head),
+        ref_head(x.double().cpu().numpy(), head),
         **tolerance(torch.float32),
     )
 

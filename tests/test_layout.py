@@ -129,3 +129,24 @@ def test_every_loss_is_on_the_contract(name):
         assert parameters[keyword].kind is inspect.Parameter.KEYWORD_ONLY, (name, keyword)
     forward = inspect.signature(cls.forward).parameters
     assert forward["labels"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_references_are_independent_and_name_their_source():
+    """``tests/references.py`` holds the independent references: it never imports featkd (a
+    reference that ran the library would check it against itself), and every function says
+    where its formula comes from; no other test module keeps a ``ref_`` function of its own."""
+    tests = Path(__file__).resolve().parent
+    path = tests / "references.py"
+    assert _featkd_imports(path) == []
+    tree = ast.parse(path.read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    assert len(functions) > 20
+    for node in functions:
+        assert not node.name.startswith("_"), node.name
+        assert len(ast.get_docstring(node) or "") > 20, node.name
+    for other in sorted(tests.glob("*.py")):
+        if other != path:
+            defined = [
+                n.name for n in ast.parse(other.read_text()).body if isinstance(n, ast.FunctionDef)
+            ]
+            assert not [name for name in defined if name.startswith("ref_")], other.name

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from references import ref_stiefel_generator
 
 from featkd.diagnostics import orthogonality_error
 from featkd.vkd import _expm, _normalization, _stiefel
@@ -25,26 +26,11 @@ def _random_generator(k, n, scale, dtype=torch.float64, seed=0):
     return torch.randn(n, k, generator=g, dtype=dtype) * scale / math.sqrt(n)
 
 
-def _full_generator_by_loops(generator: torch.Tensor) -> torch.Tensor:
-    """[[S, -B^T], [B, 0]] written entry by entry (independent of stiefel_generator_matrix)."""
-    n, k = generator.shape
-    a = torch.zeros(n, n, dtype=generator.dtype)
-    for i in range(k):
-        for j in range(i):
-            a[i, j] = generator[i, j]
-            a[j, i] = -generator[i, j]
-    for i in range(k, n):
-        for j in range(k):
-            a[i, j] = generator[i, j]
-            a[j, i] = -generator[i, j]
-    return a
-
-
 def test_generator_matrix_layout():
     gen = _random_generator(3, 7, 1.0)
     skew, tall = _stiefel.stiefel_blocks(gen)
     full = _stiefel.stiefel_generator_matrix(skew, tall)
-    torch.testing.assert_close(full, _full_generator_by_loops(gen), rtol=0, atol=0)
+    torch.testing.assert_close(full, ref_stiefel_generator(gen), rtol=0, atol=0)
     torch.testing.assert_close(full, -full.T, rtol=0, atol=0)
 
 
@@ -53,7 +39,7 @@ def test_generator_matrix_layout():
 def test_stiefel_expm_equals_first_columns_of_matrix_exp(k, n, scale):
     gen = _random_generator(k, n, scale)
     skew, tall = _stiefel.stiefel_blocks(gen)
-    expected = torch.linalg.matrix_exp(_full_generator_by_loops(gen))[:, :k]
+    expected = torch.linalg.matrix_exp(ref_stiefel_generator(gen))[:, :k]
     got = _stiefel.stiefel_expm(skew, tall)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
@@ -62,7 +48,7 @@ def test_stiefel_expm_equals_first_columns_of_matrix_exp(k, n, scale):
 def test_stiefel_expm_against_scipy(k, n):
     gen = _random_generator(k, n, 5.0, seed=3)
     skew, tall = _stiefel.stiefel_blocks(gen)
-    expected = scipy.linalg.expm(_full_generator_by_loops(gen).numpy())[:, :k]
+    expected = scipy.linalg.expm(ref_stiefel_generator(gen).numpy())[:, :k]
     np.testing.assert_allclose(_stiefel.stiefel_expm(skew, tall).numpy(), expected, atol=1e-12)
 
 
@@ -143,7 +129,7 @@ def test_expm_columns():
 def test_stiefel_cayley_equals_dense_solve(k, n, scale):
     gen = _random_generator(k, n, scale)
     skew, tall = _stiefel.stiefel_blocks(gen)
-    a = _full_generator_by_loops(gen)
+    a = ref_stiefel_generator(gen)
     eye = torch.eye(n, dtype=torch.float64)
     expected = torch.linalg.solve(eye - a / 2, eye + a / 2)[:, :k]
     torch.testing.assert_close(_stiefel.stiefel_cayley(skew, tall), expected, rtol=0, atol=1e-12)

@@ -8,45 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
+from references import (
+    ref_heuristic_sigma,
+    ref_kernel,
+    ref_median_sigma_apart,
+    ref_mmd_loops,
+    ref_poly_mmd,
+    ref_rbf_mmd_and_gradient,
+)
 
 from featkd import ChoiceError, FeatkdInputError, GlobalBatch, MMDLoss, ShapeError
 from featkd.functional import mmd_loss
-
-
-def _kernel_function(kernel, sigmas=(), degree=2, coef0=0.0):
-    if kernel == "linear":
-        return lambda x, y: float(np.dot(x, y))
-    if kernel == "poly":
-        return lambda x, y: float((np.dot(x, y) + coef0) ** degree)
-    return lambda x, y: float(
-        np.mean([math.exp(-np.sum((x - y) ** 2) / (2 * s**2)) for s in sigmas])
-    )
-
-
-def _mmd_loop(s, t, k, estimator="biased"):
-    """MMD^2 with explicit loops: V-statistic or Gretton et al.'s U-statistic (Lemma 6)."""
-    n, m = len(s), len(t)
-    if estimator == "biased" or n == 1:
-        ss = sum(k(s[i], s[j]) for i in range(n) for j in range(n)) / n**2
-        tt = sum(k(t[i], t[j]) for i in range(m) for j in range(m)) / m**2
-    else:
-        ss = sum(k(s[i], s[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-        tt = sum(k(t[i], t[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    st = sum(k(s[i], t[j]) for i in range(n) for j in range(m)) / (n * m)
-    return ss + tt - 2 * st
-
-
-def _heuristic_sigma(s, t, rule):
-    """sigma from the median / mean squared distance over distinct pairs of pooled points."""
-    pooled = np.concatenate([s, t])
-    squared = [
-        np.sum((pooled[i] - pooled[j]) ** 2)
-        for i in range(len(pooled))
-        for j in range(i + 1, len(pooled))
-    ]
-    # torch.median returns the lower of the two middle values
-    value = np.sort(squared)[(len(squared) - 1) // 2] if rule == "median" else np.mean(squared)
-    return math.sqrt(value)
 
 
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
@@ -55,8 +27,8 @@ def test_matches_double_loop(rng, device, dtype, kernel, estimator):
     s = rng.standard_normal((9, 4))
     t = 1.2 * rng.standard_normal((9, 4)) + 0.5
     s, t = (torch.tensor(x, dtype=dtype).double().numpy() for x in (s, t))
-    k = _kernel_function(kernel, sigmas=(1.7,), degree=3, coef0=1.0)
-    expected = _mmd_loop(s, t, k, estimator)
+    k = ref_kernel(kernel, sigmas=(1.7,), degree=3, coef0=1.0)
+    expected = ref_mmd_loops(s, t, k, estimator)
     got = mmd_loss(
         torch.tensor(s, dtype=dtype, device=device),
         torch.tensor(t, dtype=dtype, device=device),
@@ -75,21 +47,21 @@ def test_matches_double_loop(rng, device, dtype, kernel, estimator):
 @pytest.mark.parametrize("rule", ["median", "mean"])
 def test_bandwidth_heuristics_and_multipliers(rng, rule):
     s, t = rng.standard_normal((8, 3)), rng.standard_normal((8, 3)) + 1
-    sigma = _heuristic_sigma(s, t, rule)
+    sigma = ref_heuristic_sigma(s, t, rule)
     multipliers = (0.5, 1.0, 3.0)
-    k = _kernel_function("rbf", sigmas=[sigma * m for m in multipliers])
+    k = ref_kernel("rbf", sigmas=[sigma * m for m in multipliers])
     loss_fn = MMDLoss(bandwidth=rule, multipliers=multipliers)
     got = loss_fn(torch.tensor(s), torch.tensor(t))
-    assert float(got) == pytest.approx(_mmd_loop(s, t, k), rel=1e-10)
+    assert float(got) == pytest.approx(ref_mmd_loops(s, t, k), rel=1e-10)
     expected_mean = np.mean([sigma * m for m in multipliers])
     assert float(loss_fn.last_parts["bandwidth"]) == pytest.approx(expected_mean, rel=1e-10)
 
 
 def test_list_of_bandwidths(rng):
     s, t = rng.standard_normal((7, 3)), rng.standard_normal((7, 3))
-    k = _kernel_function("rbf", sigmas=(0.5, 2.0, 8.0))
+    k = ref_kernel("rbf", sigmas=(0.5, 2.0, 8.0))
     got = mmd_loss(torch.tensor(s), torch.tensor(t), bandwidth=[0.5, 2.0, 8.0])
-    assert float(got) == pytest.approx(_mmd_loop(s, t, k), rel=1e-10)
+    assert float(got) == pytest.approx(ref_mmd_loops(s, t, k), rel=1e-10)
 
 
 def test_closed_forms(rng):
@@ -135,13 +107,13 @@ def test_heuristic_bandwidth_is_held_fixed_in_the_gradient(rng):
 def test_conditional_matches_per_class(rng):
     s, t = rng.standard_normal((11, 3)), rng.standard_normal((11, 3))
     labels = np.array([2] * 5 + [0] * 5 + [7])  # class 7 is seen once
-    sigma = _heuristic_sigma(s, t, "median")  # one bandwidth from the whole batch
+    sigma = ref_heuristic_sigma(s, t, "median")  # one bandwidth from the whole batch
     for kernel in ("rbf", "linear", "poly"):
-        k = _kernel_function(kernel, sigmas=(sigma,))
+        k = ref_kernel(kernel, sigmas=(sigma,))
         for estimator in ("biased", "unbiased"):
             # a class seen once has no distinct pairs: its biased value (the loop's n == 1 rule)
             expected = np.mean(
-                [_mmd_loop(s[labels == c], t[labels == c], k, estimator) for c in (0, 2, 7)]
+                [ref_mmd_loops(s[labels == c], t[labels == c], k, estimator) for c in (0, 2, 7)]
             )
             got = mmd_loss(
                 torch.tensor(s),
@@ -197,45 +169,6 @@ def test_errors():
         mmd_loss(s, s, conditional=True)
 
 
-def _pooled_squared(s, t):
-    """Squared distances between distinct points (i < j) of the pooled rows, exactly."""
-    pooled = np.concatenate([s, t])
-    return np.array(
-        [
-            np.sum((pooled[i] - pooled[j]) ** 2)
-            for i in range(len(pooled))
-            for j in range(i + 1, len(pooled))
-        ]
-    )
-
-
-def _median_sigma_apart(s, t, eps):
-    """The documented median rule: the (lower) median of the pooled squared distances above
-    ``sqrt(eps)`` times their mean; sigma = 1 if every distance is 0."""
-    squared = _pooled_squared(s, t)
-    apart = np.sort(squared[squared > math.sqrt(eps) * squared.mean()])
-    return math.sqrt(apart[(len(apart) - 1) // 2]) if len(apart) else 1.0
-
-
-def _rbf_mmd_and_gradient(s, t, sigma, estimator):
-    """Gaussian-kernel MMD^2 and its gradient in ``s`` with sigma held fixed, written out:
-    d k(x, y) / dx = -k(x, y) (x - y) / sigma^2; ``s_a`` enters the ``ss`` block twice."""
-    n = len(s)
-    k_ss = np.exp(-((s[:, None] - s[None]) ** 2).sum(-1) / (2 * sigma**2))
-    k_st = np.exp(-((s[:, None] - t[None]) ** 2).sum(-1) / (2 * sigma**2))
-    k_tt = np.exp(-((t[:, None] - t[None]) ** 2).sum(-1) / (2 * sigma**2))
-    grad_ss = -(k_ss[:, :, None] * (s[:, None] - s[None])).sum(1) / sigma**2
-    grad_st = -(k_st[:, :, None] * (s[:, None] - t[None])).sum(1) / sigma**2
-    if estimator == "biased" or n == 1:
-        within = 1.0 / n**2
-        value = (k_ss.sum() + k_tt.sum()) * within
-    else:
-        within = 1.0 / (n * (n - 1))
-        value = (k_ss.sum() - np.trace(k_ss) + k_tt.sum() - np.trace(k_tt)) * within
-    value -= 2 * k_st.sum() / n**2
-    return value, 2 * within * grad_ss - 2 * grad_st / n**2
-
-
 def _duplicated_rows():
     # issue 11: most pooled points coincide, so the plain median squared distance is 0
     s, t = np.zeros((4, 2)), np.zeros((4, 2))
@@ -259,15 +192,15 @@ def test_median_bandwidth_leaves_out_coincident_pairs(dtype, form, make):
     labels = np.array([0, 1, 0, 1])
     estimator = "unbiased" if form == "unbiased" else "biased"
     conditional = form in ("conditional", "global_batch")
-    sigma = _median_sigma_apart(s, t, torch.finfo(dtype).eps)
+    sigma = ref_median_sigma_apart(s, t, torch.finfo(dtype).eps)
     assert sigma > 1.0  # far from the 1e-19 of the plain median
     if conditional:  # the mean over classes, one bandwidth from the whole batch
         value, grad = 0.0, np.zeros_like(s)
         for c in (0, 1):
-            v, g = _rbf_mmd_and_gradient(s[labels == c], t[labels == c], sigma, estimator)
+            v, g = ref_rbf_mmd_and_gradient(s[labels == c], t[labels == c], sigma, estimator)
             value, grad[labels == c] = value + v / 2, g / 2
     else:
-        value, grad = _rbf_mmd_and_gradient(s, t, sigma, estimator)
+        value, grad = ref_rbf_mmd_and_gradient(s, t, sigma, estimator)
     loss_fn = MMDLoss(estimator=estimator, conditional=conditional)
     model = GlobalBatch(loss_fn) if form == "global_batch" else loss_fn
     student = torch.tensor(s, dtype=dtype, requires_grad=True)
@@ -292,17 +225,6 @@ def test_median_bandwidth_of_one_point():
     assert float(loss.detach()) == 0.0 and torch.all(x.grad.abs() < 1e-12)
 
 
-def _poly_mmd(s, t, degree, coef0, estimator):
-    """Polynomial-kernel MMD^2 in float64 numpy, the kernel (x.y + c)^d on the raw features."""
-    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
-    n = len(s)
-    k_ss, k_tt, k_st = ((a @ b.T + coef0) ** degree for a, b in ((s, s), (t, t), (s, t)))
-    if estimator == "biased":
-        return k_ss.mean() + k_tt.mean() - 2 * k_st.mean()
-    within = k_ss.sum() - np.trace(k_ss) + k_tt.sum() - np.trace(k_tt)
-    return within / (n * (n - 1)) - 2 * k_st.mean()
-
-
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
 @pytest.mark.parametrize(("degree", "coef0"), [(2, 0.0), (3, 1.0)])
 def test_poly_far_from_the_origin_matches_float64(estimator, degree, coef0):
@@ -311,7 +233,7 @@ def test_poly_far_from_the_origin_matches_float64(estimator, degree, coef0):
     for _ in range(5):
         s = (rng.standard_normal((8, 6)) + 1e4).astype(np.float32)
         t = (rng.standard_normal((8, 6)) * 1.5 + 1e4).astype(np.float32)
-        expected = _poly_mmd(s, t, degree, coef0, estimator)
+        expected = ref_poly_mmd(s, t, degree, coef0, estimator)
         got = mmd_loss(
             torch.tensor(s),
             torch.tensor(t),
@@ -343,7 +265,7 @@ def test_poly_high_degree():
     near = torch.nn.functional.normalize(big + 1e-3 * torch.randn(8, 5), dim=-1) * math.sqrt(10)
     cases = [(unit[0], unit[1], "biased"), (unit[0], unit[1], "unbiased"), (big, near, "biased")]
     for s, t, estimator in cases:
-        expected = _poly_mmd(s.double().numpy(), t.double().numpy(), 40, 0.0, estimator)
+        expected = ref_poly_mmd(s.double().numpy(), t.double().numpy(), 40, 0.0, estimator)
         assert abs(expected) < 1e37
         student = s.clone().requires_grad_()
         got = mmd_loss(student, t, kernel="poly", degree=40, estimator=estimator)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from references import ref_cholesky_whitening
 
 from featkd import ChoiceError, DTypeError, FeatkdInputError, ShapeError, Whitening
 from featkd.vkd.normalize import batch_standardize, layer_norm, whiten
@@ -23,16 +24,6 @@ def test_batch_standardize_needs_two_samples():
         batch_standardize(torch.randn(1, 3))
 
 
-def numpy_cholesky_whitening(x, shrinkage):
-    mu = x.mean(0)
-    xc = x - mu
-    cov = xc.T @ xc / len(x)
-    shrink = shrinkage * np.trace(cov) / len(cov)
-    lower = np.linalg.cholesky(cov + shrink * np.eye(len(cov)))
-    # (x - mu) L^{-T}: solve L z^T = xc^T
-    return np.linalg.solve(lower, xc.T).T
-
-
 @pytest.mark.parametrize("method", ["cholesky", "zca"])
 def test_whitened_covariance_is_identity(rng, method):
     mix = rng.standard_normal((6, 6)) + 3 * np.eye(6)
@@ -46,7 +37,7 @@ def test_cholesky_whitening_matches_numpy(rng):
     x = rng.standard_normal((50, 5)) @ rng.standard_normal((5, 5))
     np.testing.assert_allclose(
         whiten(torch.from_numpy(x), "cholesky", 1e-3).numpy(),
-        numpy_cholesky_whitening(x, 1e-3),
+        ref_cholesky_whitening(x, 1e-3),
         rtol=1e-9,
         atol=1e-9,
     )
@@ -158,7 +149,7 @@ def test_whitening_shrinkage_and_its_old_name_eps(rng):
     """``eps`` meant the relative shrinkage in whitening and an added epsilon in the
     standardisations; the whitening's is ``shrinkage`` now, ``eps=`` warns for one release."""
     x = torch.from_numpy(rng.standard_normal((12, 5)))
-    expected = numpy_cholesky_whitening(x.numpy(), 1e-2)
+    expected = ref_cholesky_whitening(x.numpy(), 1e-2)
     np.testing.assert_allclose(whiten(x, shrinkage=1e-2).numpy(), expected, rtol=1e-9)
     np.testing.assert_allclose(whiten(x, "cholesky", 1e-2).numpy(), expected, rtol=1e-9)
     with pytest.warns(FutureWarning, match="whiten: eps= is renamed to shrinkage="):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from references import ref_householder_columns, ref_stiefel_generator
 
 from featkd import ChoiceError, DTypeError, NonFiniteError, ShapeError, orthogonality_error
 from featkd.vkd.projector import OrthogonalProjector
@@ -17,29 +18,6 @@ MAPS = ["matrix_exp", "cayley", "householder"]
 
 def _bound(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-12
-
-
-def _full_skew(generator: torch.Tensor) -> torch.Tensor:
-    """[[S, -B^T], [B, 0]] from an (n, k) generator, by explicit loops."""
-    n, k = generator.shape
-    a = torch.zeros(n, n, dtype=generator.dtype)
-    for j in range(k):
-        for i in range(j + 1, n):
-            a[i, j] = generator[i, j]
-            a[j, i] = -generator[i, j]
-    return a
-
-
-def _householder_by_reflections(generator: torch.Tensor) -> torch.Tensor:
-    """-H_1 ... H_k E_k with H_i = I - 2 v v^T / |v|^2, v = e_i + column i below the diagonal."""
-    n, k = generator.shape
-    q = torch.eye(n, dtype=generator.dtype)
-    for i in range(k):
-        v = torch.zeros(n, dtype=generator.dtype)
-        v[i] = 1.0
-        v[i + 1 :] = generator[i + 1 :, i]
-        q = q @ (torch.eye(n, dtype=generator.dtype) - 2.0 * torch.outer(v, v) / (v @ v))
-    return -q[:, :k]
 
 
 @pytest.mark.parametrize("map", MAPS)
@@ -77,7 +55,7 @@ def test_matrix_exp_weight_equals_torch_matrix_exp():
     proj = OrthogonalProjector(6, 30, init="random", dtype=torch.float64)
     with torch.no_grad():
         proj.generator.mul_(4.0)
-    full = _full_skew(proj.generator.detach())
+    full = ref_stiefel_generator(proj.generator.detach())
     torch.testing.assert_close(proj.skew_generator().detach(), full, rtol=0, atol=0)
     expected = torch.linalg.matrix_exp(full)[:, :6]
     torch.testing.assert_close(proj.weight.detach(), expected, rtol=0, atol=1e-6)
@@ -86,7 +64,7 @@ def test_matrix_exp_weight_equals_torch_matrix_exp():
 
 def test_cayley_weight_equals_dense_solve():
     proj = OrthogonalProjector(5, 12, map="cayley", init="random", dtype=torch.float64)
-    full = _full_skew(proj.generator.detach())
+    full = ref_stiefel_generator(proj.generator.detach())
     eye = torch.eye(12, dtype=torch.float64)
     expected = torch.linalg.solve(eye - full / 2, eye + full / 2)[:, :5]
     torch.testing.assert_close(proj.weight.detach(), expected, rtol=0, atol=1e-12)
@@ -94,7 +72,7 @@ def test_cayley_weight_equals_dense_solve():
 
 def test_householder_weight_equals_product_of_reflections():
     proj = OrthogonalProjector(4, 9, map="householder", init="random", dtype=torch.float64)
-    expected = _householder_by_reflections(proj.generator.detach())
+    expected = ref_householder_columns(proj.generator.detach())
     torch.testing.assert_close(proj.weight.detach(), expected, rtol=0, atol=1e-12)
 
 

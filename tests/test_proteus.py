@@ -7,29 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
+from references import numpy64, ref_head, ref_mse
 
 import featkd
 from featkd import ChoiceError, LinearHead, ProteusLoss, ShapeError
-
-
-def ref_head(x: np.ndarray, head: LinearHead) -> np.ndarray:
-    gamma, beta = (p.detach().double().cpu().numpy() for p in (head.norm.weight, head.norm.bias))
-    w, b = (p.detach().double().cpu().numpy() for p in (head.linear.weight, head.linear.bias))
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return ((x - mean) / np.sqrt(var + 1e-5) * gamma + beta) @ w.T + b
-
-
-def ref_mse(a: np.ndarray, b: np.ndarray) -> float:
-    total, count = 0.0, 0
-    for x, y in zip(a.ravel(), b.ravel(), strict=True):
-        total += (x - y) ** 2
-        count += 1
-    return total / count
-
-
-def numpy64(x: torch.Tensor) -> np.ndarray:
-    return x.detach().double().cpu().numpy()
 
 
 def make_loss(dtype=torch.float64, device="cpu", **kwargs) -> ProteusLoss:
