@@ -4,12 +4,18 @@ Every featkd method runs under the same budget, seeds and optimiser; the student
 only a small fraction of the training images (default 10%) while the distillation term sees all
 training images (their labels unused). Prints a table, saves ``results.json`` and a bar chart.
 
-    python examples/distill_digits.py             # full run: every method, 3 seeds
+    python examples/distill_digits.py             # full run: every method, 5 seeds
     python examples/distill_digits.py --quick     # smoke run, seconds
     python examples/distill_digits.py --device cuda
 
 On CPU the (method, seed) runs go to ``--workers`` processes (default: one per core, one thread
 each): the networks are small, so processes use the cores better than intra-op threads.
+
+Each method's gain over the student alone is tested over paired seeds (the same seed gives the
+same initial student and batches to every method): "better" or "worse" only when a paired t-test
+gives p < 0.05. The losses whose weight the papers leave to the user (KD2M, VkD with whitening)
+first run a small weight sweep on a validation split held out of the training images, one seed
+per weight; the weight with the best validation accuracy is then used on the test seeds.
 
 The data ships inside scikit-learn (1,797 8x8 images): nothing is downloaded.
 """
@@ -38,6 +44,12 @@ import featkd
 # data
 
 
+VALIDATION_FRACTION = 0.15  # of the training split
+SWEEP_WEIGHTS = tuple(float(w) for w in np.logspace(-3, 0, 5))  # 1e-3 ... 1
+SWEEP_SEED = 100  # not one of the test seeds
+SIGNIFICANCE = 0.05
+
+
 @dataclass
 class Digits:
     train_x: torch.Tensor  # (N_train, 1, 8, 8) in [0, 1]
@@ -45,6 +57,8 @@ class Digits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     labelled: torch.Tensor  # indices into train with usable labels
+    val_x: torch.Tensor  # held out of the training images: chooses the swept weights
+    val_y: torch.Tensor
 
 
 def load_digits(label_fraction: float, split_seed: int = 0) -> Digits:
@@ -55,6 +69,9 @@ def load_digits(label_fraction: float, split_seed: int = 0) -> Digits:
     images = images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
     train_x, test_x, train_y, test_y = train_test_split(
         images, labels, test_size=0.3, stratify=labels, random_state=split_seed
+    )
+    train_x, val_x, train_y, val_y = train_test_split(
+        train_x, train_y, test_size=VALIDATION_FRACTION, stratify=train_y, random_state=split_seed
     )
     # a fixed, class-stratified labelled subset, the same for every method and seed
     labelled, _ = train_test_split(
@@ -69,6 +86,8 @@ def load_digits(label_fraction: float, split_seed: int = 0) -> Digits:
         torch.from_numpy(test_x),
         torch.from_numpy(test_y).long(),
         torch.from_numpy(np.sort(labelled)),
+        torch.from_numpy(val_x),
+        torch.from_numpy(val_y).long(),
     )
 
 
@@ -179,6 +198,7 @@ class Method:
     term: Callable[[nn.Module | None, Batch], torch.Tensor] | None
     weight: float = 1.0
     notes: str = ""
+    sweep: bool = False  # choose the weight on the validation split (SWEEP_WEIGHTS)
 
 
 def _kd_term(loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
@@ -250,6 +270,7 @@ METHODS: list[Method] = [
         ),
         _map_term,
         notes="Cholesky-whitened teacher (B=128 < D=256: shrinkage 1e-2)",
+        sweep=True,
     ),
     Method(
         "Proteus",
@@ -268,16 +289,18 @@ METHODS: list[Method] = [
         _kd2m("w2_emd"),
         _pooled_term,
         weight=0.01,
-        notes="pooled features, linear projector, weight 0.01",
+        notes="pooled features, linear projector",
+        sweep=True,
     ),
     Method(
         "KD2M Gaussian W2",
         _kd2m("w2_gaussian"),
         _pooled_term,
         weight=0.01,
-        notes="squared Bures, linear projector, weight 0.01",
+        notes="squared Bures, linear projector",
+        sweep=True,
     ),
-    Method("KD2M MMD (RBF)", _kd2m("mmd_rbf"), _pooled_term, notes="median bandwidth"),
+    Method("KD2M MMD (RBF)", _kd2m("mmd_rbf"), _pooled_term, notes="median bandwidth", sweep=True),
     Method("FCFD", _build_fcfd, _fcfd_term, notes="+ KD; 2 sampled paths, MSE weight 5"),
 ]
 
@@ -309,7 +332,12 @@ def train_student(
     seed: int,
     steps: int,
     device: torch.device,
+    weight: float | None = None,
+    split: str = "test",
 ) -> RunResult:
+    """One student run; ``weight`` overrides the method's, ``split`` ("test" or "val") is
+    where it is evaluated."""
+    weight = method.weight if weight is None else weight
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     student = make_student().to(device)
@@ -334,14 +362,15 @@ def train_student(
         if method.term is not None:
             idx = torch.randint(len(train_x), (128,), generator=generator).to(device)
             batch = Batch(student.forward_stages(train_x[idx]), [t[idx] for t in teacher_all])
-            loss = loss + method.weight * method.term(loss_fn, batch)
+            loss = loss + weight * method.term(loss_fn, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
     seconds = time.perf_counter() - start
 
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    eval_x, eval_y = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
+    test_x, test_y = eval_x.to(device), eval_y.to(device)
     s_feat, t_feat = penultimate(student, test_x), penultimate(teacher, test_x)
     parts = getattr(loss_fn, "last_parts", {}) if loss_fn is not None else {}
     return RunResult(
@@ -359,6 +388,8 @@ def _run_in_worker(
     data: Digits,
     seed: int,
     steps: int,
+    weight: float | None = None,
+    split: str = "test",
 ) -> RunResult:
     """One (method, seed) run in a worker process (one thread): rebuild the teacher from its
     weights."""
@@ -366,32 +397,54 @@ def _run_in_worker(
     method = next(m for m in METHODS if m.name == method_name)
     teacher = make_teacher()
     teacher.load_state_dict(teacher_state)
-    return train_student(method, teacher.eval(), data, seed=seed, steps=steps, device="cpu")
+    return train_student(
+        method,
+        teacher.eval(),
+        data,
+        seed=seed,
+        steps=steps,
+        device="cpu",
+        weight=weight,
+        split=split,
+    )
 
 
-def run_all(
-    methods: list[Method],
+@dataclass(frozen=True)
+class Job:
+    method: Method
+    seed: int
+    weight: float | None = None  # None: the method's own
+    split: str = "test"
+
+
+def run_jobs(
+    jobs: list[Job],
     teacher: StagedCNN,
     data: Digits,
     *,
-    seeds: int,
     steps: int,
     device: torch.device,
     workers: int,
     progress,
-) -> list[list[RunResult]]:
-    """Every method over every seed: ``runs[i][seed]`` for ``methods[i]``. With ``workers > 1``
-    (CPU only) the runs go to a pool of processes, one thread each."""
-    jobs = [(i, seed) for i in range(len(methods)) for seed in range(seeds)]
-    runs: list[list[RunResult | None]] = [[None] * seeds for _ in methods]
+) -> list[RunResult]:
+    """Every job's run, in the order given. With ``workers > 1`` (CPU only) the runs go to a
+    pool of processes, one thread each."""
+    results: list[RunResult | None] = [None] * len(jobs)
     if workers <= 1:
-        for i, seed in jobs:
-            progress.set_postfix_str(f"{methods[i].name} seed {seed}")
-            runs[i][seed] = train_student(
-                methods[i], teacher, data, seed=seed, steps=steps, device=device
+        for k, job in enumerate(jobs):
+            progress.set_postfix_str(f"{job.method.name} seed {job.seed}")
+            results[k] = train_student(
+                job.method,
+                teacher,
+                data,
+                seed=job.seed,
+                steps=steps,
+                device=device,
+                weight=job.weight,
+                split=job.split,
             )
             progress.update()
-        return runs
+        return results
     state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
     # the children import this file by its module name, also when it was loaded from its path
     here = str(Path(__file__).resolve().parent)
@@ -401,22 +454,57 @@ def run_all(
     context = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
         futures = {
-            pool.submit(_run_in_worker, methods[i].name, state, data, seed, steps): (
-                i,
-                seed,
-            )
-            for i, seed in jobs
+            pool.submit(
+                _run_in_worker, job.method.name, state, data, job.seed, steps, job.weight, job.split
+            ): k
+            for k, job in enumerate(jobs)
         }
         for future in as_completed(futures):
-            i, seed = futures[future]
+            k = futures[future]
             try:
-                runs[i][seed] = future.result()
+                results[k] = future.result()
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # do not wait for the other runs
                 raise
-            progress.set_postfix_str(f"{methods[i].name} seed {seed} done")
+            progress.set_postfix_str(f"{jobs[k].method.name} seed {jobs[k].seed} done")
             progress.update()
-    return runs
+    return results
+
+
+def sweep_weights(
+    methods: list[Method], teacher: StagedCNN, data: Digits, **run: object
+) -> dict[str, dict[float, float]]:
+    """Validation accuracy of each swept method at each weight of ``SWEEP_WEIGHTS`` (one seed,
+    ``SWEEP_SEED``): ``{method: {weight: accuracy}}``."""
+    swept = [m for m in methods if m.sweep]
+    jobs = [Job(m, SWEEP_SEED, w, "val") for m in swept for w in SWEEP_WEIGHTS]
+    results = run_jobs(jobs, teacher, data, **run)
+    table: dict[str, dict[float, float]] = {m.name: {} for m in swept}
+    for job, result in zip(jobs, results, strict=True):
+        table[job.method.name][job.weight] = result.accuracy
+    return table
+
+
+def best_weight(accuracies: dict[float, float]) -> float:
+    """The weight with the best validation accuracy; on a tie, the smallest."""
+    return min(accuracies, key=lambda w: (-accuracies[w], w))
+
+
+def run_all(
+    methods: list[Method],
+    teacher: StagedCNN,
+    data: Digits,
+    *,
+    seeds: int,
+    weights: dict[str, float] | None = None,
+    **run: object,
+) -> list[list[RunResult]]:
+    """Every method over every seed: ``runs[i][seed]`` for ``methods[i]``, with the weights
+    chosen by the sweep where given."""
+    weights = weights or {}
+    jobs = [Job(m, seed, weights.get(m.name)) for m in methods for seed in range(seeds)]
+    results = run_jobs(jobs, teacher, data, **run)
+    return [results[i * seeds : (i + 1) * seeds] for i in range(len(methods))]
 
 
 def summarise(runs: list[RunResult]) -> dict[str, float]:
@@ -438,25 +526,52 @@ def summarise(runs: list[RunResult]) -> dict[str, float]:
     }
 
 
+def paired_gain(runs: list[RunResult], alone: list[RunResult]) -> dict[str, float | str]:
+    """Test accuracy gain over the student alone, paired by seed: mean and std of the per-seed
+    differences, the two-sided paired t-test's p-value and the verdict it gives."""
+    gains = np.array([r.accuracy - a.accuracy for r, a in zip(runs, alone, strict=True)])
+    if len(gains) < 2:
+        return {
+            "gain_mean": float(gains.mean()),
+            "gain_std": 0.0,
+            "p_value": math.nan,
+            "verdict": "",
+        }
+    if np.all(gains == gains[0]):  # no spread: the t statistic is undefined
+        p_value = 0.0 if gains[0] != 0 else 1.0
+    else:
+        from scipy.stats import ttest_rel
+
+        accuracies = [r.accuracy for r in runs], [a.accuracy for a in alone]
+        p_value = float(ttest_rel(*accuracies).pvalue)
+    significant = p_value < SIGNIFICANCE
+    verdict = "no clear gain"
+    if significant:
+        verdict = "better" if gains.mean() > 0 else "worse"
+    return {
+        "gain_mean": float(gains.mean()),
+        "gain_std": float(gains.std(ddof=1)),
+        "p_value": p_value,
+        "verdict": verdict,
+    }
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'method':<24} {'test acc (%)':>14} {'cos-pres (rho)':>15} {'linear CKA':>11} "
-        f"{'time (s)':>9}  vs alone"
+        f"{'method':<24} {'test acc (%)':>14} {'gain (pp)':>13} {'p':>7} {'cos-pres (rho)':>15} "
+        f"{'linear CKA':>11} {'time (s)':>9}  vs alone"
     )
     lines = [header, "-" * len(header)]
-    alone = next((r for r in rows if r["method"] == "student alone"), None)
     for r in rows:
-        verdict = ""
-        comparable = alone is not None and len(r.get("runs", [])) > 1
-        if comparable and r["method"] not in ("student alone", "teacher"):
-            gap = r["accuracy_mean"] - alone["accuracy_mean"]
-            noise = r["accuracy_std"] + alone["accuracy_std"]
-            # "better"/"worse" only when the gap exceeds the two seed spreads added together
-            verdict = "better" if gap > noise else ("worse" if gap < -noise else "no clear gain")
+        gain, p_value = "", ""
+        if "gain_mean" in r:
+            gain = f"{100 * r['gain_mean']:+.2f} ± {100 * r['gain_std']:.2f}"
+            p_value = "" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
         lines.append(
             f"{r['method']:<24} {100 * r['accuracy_mean']:>8.2f} ± {100 * r['accuracy_std']:<4.2f}"
+            f" {gain:>13} {p_value:>7}"
             f" {r['cosine_spearman_mean']:>8.3f} ± {r['cosine_spearman_std']:<5.3f}"
-            f" {r['cka_mean']:>11.3f} {r['seconds_mean']:>9.1f}  {verdict}"
+            f" {r['cka_mean']:>11.3f} {r['seconds_mean']:>9.1f}  {r.get('verdict', '')}".rstrip()
         )
     return "\n".join(lines)
 
@@ -487,13 +602,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget: a smoke run")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300, help="student optimiser steps")
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--label-fraction", type=float, default=0.1)
     parser.add_argument("--methods", nargs="*", help="run only these methods (names as listed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "output")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="use each method's fixed weight instead of choosing it on the validation split",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -502,7 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.teacher_epochs = 1, 25, 3
+        args.seeds, args.steps, args.teacher_epochs, args.no_sweep = 1, 25, 3, True
     on_cpu = torch.device(args.device).type == "cpu"
     if args.workers is None:
         args.workers = (os.cpu_count() or 1) if on_cpu and not args.quick else 1
@@ -516,7 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
     print(
         f"digits: {len(data.train_x)} train ({len(data.labelled)} labelled), "
-        f"{len(data.test_x)} test; device {device}"
+        f"{len(data.val_x)} validation, {len(data.test_x)} test; device {device}"
     )
 
     start = wall_start = time.perf_counter()
@@ -525,22 +645,34 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_acc = accuracy(teacher, data.test_x.to(device), data.test_y.to(device))
     print(f"teacher: {teacher_acc:.2%} test accuracy ({teacher_seconds:.1f} s)")
 
+    run = {"steps": args.steps, "device": device, "workers": args.workers}
+    sweep: dict[str, dict[float, float]] = {}
+    swept = [m for m in methods if m.sweep] if not args.no_sweep else []
+    if swept:
+        progress = tqdm(
+            total=len(swept) * len(SWEEP_WEIGHTS), disable=args.no_progress, desc="weight sweep"
+        )
+        sweep = sweep_weights(swept, teacher, data, progress=progress, **run)
+        progress.close()
+    weights = {name: best_weight(accuracies) for name, accuracies in sweep.items()}
+
     progress = tqdm(total=len(methods) * args.seeds, disable=args.no_progress, desc="distilling")
     all_runs = run_all(
-        methods,
-        teacher,
-        data,
-        seeds=args.seeds,
-        steps=args.steps,
-        device=device,
-        workers=args.workers,
-        progress=progress,
+        methods, teacher, data, seeds=args.seeds, weights=weights, progress=progress, **run
     )
     progress.close()
+    named = dict(zip((m.name for m in methods), all_runs, strict=True))
+    alone = named.get("student alone")
     rows = []
     for method, runs in zip(methods, all_runs, strict=True):
-        rows.append({"method": method.name, "notes": method.notes, **summarise(runs)})
-        rows[-1]["runs"] = [r.__dict__ for r in runs]
+        row = {"method": method.name, "notes": method.notes, **summarise(runs)}
+        row["weight"] = weights.get(method.name, method.weight) if method.term else None
+        if method.name in sweep:
+            row["sweep_val_accuracy"] = {f"{w:g}": a for w, a in sweep[method.name].items()}
+        if alone is not None and method.name != "student alone":
+            row.update(paired_gain(runs, alone))
+        row["runs"] = [r.__dict__ for r in runs]
+        rows.append(row)
     rows.append(
         {
             "method": "teacher",
