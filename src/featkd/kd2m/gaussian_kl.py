@@ -92,9 +92,8 @@ def _gaussian_kl_terms(
     # in float64, where c^2 of any float32 c is exact (in float32, 1 / c^2 overflows for
     # c ~ 1e-19); clamped so that an ridge far below huge features cannot become 0
     shrink = (ridge / scale.double().square()).to(work).clamp_min(torch.finfo(work).tiny)
-    if std_floor is not None:  # the floor is in the features' units: divided by c too
-        shrink = None
-        floor = (std_floor / scale.double()).to(work)
+    # the official floor is in the features' units: divided by c too
+    floor = None if std_floor is None else (std_floor / scale.double()).to(work)
     groups = make_groups(scaled_s, scaled_t, labels, conditional)
     counts = groups.counts
     mean_s, centred_s = centre(groups.student, groups.mask, counts)
@@ -106,7 +105,7 @@ def _gaussian_kl_terms(
         mean_p, centred_p, mean_q, centred_q = mean_t, centred_t, mean_s, centred_s
     width = student.shape[1]
     delta = mean_p - mean_q
-    if covariance == "diag" and shrink is None:  # official KD2M: (std + floor)^2
+    if floor is not None:  # official KD2M (diag only): (std + floor)^2
         var_p = (_std(centred_p, counts) + floor).square()
         var_q = (_std(centred_q, counts) + floor).square()
         mahalanobis = (delta.square() / var_q).sum(dim=-1)
