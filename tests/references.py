@@ -467,6 +467,76 @@ def ref_per_class_emd(s, t, labels, p=2.0):
     return float(np.mean(values))
 
 
+def ref_class_sum(distance, s, t, labels):
+    """METHODS.md section 5, official KD2M class-conditional reduction: the SUM over the classes
+    present in ``labels`` of ``distance(s_c, t_c)`` between that class's student and teacher
+    rows (featkd's default is the mean)."""
+    return float(sum(distance(s[labels == c], t[labels == c]) for c in np.unique(labels)))
+
+
+def ref_emd_value(s, t):
+    """Exact W2^2 (METHODS.md section 4): ot.emd2 with uniform weights and the squared
+    Euclidean cost of ot.dist."""
+    n = len(s)
+    return float(ot.emd2(ref_uniform(n), ref_uniform(n), ot.dist(s, t)))
+
+
+def ref_official_joint_emd(s, t, z_s, z_t, beta, label_cost):
+    """METHODS.md section 5, official KD2M joint feature-label W2 (student against teacher, not
+    its student-vs-student bug): exact OT (ot.emd2, uniform weights) of the cost
+    ``F_ij / max(F) + beta * L_ij`` with ``F_ij = ||s_i - t_j||^2``; ``L_ij`` is
+    ``||z_s,i - z_t,j||^2`` between raw logits (``label_cost="logits"``) or, ``"cce"``,
+    ``KL(p_s,i || p_t,j) = sum_k p_s,ik (log p_s,ik - log p_t,jk)`` of the softmaxes.
+    Written with loops over the pairs."""
+    n = len(s)
+    features = np.array([[np.sum((s[i] - t[j]) ** 2) for j in range(n)] for i in range(n)])
+    features = features / features.max()
+    p_s, p_t = ref_softmax(z_s), ref_softmax(z_t)
+    labels = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if label_cost == "logits":
+                labels[i, j] = np.sum((z_s[i] - z_t[j]) ** 2)
+            else:
+                labels[i, j] = np.sum(p_s[i] * (np.log(p_s[i]) - np.log(p_t[j])))
+    return float(ot.emd2(ref_uniform(n), ref_uniform(n), features + beta * labels))
+
+
+def ref_official_rbf_sigma(x, y):
+    """METHODS.md section 5, official KD2M RBF bandwidth: ``sigma`` = the mean of the pairwise
+    distances (not squared) over the three blocks ``xx``, ``yy``, ``xy`` (each n x n), their zero
+    diagonals included: loops over the 3 n^2 pairs."""
+    distances = [
+        math.sqrt(np.sum((a[i] - b[j]) ** 2))
+        for a, b in ((x, x), (y, y), (x, y))
+        for i in range(len(a))
+        for j in range(len(b))
+    ]
+    return float(np.mean(distances))
+
+
+def ref_official_rbf_mmd(x, y):
+    """METHODS.md section 5, official KD2M RBF MMD: the biased estimator (all pairs, i = j
+    included) with ``k(a, b) = exp(-gamma ||a - b||^2)``, ``gamma = 1 / (2 sigma^2)``, ``sigma``
+    from :func:`ref_official_rbf_sigma`."""
+    gamma = 1.0 / (2 * ref_official_rbf_sigma(x, y) ** 2)
+
+    def block(a, b):
+        return np.mean([[math.exp(-gamma * np.sum((u - v) ** 2)) for v in b] for u in a])
+
+    return float(block(x, x) + block(y, y) - 2 * block(x, y))
+
+
+def ref_official_diag_gaussian_kl(p, q, floor):
+    """METHODS.md section 5, official KD2M diagonal Gaussian KL(N_p || N_q) with the floor
+    ``sigma + floor`` on the per-feature standard deviations (``sigma`` divided by n, numpy's
+    ``std(ddof=0)``: section 5 names the floor, not the divisor): the closed form
+    ``sum_k log(sd_q / sd_p) + (sd_p^2 + (mu_p - mu_q)^2) / (2 sd_q^2) - 1/2``."""
+    sd_p, sd_q = p.std(0) + floor, q.std(0) + floor
+    delta = p.mean(0) - q.mean(0)
+    return float(np.sum(np.log(sd_q / sd_p) + (sd_p**2 + delta**2) / (2 * sd_q**2) - 0.5))
+
+
 # ---------------------------------------------------------------- diagnostics
 
 

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["block_sums", "estimate", "pooled_pair_distances", "rbf", "squared_bandwidths"]
+__all__ = [
+    "block_sums",
+    "estimate",
+    "group_mean_distances",
+    "pooled_pair_distances",
+    "rbf",
+    "squared_bandwidths",
+]
 
 
 def _pair_statistic(pairs: torch.Tensor, rule: str) -> torch.Tensor:
@@ -43,6 +50,28 @@ def pooled_pair_distances(
     return torch.cat([d_ss[i, j], d_tt[i, j], d_st.flatten()])
 
 
+def group_mean_distances(
+    d_ss: torch.Tensor,
+    d_tt: torch.Tensor,
+    d_st: torch.Tensor,
+    mask: torch.Tensor | None,
+    counts: torch.Tensor,
+) -> torch.Tensor:
+    """The official KD2M bandwidth ``sigma`` of each group ``(G, 1, 1)`` from the squared
+    distance blocks ``(G, n, n)``: the mean of the distances (not squared) over the three
+    blocks, the zero diagonals of ``ss`` and ``tt`` included, i.e. their sum over
+    ``3 n^2`` real pairs. The diagonals are set to exactly 0 (the Gram expansion leaves a
+    rounding there, whose square root would not be negligible)."""
+    n = d_ss.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=d_ss.device)
+    blocks = [d_ss * off, d_tt * off, d_st]
+    if mask is not None:
+        pair = mask[:, :, None] & mask[:, None, :]
+        blocks = [b * pair for b in blocks]
+    total = sum(b.sqrt().sum(dim=(-2, -1)) for b in blocks)
+    return (total / (3 * counts.square()))[:, None, None]
+
+
 def squared_bandwidths(
     bandwidth: str | float | Sequence[float],
     multipliers: Sequence[float],
@@ -54,8 +83,13 @@ def squared_bandwidths(
     if not isinstance(bandwidth, str):
         values = [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
         return torch.tensor(values, dtype=like.dtype, device=like.device).square()
-    base = _pair_statistic(pairs.detach(), bandwidth)
     scale = torch.tensor(multipliers, dtype=like.dtype, device=like.device).square()
+    if bandwidth == "mean_distance":  # pairs: the per-group sigma (G, 1, 1); all 0 -> 1
+        sigma = pairs.detach()
+        base = torch.where(sigma > 0, sigma.square(), torch.ones_like(sigma))
+        # (K, G, 1, 1): each bandwidth broadcasts over its group's (n, n) block
+        return (scale[:, None, None, None] * base).clamp_min(torch.finfo(like.dtype).tiny)
+    base = _pair_statistic(pairs.detach(), bandwidth)
     return (base * scale).clamp_min(torch.finfo(like.dtype).tiny)
 
 

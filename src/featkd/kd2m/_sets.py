@@ -27,17 +27,42 @@ from featkd._checks import (
     describe_shape,
     validate_features,
 )
+from featkd._options import check_choice
 
 __all__ = [
+    "CLASS_REDUCTIONS",
     "FEATURES",
     "Groups",
+    "check_class_reduction",
     "check_joint_inputs",
     "make_groups",
     "matmul_nt",
+    "reduce_classes",
     "validate_pair",
 ]
 
 FEATURES = {2: "(B, D)"}
+#: How the class-conditional losses combine the per-class values: featkd's mean, or the
+#: official KD2M code's sum over the classes present (METHODS.md section 5).
+CLASS_REDUCTIONS = ("mean", "sum")
+
+
+def check_class_reduction(class_reduction: str, conditional: bool) -> None:
+    """``class_reduction`` is ``"mean"`` or ``"sum"``, and ``"sum"`` only with ``conditional``
+    (without classes there is one group, and a sum that changed nothing would hide the
+    missing ``conditional=True``)."""
+    check_choice(class_reduction, "class_reduction", CLASS_REDUCTIONS)
+    if class_reduction != "mean" and not conditional:
+        raise ChoiceError(
+            f"class_reduction: {class_reduction!r} combines the per-class values of "
+            "conditional=True, got it with conditional=False; pass conditional=True (and "
+            "labels=) or leave class_reduction='mean'"
+        )
+
+
+def reduce_classes(per_group: torch.Tensor, class_reduction: str) -> torch.Tensor:
+    """The per-group values ``(G,)`` combined: their mean (featkd) or sum (official KD2M)."""
+    return per_group.sum() if class_reduction == "sum" else per_group.mean()
 
 
 def validate_pair(
@@ -156,6 +181,16 @@ def check_joint_inputs(
             f"teacher_logits: expected {student_logits.shape[1]} classes (the width of "
             f"student_logits), got shape {describe_shape(teacher_logits.shape)}"
         )
+    if kind in ("logits_sqeuclidean", "kl_student_teacher"):
+        for name, logits in (
+            ("student_logits", student_logits),
+            ("teacher_logits", teacher_logits),
+        ):
+            if logits is None:
+                raise FeatkdInputError(
+                    f"{name}: label_cost={kind!r} compares the student's and the teacher's "
+                    f"logits, expected a ({student.shape[0]}, K) tensor, got None"
+                )
     if kind == "cross_entropy" and student_logits is None:
         raise FeatkdInputError(
             "student_logits: label_cost='cross_entropy' compares the student's predictions "

@@ -230,9 +230,20 @@ def label_cost(
 
     A side's label is the softmax of its logits when given, else the one-hot of ``labels``.
     ``"sqeuclidean"`` is ``||y_i - y_j||^2`` (``2 [y_i != y_j]`` between one-hots);
-    ``"cross_entropy"`` is ``-sum_k y_jk log softmax(student_logits_i)_k``. Gradient flows
-    into the student logits only.
+    ``"cross_entropy"`` is ``-sum_k y_jk log softmax(student_logits_i)_k``. The official KD2M
+    ones take both logits (``z``) as given: ``"logits_sqeuclidean"`` is ``||z_s,i - z_t,j||^2``
+    on the raw logits, ``"kl_student_teacher"`` is ``KL(p_s,i || p_t,j)`` of their softmaxes.
+    Gradient flows into the student logits only.
     """
+    if kind == "logits_sqeuclidean":
+        target = teacher_logits.detach().to(dtype)
+        shift = target.mean(dim=0)  # a common shift keeps the Gram expansion accurate
+        return squared_distances(student_logits.to(dtype) - shift, target - shift)
+    if kind == "kl_student_teacher":
+        log_p = torch.log_softmax(student_logits.to(dtype), dim=1)
+        log_q = torch.log_softmax(teacher_logits.detach().to(dtype), dim=1)
+        p = log_p.exp()
+        return (p * log_p).sum(dim=1, keepdim=True) - p @ log_q.mT
     if student_logits is None and teacher_logits is None:
         # one-hot on both sides (the caller requires student_logits for cross_entropy)
         return 2 * (labels[:, None] != labels[None, :]).to(dtype)

@@ -14,8 +14,10 @@ from featkd._checks import ChoiceError, FeatkdInputError
 from featkd._loss import Terms
 from featkd._options import check_bool, check_choice, check_int, check_number, check_positive
 from featkd.kd2m._sets import (
+    check_class_reduction,
     check_joint_inputs,
     make_groups,
+    reduce_classes,
     validate_pair,
 )
 from featkd.kd2m._transport import (
@@ -27,6 +29,7 @@ from featkd.kd2m._transport import (
 )
 
 __all__ = [
+    "FEATURE_COST_SCALES",
     "LABEL_COSTS",
     "SINKHORN_MAX_ITER",
     "SOLVERS",
@@ -36,7 +39,9 @@ __all__ = [
 ]
 
 SOLVERS = ("emd", "sinkhorn", "sliced")
-LABEL_COSTS = ("sqeuclidean", "cross_entropy")
+# the last two are the official KD2M label costs (METHODS.md section 5), both on logits
+LABEL_COSTS = ("sqeuclidean", "cross_entropy", "logits_sqeuclidean", "kl_student_teacher")
+FEATURE_COST_SCALES = ("none", "max")
 SINKHORN_MAX_ITER = 1000
 
 
@@ -53,6 +58,8 @@ def check_options(
     label_weight: float,
     label_cost_kind: str,
     debias: bool,
+    class_reduction: str = "mean",
+    feature_cost_scale: str = "none",
 ) -> None:
     check_choice(solver, "solver", SOLVERS)
     check_number(p, "p", minimum=1)  # W_p is a metric for p >= 1
@@ -68,6 +75,14 @@ def check_options(
     check_positive(label_weight, "label_weight", allow_zero=True)
     check_choice(label_cost_kind, "label_cost", LABEL_COSTS)
     check_bool(debias, "debias")
+    check_class_reduction(class_reduction, conditional)
+    check_choice(feature_cost_scale, "feature_cost_scale", FEATURE_COST_SCALES)
+    if feature_cost_scale != "none" and not label_weight > 0:
+        raise ChoiceError(
+            f"feature_cost_scale: {feature_cost_scale!r} scales the feature part of the joint "
+            "feature-label cost, expected label_weight > 0 (or 'none'), got label_weight="
+            f"{label_weight!r}"
+        )
     if label_weight > 0 and solver == "sliced":
         raise ChoiceError(
             "label_weight: the joint feature-label cost needs a cost matrix, so solver 'emd' or "
@@ -126,6 +141,8 @@ def wasserstein_terms(
     label_weight: float,
     label_cost_kind: str,
     on_unconverged: Callable[[float], None],
+    class_reduction: str = "mean",
+    feature_cost_scale: str = "none",
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level ``"wasserstein"`` term and
     the solver's diagnostics. ``on_unconverged(error)`` is called when Sinkhorn stops at
@@ -146,6 +163,9 @@ def wasserstein_terms(
     else:
         cost = ground_cost(groups.student, groups.teacher, p)
         if label_weight > 0:
+            if feature_cost_scale == "max":  # official KD2M: C / sg(max C)
+                top = cost.detach().amax(dim=(-2, -1), keepdim=True)
+                cost = cost / torch.where(top > 0, top, torch.ones_like(top))
             labels_part = label_cost(
                 labels, student_logits, teacher_logits, label_cost_kind, student.dtype
             )
@@ -178,4 +198,8 @@ def wasserstein_terms(
                 on_unconverged(unconverged)
     if conditional:
         diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
-    return Terms({"wasserstein": per_group.mean()}, diagnostics)
+    if class_reduction == "sum":  # the entropic parts are means over the classes
+        for key in ("transport", "entropy"):
+            if key in diagnostics:
+                diagnostics[key] = diagnostics[key] * len(groups.sizes)
+    return Terms({"wasserstein": reduce_classes(per_group, class_reduction)}, diagnostics)

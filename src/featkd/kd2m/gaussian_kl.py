@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from featkd._checks import ChoiceError
 from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_bool, check_choice, check_positive, renamed
 from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
@@ -20,7 +21,12 @@ from featkd.kd2m._gaussian import (
     shrunk_mahalanobis,
     shrunk_trace_inverse_product,
 )
-from featkd.kd2m._sets import make_groups, validate_pair
+from featkd.kd2m._sets import (
+    check_class_reduction,
+    make_groups,
+    reduce_classes,
+    validate_pair,
+)
 
 __all__ = ["KL_DIRECTIONS", "GaussianKLLoss", "gaussian_kl_loss"]
 
@@ -31,11 +37,35 @@ _BATCH_LEVEL = f"the divergence between fitted Gaussians {BATCH_LEVEL}"
 _RIDGE = 1e-3
 
 
-def _check_options(covariance: str, direction: str, ridge: float, conditional: bool) -> float:
+def _check_options(
+    covariance: str,
+    direction: str,
+    ridge: float | None,
+    conditional: bool,
+    class_reduction: str,
+    std_floor: float | None,
+) -> tuple[float, float | None]:
+    """The checked ``(ridge, std_floor)``: ``ridge`` defaults to ``1e-3``, or to 0 with a
+    ``std_floor`` (one regulariser at a time: the floor replaces the ridge)."""
     check_choice(covariance, "covariance", COVARIANCES)
     check_choice(direction, "direction", KL_DIRECTIONS)
     check_bool(conditional, "conditional")
-    return check_positive(ridge, "ridge")
+    check_class_reduction(class_reduction, conditional)
+    if std_floor is None:
+        return check_positive(_RIDGE if ridge is None else ridge, "ridge"), None
+    std_floor = check_positive(std_floor, "std_floor")
+    if covariance != "diag":
+        raise ChoiceError(
+            "std_floor: the floor on standard deviations applies to covariance='diag' (the "
+            f"official KD2M code's form), got covariance={covariance!r}; use ridge= for full "
+            "covariances"
+        )
+    if ridge is not None and ridge != 0:
+        raise ChoiceError(
+            f"ridge: expected 0 or None with std_floor={std_floor!r} (the floor replaces the "
+            f"variance ridge; one regulariser at a time), got {ridge!r}"
+        )
+    return 0.0, std_floor
 
 
 def _gaussian_kl_terms(
@@ -47,6 +77,8 @@ def _gaussian_kl_terms(
     direction: str,
     ridge: float,
     conditional: bool,
+    class_reduction: str = "mean",
+    std_floor: float | None = None,
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level term, and its mean and
     covariance parts apart."""
@@ -60,6 +92,8 @@ def _gaussian_kl_terms(
     # in float64, where c^2 of any float32 c is exact (in float32, 1 / c^2 overflows for
     # c ~ 1e-19); clamped so that an ridge far below huge features cannot become 0
     shrink = (ridge / scale.double().square()).to(work).clamp_min(torch.finfo(work).tiny)
+    # the official floor is in the features' units: divided by c too
+    floor = None if std_floor is None else (std_floor / scale.double()).to(work)
     groups = make_groups(scaled_s, scaled_t, labels, conditional)
     counts = groups.counts
     mean_s, centred_s = centre(groups.student, groups.mask, counts)
@@ -71,7 +105,12 @@ def _gaussian_kl_terms(
         mean_p, centred_p, mean_q, centred_q = mean_t, centred_t, mean_s, centred_s
     width = student.shape[1]
     delta = mean_p - mean_q
-    if covariance == "diag":
+    if floor is not None:  # official KD2M (diag only): (std + floor)^2
+        var_p = (_std(centred_p, counts) + floor).square()
+        var_q = (_std(centred_q, counts) + floor).square()
+        mahalanobis = (delta.square() / var_q).sum(dim=-1)
+        rest = (var_p / var_q - 1 + var_q.log() - var_p.log()).sum(dim=-1)
+    elif covariance == "diag":
         var_p = centred_p.square().sum(dim=-2) / counts[:, None] + shrink
         var_q = centred_q.square().sum(dim=-2) / counts[:, None] + shrink
         mahalanobis = (delta.square() / var_q).sum(dim=-1)
@@ -88,12 +127,22 @@ def _gaussian_kl_terms(
         )
     per_group = 0.5 * (mahalanobis + rest)
     diagnostics = {
-        "mean": 0.5 * mahalanobis.detach().mean(),
-        "covariance": 0.5 * rest.detach().mean(),
+        "mean": 0.5 * reduce_classes(mahalanobis.detach(), class_reduction),
+        "covariance": 0.5 * reduce_classes(rest.detach(), class_reduction),
     }
     if conditional:
         diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
-    return Terms({"gaussian_kl": per_group.mean()}, diagnostics)
+    return Terms({"gaussian_kl": reduce_classes(per_group, class_reduction)}, diagnostics)
+
+
+def _std(centred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-feature maximum-likelihood standard deviations ``(G, D)``; a zero one (a constant
+    feature, a class seen once) gets a zero gradient instead of the square root's infinite
+    one."""
+    var = centred.square().sum(dim=-2) / counts[:, None]
+    positive = var > 0
+    safe = torch.where(positive, var, torch.ones_like(var))
+    return torch.where(positive, safe.sqrt(), torch.zeros_like(var))
 
 
 def gaussian_kl_loss(
@@ -105,6 +154,8 @@ def gaussian_kl_loss(
     direction: str = "student_teacher",
     ridge: float | None = None,
     conditional: bool = False,
+    class_reduction: str = "mean",
+    std_floor: float | None = None,
     reduction: str = "mean",
     eps: float | None = None,
 ) -> torch.Tensor:
@@ -133,6 +184,15 @@ def gaussian_kl_loss(
 
     ``conditional=True`` averages over the classes present in ``labels``; a class seen once
     has covariance ``ridge I`` on both sides and contributes ``||s - t||^2 / (2 ridge)``.
+    ``class_reduction="sum"`` sums over the classes instead (the official KD2M code's
+    reduction).
+
+    ``std_floor=f`` (``covariance="diag"`` only; ``ridge`` then 0) reproduces the official KD2M
+    code's diagonal Gaussians: each per-feature standard deviation (maximum likelihood, divided
+    by ``B``) becomes ``sigma + f`` and the variance ``(sigma + f)^2``, instead of
+    ``sigma^2 + ridge``. The official floor is ``1e-9``, which makes a constant feature (or a
+    class seen once) cost about ``1e18`` times its squared gap; featkd's ridge is the default
+    for that reason. A zero ``sigma`` gets a zero gradient (the square root's is infinite).
 
     Args:
         student: student features.
@@ -140,8 +200,13 @@ def gaussian_kl_loss(
         labels: class indices, for ``conditional``.
         covariance: ``"full"`` or ``"diag"``.
         direction: ``"student_teacher"`` (``KL(P_S || P_T)``) or ``"teacher_student"``.
-        ridge: the absolute covariance regulariser ``S + ridge I``, ``> 0`` (default ``1e-3``).
+        ridge: the absolute covariance regulariser ``S + ridge I``, ``> 0`` (default ``1e-3``;
+            0 or None with ``std_floor``).
         conditional: average over the classes in ``labels``.
+        class_reduction: ``"mean"`` (default) or ``"sum"`` (official KD2M) of the per-class
+            divergences; ``"sum"`` needs ``conditional=True``.
+        std_floor: diag only: ``sigma + std_floor`` instead of ``sigma^2 + ridge`` (official
+            KD2M: ``1e-9``); None (default) uses ``ridge``.
         reduction: ``"mean"`` only: the divergence is a property of the two batches, with no
             per-sample values.
         eps: the former name of ``ridge`` (deprecated; a ``FutureWarning``).
@@ -159,8 +224,10 @@ def gaussian_kl_loss(
         >>> bool(gaussian_kl_loss(t, t).abs() < 1e-3)
         True
     """
-    ridge = renamed("gaussian_kl_loss", "eps", "ridge", eps, ridge, default=_RIDGE)
-    ridge = _check_options(covariance, direction, ridge, conditional)
+    ridge = renamed("gaussian_kl_loss", "eps", "ridge", eps, ridge)
+    ridge, std_floor = _check_options(
+        covariance, direction, ridge, conditional, class_reduction, std_floor
+    )
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
     validate_pair(student, teacher, labels, conditional, batch_statistic=_COVARIANCE)
     loss, _ = evaluate(
@@ -172,6 +239,8 @@ def gaussian_kl_loss(
         direction=direction,
         ridge=ridge,
         conditional=conditional,
+        class_reduction=class_reduction,
+        std_floor=std_floor,
     )
     return loss
 
@@ -186,8 +255,12 @@ class GaussianKLLoss(MatchingLoss):
     Args:
         covariance: ``"full"`` or ``"diag"``.
         direction: ``"student_teacher"`` (``KL(P_S || P_T)``) or ``"teacher_student"``.
-        ridge: the absolute covariance regulariser ``S + ridge I``, ``> 0``.
+        ridge: the absolute covariance regulariser ``S + ridge I``, ``> 0`` (0 or None with
+            ``std_floor``).
         conditional: mean over the classes in ``labels`` of the per-class divergence.
+        class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        std_floor: diag only: ``sigma + std_floor`` instead of ``sigma^2 + ridge`` (official
+            KD2M: ``1e-9``).
         projector: optional module applied to the student first (owned and trained).
         reduction: ``"mean"`` only (a batch-level divergence).
         eps: the former name of ``ridge`` (deprecated; a ``FutureWarning``).
@@ -216,13 +289,18 @@ class GaussianKLLoss(MatchingLoss):
         direction: str = "student_teacher",
         ridge: float | None = None,
         conditional: bool = False,
+        class_reduction: str = "mean",
+        std_floor: float | None = None,
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
         eps: float | None = None,
     ) -> None:
         super().__init__(projector)
-        ridge = renamed("GaussianKLLoss", "eps", "ridge", eps, ridge, default=_RIDGE)
-        self.ridge = _check_options(covariance, direction, ridge, conditional)
+        ridge = renamed("GaussianKLLoss", "eps", "ridge", eps, ridge)
+        self.ridge, self.std_floor = _check_options(
+            covariance, direction, ridge, conditional, class_reduction, std_floor
+        )
+        self.class_reduction = class_reduction
         self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.covariance = covariance
         self.direction = direction
@@ -240,10 +318,17 @@ class GaussianKLLoss(MatchingLoss):
             direction=self.direction,
             ridge=self.ridge,
             conditional=self.conditional,
+            class_reduction=self.class_reduction,
+            std_floor=self.std_floor,
         )
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"covariance={self.covariance!r}, direction={self.direction!r}, ridge={self.ridge}, "
             f"conditional={self.conditional}"
         )
+        if self.class_reduction != "mean":
+            text += f", class_reduction={self.class_reduction!r}"
+        if self.std_floor is not None:
+            text += f", std_floor={self.std_floor}"
+        return text

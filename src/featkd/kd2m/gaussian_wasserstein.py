@@ -11,7 +11,12 @@ from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_bool, check_choice
 from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
 from featkd.kd2m._gaussian import bures_residual, centre, common_frame
-from featkd.kd2m._sets import make_groups, validate_pair
+from featkd.kd2m._sets import (
+    check_class_reduction,
+    make_groups,
+    reduce_classes,
+    validate_pair,
+)
 
 __all__ = ["GaussianWassersteinLoss", "gaussian_wasserstein_loss"]
 
@@ -20,9 +25,10 @@ _COVARIANCE = "a covariance needs two samples"
 _BATCH_LEVEL = f"the distance between fitted Gaussians {BATCH_LEVEL}"
 
 
-def _check_options(covariance: str, conditional: bool) -> None:
+def _check_options(covariance: str, conditional: bool, class_reduction: str) -> None:
     check_choice(covariance, "covariance", COVARIANCES)
     check_bool(conditional, "conditional")
+    check_class_reduction(class_reduction, conditional)
 
 
 def _gaussian_wasserstein_terms(
@@ -32,6 +38,7 @@ def _gaussian_wasserstein_terms(
     *,
     covariance: str,
     conditional: bool,
+    class_reduction: str = "mean",
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level term, and its mean and
     covariance parts apart."""
@@ -50,10 +57,14 @@ def _gaussian_wasserstein_terms(
         cov_term = bures_residual(centred_s, centred_t) / counts
     # times c twice: c^2 alone overflows float32 from c = 2^64 on
     mean_term, cov_term = mean_term * scale * scale, cov_term * scale * scale
-    diagnostics = {"mean": mean_term.detach().mean(), "covariance": cov_term.detach().mean()}
+    diagnostics = {
+        "mean": reduce_classes(mean_term.detach(), class_reduction),
+        "covariance": reduce_classes(cov_term.detach(), class_reduction),
+    }
     if conditional:
         diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
-    return Terms({"gaussian_wasserstein": (mean_term + cov_term).mean()}, diagnostics)
+    total = reduce_classes(mean_term + cov_term, class_reduction)
+    return Terms({"gaussian_wasserstein": total}, diagnostics)
 
 
 def gaussian_wasserstein_loss(
@@ -63,6 +74,7 @@ def gaussian_wasserstein_loss(
     labels: torch.Tensor | None = None,
     covariance: str = "full",
     conditional: bool = False,
+    class_reduction: str = "mean",
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Squared Bures-Wasserstein distance between Gaussians fitted to the batches (KD2M eq. 5).
@@ -85,6 +97,8 @@ def gaussian_wasserstein_loss(
     ``conditional=True`` averages the distance over the classes present in ``labels``; a class
     seen once has a zero covariance on both sides and contributes ``||s - t||^2``, the
     distance between its two points (the exact ``W_2^2`` between single points).
+    ``class_reduction="sum"`` sums over the classes instead (the official KD2M code's
+    reduction; the mean keeps the loss's scale independent of the classes in the batch).
 
     Computed in float32 (float64 for float64 inputs) with autocast off, on the two batches
     shifted by their joint mean and divided by a common power of two ``c`` (entries in
@@ -98,6 +112,8 @@ def gaussian_wasserstein_loss(
         labels: class indices, for ``conditional``.
         covariance: ``"full"`` or ``"diag"``.
         conditional: average over the classes in ``labels``.
+        class_reduction: ``"mean"`` (default) or ``"sum"`` (official KD2M) of the per-class
+            distances; ``"sum"`` needs ``conditional=True``.
         reduction: ``"mean"`` only: the distance is a property of the two batches, with no
             per-sample values.
 
@@ -116,7 +132,7 @@ def gaussian_wasserstein_loss(
         >>> round(float(shifted), 6)
         100.0
     """
-    _check_options(covariance, conditional)
+    _check_options(covariance, conditional, class_reduction)
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
     validate_pair(student, teacher, labels, conditional, batch_statistic=_COVARIANCE)
     loss, _ = evaluate(
@@ -126,6 +142,7 @@ def gaussian_wasserstein_loss(
         labels,
         covariance=covariance,
         conditional=conditional,
+        class_reduction=class_reduction,
     )
     return loss
 
@@ -141,6 +158,7 @@ class GaussianWassersteinLoss(MatchingLoss):
     Args:
         covariance: ``"full"`` or ``"diag"``.
         conditional: mean over the classes in ``labels`` of the per-class distance.
+        class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
         projector: optional module applied to the student first (owned and trained).
         reduction: ``"mean"`` only (a batch-level distance).
 
@@ -166,22 +184,32 @@ class GaussianWassersteinLoss(MatchingLoss):
         covariance: str = "full",
         *,
         conditional: bool = False,
+        class_reduction: str = "mean",
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
-        _check_options(covariance, conditional)
+        _check_options(covariance, conditional, class_reduction)
         self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.covariance = covariance
         self.conditional = conditional
+        self.class_reduction = class_reduction
 
     def _check(self, student, teacher, labels) -> None:
         validate_pair(student, teacher, labels, self.conditional, batch_statistic=_COVARIANCE)
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _gaussian_wasserstein_terms(
-            student, teacher, labels, covariance=self.covariance, conditional=self.conditional
+            student,
+            teacher,
+            labels,
+            covariance=self.covariance,
+            conditional=self.conditional,
+            class_reduction=self.class_reduction,
         )
 
     def extra_repr(self) -> str:
-        return f"covariance={self.covariance!r}, conditional={self.conditional}"
+        text = f"covariance={self.covariance!r}, conditional={self.conditional}"
+        if self.class_reduction != "mean":
+            text += f", class_reduction={self.class_reduction!r}"
+        return text

@@ -27,6 +27,7 @@ def joint_wasserstein_loss(
     label_cost: str = "sqeuclidean",
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    feature_cost_scale: str = "none",
     solver: str = "emd",
     reduction: str = "mean",
     **options: Any,
@@ -41,15 +42,26 @@ def joint_wasserstein_loss(
     labels on both sides: cost ``||s_i - t_j||^2 + 2 beta [y_i != y_j]``) or
     ``student_logits``/``teacher_logits`` to match predictions too.
 
+    The official KD2M cost (METHODS.md section 5) is ``label_cost="logits_sqeuclidean"``
+    (``||z_s,i - z_t,j||^2`` between the raw logits ``z``) or ``"kl_student_teacher"``
+    (``KL(p_s,i || p_t,j)`` of the softmaxes; ``"cross_entropy"`` is the other direction,
+    ``KL(y_j || p_s,i)`` plus the teacher's entropy), both needing the two logits, with
+    ``feature_cost_scale="max"``: the feature part divided by its own detached maximum (1 when
+    that maximum is 0).
+
     Args:
         student: student features.
         teacher: teacher features (detached inside).
         labels: class indices (needed unless both logits are given).
         label_weight: ``beta > 0``, the weight of the label cost.
-        label_cost: ``"sqeuclidean"`` (``||y_i - y_j||^2``) or ``"cross_entropy"``
-            (``-sum_k y_jk log softmax(student_logits_i)_k``; needs ``student_logits``).
+        label_cost: ``"sqeuclidean"`` (``||y_i - y_j||^2``), ``"cross_entropy"``
+            (``-sum_k y_jk log softmax(student_logits_i)_k``; needs ``student_logits``),
+            ``"logits_sqeuclidean"`` or ``"kl_student_teacher"`` (official KD2M; both need
+            both logits).
         student_logits: the student's logits (receive gradient).
         teacher_logits: the teacher's logits (detached).
+        feature_cost_scale: ``"none"`` (default) or ``"max"`` (official KD2M: the feature
+            cost divided by its detached maximum).
         solver: ``"emd"`` or ``"sinkhorn"``.
         reduction: ``"mean"`` only (a batch-level distance).
         **options: further options of :func:`featkd.functional.wasserstein_loss` (``p``,
@@ -79,6 +91,7 @@ def joint_wasserstein_loss(
         label_cost=label_cost,
         student_logits=student_logits,
         teacher_logits=teacher_logits,
+        feature_cost_scale=feature_cost_scale,
         reduction=reduction,
         **options,
     )
@@ -96,7 +109,9 @@ class JointWassersteinLoss(WassersteinLoss):
 
     Args:
         label_weight: ``beta > 0``, the weight of the label cost.
-        label_cost: ``"sqeuclidean"`` or ``"cross_entropy"``.
+        label_cost: ``"sqeuclidean"``, ``"cross_entropy"``, ``"logits_sqeuclidean"`` or
+            ``"kl_student_teacher"`` (see :func:`joint_wasserstein_loss`).
+        feature_cost_scale: ``"none"`` or ``"max"`` (official KD2M).
         solver: ``"emd"`` or ``"sinkhorn"``.
         **options: further options of :class:`WassersteinLoss` (``p``, ``reg``, ``projector``,
             ...).
@@ -120,6 +135,7 @@ class JointWassersteinLoss(WassersteinLoss):
         label_weight: float = 1.0,
         *,
         label_cost: str = "sqeuclidean",
+        feature_cost_scale: str = "none",
         solver: str = "emd",
         **options: Any,
     ) -> None:
@@ -129,4 +145,10 @@ class JointWassersteinLoss(WassersteinLoss):
                 "solver: the joint feature-label cost needs a cost matrix, expected 'emd' or "
                 "'sinkhorn', got 'sliced'"
             )
-        super().__init__(solver, label_weight=label_weight, label_cost=label_cost, **options)
+        super().__init__(
+            solver,
+            label_weight=label_weight,
+            label_cost=label_cost,
+            feature_cost_scale=feature_cost_scale,
+            **options,
+        )

@@ -125,8 +125,11 @@ class KD2MLoss(DistillationLoss):
     ============================  ==================================================================
 
     Label-aware variants: ``conditional=True`` (every metric) averages the distance over the
-    classes in ``labels``; ``label_weight=beta`` (``w2_emd``, ``w2_sinkhorn``) uses the joint
-    feature-label cost (see :class:`JointWassersteinLoss`). Other options go to the underlying
+    classes in ``labels`` (``class_reduction="sum"``: sums it, as the official code);
+    ``label_weight=beta`` (``w2_emd``, ``w2_sinkhorn``) uses the joint feature-label cost (see
+    :class:`JointWassersteinLoss`). The official code's computations are options too:
+    ``KD2MLoss("w2_emd")`` is its default metric; see docs/kd2m.md, "Differences from the
+    official code". Other options go to the underlying
     loss (an unknown one raises an error listing the accepted ones).
 
     Note:

@@ -16,17 +16,24 @@ from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
 from featkd.kd2m._kernels import (
     block_sums,
     estimate,
+    group_mean_distances,
     pooled_pair_distances,
     rbf,
     squared_bandwidths,
 )
-from featkd.kd2m._sets import make_groups, matmul_nt, validate_pair
+from featkd.kd2m._sets import (
+    check_class_reduction,
+    make_groups,
+    matmul_nt,
+    reduce_classes,
+    validate_pair,
+)
 from featkd.kd2m._transport import squared_distances
 
 __all__ = ["MMDLoss", "mmd_loss"]
 
 KERNELS = ("rbf", "linear", "poly")
-BANDWIDTH_RULES = ("median", "mean")
+BANDWIDTH_RULES = ("median", "mean", "mean_distance")
 ESTIMATORS = ("biased", "unbiased")
 _BATCH_LEVEL = f"the discrepancy {BATCH_LEVEL}"
 
@@ -39,6 +46,7 @@ def _check_options(
     degree: int,
     coef0: float,
     conditional: bool,
+    class_reduction: str = "mean",
 ) -> None:
     check_choice(kernel, "kernel", KERNELS)
     check_choice(estimator, "estimator", ESTIMATORS)
@@ -51,7 +59,8 @@ def _check_options(
             check_positive(value, "bandwidth")
     else:
         raise ChoiceError(
-            "bandwidth: expected 'median', 'mean', a number > 0 or a non-empty list of numbers, "
+            "bandwidth: expected 'median', 'mean', 'mean_distance', a number > 0 or a non-empty "
+            "list of numbers, "
             f"got {bandwidth!r}"
         )
     # a string is a Sequence too: "12" would pass as the multipliers ("1", "2") otherwise
@@ -62,6 +71,7 @@ def _check_options(
     check_int(degree, "degree", minimum=1)
     check_positive(coef0, "coef0", allow_zero=True)
     check_bool(conditional, "conditional")
+    check_class_reduction(class_reduction, conditional)
 
 
 def _check_inputs(
@@ -93,6 +103,7 @@ def _mmd_terms(
     degree: int,
     coef0: float,
     conditional: bool,
+    class_reduction: str = "mean",
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level ``"mmd2"`` term."""
     # (x.y + c)^d is not translation invariant, so no shift can keep a large common offset from
@@ -126,7 +137,10 @@ def _mmd_terms(
     else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
         distances = [squared_distances(a, b) for a, b in ((xs, xs), (xt, xt), (xs, xt))]
         pairs = None
-        if isinstance(bandwidth, str):  # one bandwidth from the whole batch
+        if bandwidth == "mean_distance":  # official KD2M: one bandwidth per group
+            with torch.no_grad():
+                pairs = group_mean_distances(*distances, mask, counts)
+        elif isinstance(bandwidth, str):  # one bandwidth from the whole batch
             with torch.no_grad():
                 blocks = [d[0] for d in distances]
                 if conditional:
@@ -140,7 +154,7 @@ def _mmd_terms(
         kernels = [rbf(d, sigma2) for d in distances]
         sum_ss, sum_tt, sum_st, diag_ss, diag_tt = block_sums(*kernels, mask)
     per_group = estimate(sum_ss, sum_tt, sum_st, diag_ss, diag_tt, counts, estimator)
-    loss = per_group.mean()
+    loss = reduce_classes(per_group, class_reduction)
     if scale is not None:
         # past the float64 range the factor saturates: 0 stays 0 (not 0 * inf = NaN)
         loss = loss * scale.pow(degree).clamp_max(torch.finfo(work).max)
@@ -161,6 +175,7 @@ def mmd_loss(
     degree: int = 2,
     coef0: float = 0.0,
     conditional: bool = False,
+    class_reduction: str = "mean",
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Squared maximum mean discrepancy ``MMD^2`` between the batches (KD2M, NST).
@@ -183,7 +198,13 @@ def mmd_loss(
       in float32, ``1.5e-8`` in float64), so duplicated rows (dead or collapsed features) cannot
       drive ``sigma`` to 0, where the gradient would be NaN: ``sigma^2`` is then the median of
       the pairs that are apart, never below that floor. If every point is the same, ``sigma =
-      1`` (the kernel is 1 for every pair whatever ``sigma``).
+      1`` (the kernel is 1 for every pair whatever ``sigma``). ``bandwidth="mean_distance"``
+      is the official KD2M rule: ``sigma`` is the mean of the pairwise distances (not squared)
+      over the three ``B x B`` blocks ``ss``, ``tt`` and ``st``, their zero diagonals
+      included, i.e. their sum over ``3 B^2``; ``sigma^2`` then times each multiplier squared
+      (detached, like the other rules). With ``conditional=True`` it is computed per class,
+      from that class's blocks (the official code applies the whole distance to each class).
+      The official runs pair it with the biased estimator (the default).
     * ``"linear"``: ``k = x.y``; the biased ``MMD^2`` is ``||mu_s - mu_t||^2``, computed in
       ``O(B D)``.
     * ``"poly"``: ``k = (x.y + coef0)^degree``, the polynomial kernel of NST (Huang and Wang,
@@ -197,8 +218,10 @@ def mmd_loss(
       ``inf``.
 
     ``conditional=True`` averages ``MMD^2`` over the classes present in ``labels`` (one
-    bandwidth from the whole batch); with the unbiased estimator a class seen once contributes
-    its biased value ``k(s,s) + k(t,t) - 2 k(s,t)`` (it has no distinct pairs).
+    bandwidth from the whole batch, except ``"mean_distance"``: per class); with the unbiased
+    estimator a class seen once contributes its biased value ``k(s,s) + k(t,t) - 2 k(s,t)``
+    (it has no distinct pairs). ``class_reduction="sum"`` sums over the classes instead (the
+    official KD2M reduction).
 
     Computed in float32 (float64 for float64 inputs, and always for ``"poly"``) with autocast
     off; returned in the student's dtype (float32 for half-precision students). The teacher gets
@@ -209,12 +232,15 @@ def mmd_loss(
         teacher: teacher features (detached inside).
         labels: class indices, for ``conditional``.
         kernel: ``"rbf"``, ``"linear"`` or ``"poly"``.
-        bandwidth: rbf: ``"median"``, ``"mean"``, a ``sigma`` or a list of them.
+        bandwidth: rbf: ``"median"``, ``"mean"``, ``"mean_distance"`` (official KD2M), a
+            ``sigma`` or a list of them.
         multipliers: rbf with a rule: factors applied to the heuristic ``sigma``.
         estimator: ``"biased"`` or ``"unbiased"``.
         degree: poly: the degree ``d``.
         coef0: poly: the constant ``c >= 0``.
         conditional: average over the classes in ``labels``.
+        class_reduction: ``"mean"`` (default) or ``"sum"`` (official KD2M) of the per-class
+            values; ``"sum"`` needs ``conditional=True``.
         reduction: ``"mean"`` only: the discrepancy is a property of the two batches, with no
             per-sample values.
 
@@ -232,7 +258,9 @@ def mmd_loss(
         >>> bool(torch.isclose(linear, (s.mean(0) - t.mean(0)).square().sum(), rtol=1e-4))
         True
     """
-    _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
+    _check_options(
+        kernel, bandwidth, multipliers, estimator, degree, coef0, conditional, class_reduction
+    )
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
     _check_inputs(student, teacher, labels, estimator, conditional)
     loss, _ = evaluate(
@@ -247,6 +275,7 @@ def mmd_loss(
         degree=degree,
         coef0=coef0,
         conditional=conditional,
+        class_reduction=class_reduction,
     )
     return loss
 
@@ -260,12 +289,14 @@ class MMDLoss(MatchingLoss):
 
     Args:
         kernel: ``"rbf"``, ``"linear"`` or ``"poly"``.
-        bandwidth: rbf: ``"median"``, ``"mean"``, a ``sigma`` or a list of them.
+        bandwidth: rbf: ``"median"``, ``"mean"``, ``"mean_distance"`` (official KD2M), a
+            ``sigma`` or a list of them.
         multipliers: rbf with a rule: factors applied to the heuristic ``sigma``.
         estimator: ``"biased"`` or ``"unbiased"``.
         degree: poly: the degree.
         coef0: poly: the constant.
         conditional: mean over the classes in ``labels`` of the per-class ``MMD^2``.
+        class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
         projector: optional module applied to the student first (owned and trained).
         reduction: ``"mean"`` only (a batch-level discrepancy).
 
@@ -296,11 +327,14 @@ class MMDLoss(MatchingLoss):
         degree: int = 2,
         coef0: float = 0.0,
         conditional: bool = False,
+        class_reduction: str = "mean",
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
-        _check_options(kernel, bandwidth, multipliers, estimator, degree, coef0, conditional)
+        _check_options(
+            kernel, bandwidth, multipliers, estimator, degree, coef0, conditional, class_reduction
+        )
         self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.kernel = kernel
         self.bandwidth = bandwidth if isinstance(bandwidth, (str, int, float)) else tuple(bandwidth)
@@ -309,6 +343,7 @@ class MMDLoss(MatchingLoss):
         self.degree = degree
         self.coef0 = float(coef0)
         self.conditional = conditional
+        self.class_reduction = class_reduction
 
     def _check(self, student, teacher, labels) -> None:
         _check_inputs(student, teacher, labels, self.estimator, self.conditional)
@@ -325,6 +360,7 @@ class MMDLoss(MatchingLoss):
             degree=self.degree,
             coef0=self.coef0,
             conditional=self.conditional,
+            class_reduction=self.class_reduction,
         )
 
     def extra_repr(self) -> str:
@@ -335,4 +371,6 @@ class MMDLoss(MatchingLoss):
             text += f", degree={self.degree}, coef0={self.coef0}"
         if self.conditional:
             text += ", conditional=True"
+        if self.class_reduction != "mean":
+            text += f", class_reduction={self.class_reduction!r}"
         return text

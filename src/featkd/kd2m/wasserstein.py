@@ -62,6 +62,8 @@ def wasserstein_loss(
     label_cost: str = "sqeuclidean",
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    class_reduction: str = "mean",
+    feature_cost_scale: str = "none",
     reduction: str = "mean",
     generator: int | torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -82,15 +84,14 @@ def wasserstein_loss(
       ``relative_reg=True``), ``eps = reg`` otherwise. Stops when the L1 error of the row
       marginals is ``<= tol`` (``1e-3``), tested after each block (one host synchronisation
       per test, at most one per ``check_every`` iterations), or after ``max_iter`` (1000 if
-      None) iterations. The defaults converge on standardised features: at ``B = 32`` within
-      about 150 iterations (``reg=0.05, tol=1e-4`` could need over 2,000); the value is then
-      within about ``tol * (max C - min C)`` of the converged one. A call that stops at
-      ``max_iter`` above ``tol`` warns (:class:`SinkhornConvergenceWarning`; the module warns
-      once per instance) and reports the error in ``last_parts["marginal_error"]``.
-      ``tol=None`` runs exactly ``max_iter`` iterations, never synchronises and never warns.
-      ``debias=True`` returns the Sinkhorn divergence
-      ``OT(s,t) - OT(s,s)/2 - OT(t,t)/2``, zero for identical batches (the three problems are
-      solved together; the self-transport ones can need more iterations at small ``reg``).
+      None) iterations (the defaults converge on standardised features, see docs/kd2m.md; the
+      value is then within about ``tol * (max C - min C)`` of the converged one). A call that
+      stops at ``max_iter`` above ``tol`` warns (:class:`SinkhornConvergenceWarning`; the
+      module warns once per instance) and reports the error in
+      ``last_parts["marginal_error"]``. ``tol=None`` runs exactly ``max_iter`` iterations,
+      never synchronises and never warns. ``debias=True`` returns the Sinkhorn divergence
+      ``OT(s,t) - OT(s,s)/2 - OT(t,t)/2``, zero for identical batches (solved together; the
+      self-transport problems can need more iterations at small ``reg``).
     * ``solver="sliced"``: mean over ``n_projections`` random unit directions of the 1-D
       ``W_p^p`` of the projected batches (sorting); new directions on every call, drawn from
       ``seed`` when given (an integer seeds a fresh generator: the same directions on every
@@ -100,15 +101,14 @@ def wasserstein_loss(
     gradient.
 
     Labels:
-        * ``conditional=True``: the mean over the classes present in ``labels`` of the distance
-          between that class's student and teacher rows (one host synchronisation to group).
-          A class seen once contributes the cost between its two points
-          (``||s - t||^p``, the OT between single points).
+        * ``conditional=True``: the mean (``class_reduction="sum"``: the sum, as the official
+          KD2M code) over the classes present in ``labels`` of the distance between that
+          class's student and teacher rows (one host synchronisation to group). A class seen
+          once contributes ``||s - t||^p``, the OT between its two points.
         * ``label_weight=beta > 0`` (emd, sinkhorn): the joint feature-label cost
-          ``||s_i - t_j||^p + beta * l(y_i, y_j)``, student ``i`` against teacher ``j``. A
-          side's label ``y`` is the softmax of its logits when given, else the one-hot of
-          ``labels``; ``label_cost`` ``"sqeuclidean"`` is ``||y_i - y_j||^2``,
-          ``"cross_entropy"`` is ``-sum_k y_jk log softmax(student_logits_i)_k``.
+          ``||s_i - t_j||^p + beta * l(y_i, y_j)``, student ``i`` against teacher ``j``; the
+          label costs and ``feature_cost_scale`` are those of
+          :func:`~featkd.kd2m.joint_wasserstein.joint_wasserstein_loss`.
 
     Args:
         student: student features.
@@ -124,16 +124,18 @@ def wasserstein_loss(
         check_every: sinkhorn iterations between tolerance checks.
         debias: sinkhorn only: return the Sinkhorn divergence.
         n_projections: number of random directions (sliced).
-        seed: randomness of the directions (sliced): an integer seed or a
-            ``torch.Generator``, for reproducible draws; None draws from torch's global
-            generator.
+        seed: the directions' randomness (sliced): an integer seed or a ``torch.Generator``,
+            for reproducible draws; None draws from torch's global generator.
         conditional: average the distance over the classes in ``labels``.
         label_weight: weight ``beta`` of the label cost (joint feature-label OT); 0 disables it.
-        label_cost: ``"sqeuclidean"`` or ``"cross_entropy"``.
+        label_cost: ``"sqeuclidean"``, ``"cross_entropy"``, ``"logits_sqeuclidean"`` or
+            ``"kl_student_teacher"`` (the last two official KD2M).
         student_logits: the student's logits ``(B, K)`` for the joint cost (receive gradient).
         teacher_logits: the teacher's logits ``(B, K)`` for the joint cost.
-        reduction: ``"mean"`` only: the distance is a property of the two batches, with no
-            per-sample values.
+        class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        feature_cost_scale: joint cost: ``"none"`` or ``"max"`` (official KD2M: the feature
+            cost divided by its detached maximum).
+        reduction: ``"mean"`` only (a batch-level distance, no per-sample values).
         generator: the former name of ``seed`` (deprecated; a ``FutureWarning``).
 
     Shape:
@@ -169,6 +171,8 @@ def wasserstein_loss(
         label_weight,
         label_cost,
         debias,
+        class_reduction,
+        feature_cost_scale,
     )
     check_reduction(reduction, batch_level=f"the Wasserstein distance {BATCH_LEVEL}")
     check_inputs(
@@ -202,6 +206,8 @@ def wasserstein_loss(
         label_weight=label_weight,
         label_cost_kind=label_cost,
         on_unconverged=lambda error: _warn_unconverged(error, max_iter, tol),
+        class_reduction=class_reduction,
+        feature_cost_scale=feature_cost_scale,
     )
     return loss
 
@@ -221,18 +227,18 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         reg: entropic regularisation (sinkhorn), relative to the mean cost by default.
         relative_reg: scale ``reg`` by the mean cost.
         max_iter: solver iteration cap (None: solver default).
-        tol: sinkhorn stopping tolerance (row-marginal L1 error), None for a fixed count.
-            A call that stops at ``max_iter`` above it warns, once per instance
-            (:class:`SinkhornConvergenceWarning`).
+        tol: sinkhorn stopping tolerance (row-marginal L1 error), None for a fixed count;
+            stopping at ``max_iter`` above it warns once per instance.
         check_every: sinkhorn iterations between tolerance checks.
         debias: sinkhorn only: the Sinkhorn divergence (zero for identical batches).
         n_projections: random directions (sliced).
-        seed: the sliced directions' randomness: an integer seeds the module's own CPU
-            generator, a ``torch.Generator`` is used as given, None draws from torch's global
-            generator. The draws differ between calls but repeat across runs.
+        seed: sliced: an integer seeds the module's own CPU generator, a ``torch.Generator``
+            is used as given, None draws from torch's global generator.
         conditional: mean over the classes in ``labels`` of the per-class distance.
         label_weight: weight of the label cost in the joint feature-label cost (0: off).
-        label_cost: ``"sqeuclidean"`` or ``"cross_entropy"``.
+        label_cost: see :func:`wasserstein_loss`.
+        class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        feature_cost_scale: joint cost: ``"none"`` or ``"max"`` (official KD2M).
         projector: optional module applied to the student first (owned and trained).
 
     Shape:
@@ -241,18 +247,15 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         - labels: ``(B,)`` integer, optional
         - output: scalar
 
-    ``last_parts`` holds ``"total"``, ``"wasserstein"`` (equal: one term) and, by solver and variant, ``"transport"``,
-    ``"entropy"``, ``"reg"`` (the ``eps`` used), ``"iterations"``, ``"marginal_error"`` (L1
-    error of the plan's marginals), ``"feature_cost"``, ``"label_cost"`` and ``"classes"``.
+    ``last_parts`` holds ``"total"``, ``"wasserstein"`` (equal: one term) and, by solver and
+    variant, ``"transport"``, ``"entropy"``, ``"reg"`` (the ``eps`` used), ``"iterations"``,
+    ``"marginal_error"`` (L1 error of the plan's marginals), ``"feature_cost"`` (after
+    ``feature_cost_scale``), ``"label_cost"`` and ``"classes"``.
 
-    Checkpoints: ``state_dict()`` holds the state of the module's own generator (``seed=``
-    given), so a module rebuilt with the same options and loaded with it continues the
-    sequence of sliced directions where the saved one stopped. With ``seed=None`` there is no
-    generator of its own to save: the directions come from torch's global generator, which a
-    training checkpoint saves with ``torch.get_rng_state()`` (and
-    ``torch.cuda.get_rng_state()``) as for dropout. Loading a seeded module's state into a
-    ``seed=None`` one raises an error (its sequence could not be resumed); loading a
-    ``seed=None`` state into a seeded module leaves that module's generator as it is.
+    Checkpoints: ``state_dict()`` holds the position of the module's own generator (``seed=``
+    given), so a resumed run continues the sliced directions; with ``seed=None`` they come
+    from torch's global generator, saved by ``torch.get_rng_state()`` as for dropout; a
+    seeded module's state cannot load into a ``seed=None`` one (docs/kd2m.md).
 
     Example:
         >>> loss_fn = WassersteinLoss(solver="sinkhorn", conditional=True)
@@ -279,6 +282,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         conditional: bool = False,
         label_weight: float = 0.0,
         label_cost: str = "sqeuclidean",
+        class_reduction: str = "mean",
+        feature_cost_scale: str = "none",
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
     ) -> None:
@@ -296,6 +301,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
             label_weight,
             label_cost,
             debias,
+            class_reduction,
+            feature_cost_scale,
         )
         self.reduction = check_reduction(
             reduction, batch_level=f"the Wasserstein distance {BATCH_LEVEL}"
@@ -314,6 +321,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         self.conditional = conditional
         self.label_weight = float(label_weight)
         self.label_cost = label_cost
+        self.class_reduction = class_reduction
+        self.feature_cost_scale = feature_cost_scale
         self._warned_unconverged = False
 
     def forward(
@@ -325,15 +334,9 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         student_logits: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``W_p^p`` between the (projected) student batch and the teacher batch.
-
-        Args:
-            student: student features.
-            teacher: teacher features (detached inside).
-            labels: class indices (conditional or joint variants).
-            student_logits: student logits ``(B, K)`` for the joint cost.
-            teacher_logits: teacher logits ``(B, K)`` for the joint cost.
-        """
+        """``W_p^p`` between the (projected) student batch and the teacher batch; the
+        arguments are those of :func:`wasserstein_loss` (teacher detached inside, labels for
+        the conditional or joint variants, logits ``(B, K)`` for the joint cost)."""
         return self._match(
             student, teacher, labels, student_logits=student_logits, teacher_logits=teacher_logits
         )
@@ -371,6 +374,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
             label_weight=self.label_weight,
             label_cost_kind=self.label_cost,
             on_unconverged=self._unconverged,
+            class_reduction=self.class_reduction,
+            feature_cost_scale=self.feature_cost_scale,
         )
 
     def _unconverged(self, error: float) -> None:
@@ -385,7 +390,9 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         if self.solver == "sliced":
             text += f", n_projections={self.n_projections}, seed={self.seed}"
         if self.conditional:
-            text += ", conditional=True"
+            text += f", conditional=True, class_reduction={self.class_reduction!r}"
         if self.label_weight > 0:
             text += f", label_weight={self.label_weight}, label_cost={self.label_cost!r}"
+        if self.feature_cost_scale != "none":
+            text += f", feature_cost_scale={self.feature_cost_scale!r}"
         return text
