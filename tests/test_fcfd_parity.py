@@ -100,3 +100,13 @@ def test_the_warning_does_not_change_the_value():
 def test_warmup_check_calls_is_checked(bad):
     with pytest.raises(ChoiceError, match=r"warmup_check_calls: expected an int"):
         tiny_fcfd(warmup_check_calls=bad)
+
+
+def test_start_epoch_applies_the_official_warmup_from_the_first_step():
+    fcfd, student, teacher = tiny_fcfd(start_epoch=0, warmup_check_calls=1)
+    assert fcfd.warmup == pytest.approx(1 / 20)  # min(1, (0 + 1) / 20), official epoch 0
+    assert train_calls(fcfd, student, teacher, 2) == []  # the warm-up was chosen
+    assert tiny_fcfd(start_epoch=3, warmup_epochs=5)[0].warmup == pytest.approx(4 / 5)
+    assert tiny_fcfd()[0].warmup == 1.0  # featkd's default: full weight until set_epoch
+    with pytest.raises(ChoiceError, match=r"start_epoch: expected an int"):
+        tiny_fcfd(start_epoch=-1)

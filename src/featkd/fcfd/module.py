@@ -104,6 +104,10 @@ class FCFDLoss(DistillationLoss):
         weights: by term, ``{"kl": beta, "mse": ...}``; terms not named keep their default
             (1 and 5). ``kl_weight=`` / ``mse_weight=`` still work one release (FutureWarning).
         warmup_epochs: epochs of the linear warm-up applied by :meth:`set_epoch`.
+        start_epoch: ``None`` (default: ``warmup`` stays 1 until :meth:`set_epoch`) or the epoch
+            training starts at, counted from 0: :meth:`set_epoch` is applied at construction, so
+            the warm-up holds from the first step (``start_epoch=0``: the official first-epoch
+            factor ``1 / warmup_epochs``). Call :meth:`set_epoch` at every later epoch.
         warmup_check_calls: training calls (in training mode, grad enabled) after which a
             :class:`WarmupSkippedWarning` reports that neither :meth:`set_epoch` was called nor
             ``warmup`` assigned (default 50); ``None`` disables the check. Never with
@@ -175,6 +179,7 @@ class FCFDLoss(DistillationLoss):
         temperature: float = 4.0,
         weights: Mapping[str, float] | None = None,
         warmup_epochs: int = 20,
+        start_epoch: int | None = None,
         warmup_check_calls: int | None = 50,
         crossings: Sequence[int] | None = None,
         directions: Sequence[str] = DIRECTIONS,
@@ -210,6 +215,8 @@ class FCFDLoss(DistillationLoss):
             if warmup_check_calls is None
             else check_int(warmup_check_calls, "warmup_check_calls", 1)
         )
+        if start_epoch is not None:
+            self.set_epoch(check_int(start_epoch, "start_epoch", 0))
         self.directions = check_directions(directions)
         self.crossings = check_crossings(crossings, count)
         self.paths = [(d, k) for d in self.directions for k in self.crossings]
@@ -291,7 +298,8 @@ class FCFDLoss(DistillationLoss):
                 f"assignment of warmup: the MSE terms run at full weight from the first step, "
                 f"while the official runs ramp them up linearly over warmup_epochs="
                 f"{self.warmup_epochs} epochs (min(1, (epoch + 1) / {self.warmup_epochs})). Call "
-                "fcfd.set_epoch(epoch) at the start of every epoch (counted from 0), assign "
+                "fcfd.set_epoch(epoch) at the start of every epoch (counted from 0; "
+                "FCFDLoss(..., start_epoch=0) sets the first at construction), assign "
                 "fcfd.warmup yourself, or pass warmup_epochs=0 for no warm-up. (Silence: "
                 "warnings.filterwarnings('ignore', "
                 "category=featkd.fcfd.WarmupSkippedWarning), or warmup_check_calls=None.)",
