@@ -182,3 +182,16 @@ def test_constructor_names_the_arguments_the_user_wrote():
             ProteusLoss(student_dim=5, teacher_dim=9, weights={"cls": bad})
     with pytest.raises(ChoiceError, match=r"^weights: expected a dict of weights by term name"):
         ProteusLoss(student_dim=5, teacher_dim=9, weights="11")
+
+
+def test_a_cls_token_alone():
+    # N = 1: the tokens term is the CLS slot through the CLS head (featkd 0.1: the token head)
+    loss_fn = make_loss()
+    student = torch.randn(3, 1, 5, dtype=torch.float64)
+    teacher = torch.randn(3, 1, 9, dtype=torch.float64)
+    loss_fn(student, teacher)
+    torch.testing.assert_close(loss_fn.last_parts["tokens"], loss_fn.last_parts["cls"])
+    loss_fn.cls_in_token_term = "token_head"
+    loss_fn(student, teacher)
+    expected = ref_mse(ref_head(numpy64(student), loss_fn.token_head), numpy64(teacher))
+    np.testing.assert_allclose(float(loss_fn.last_parts["tokens"]), expected, rtol=1e-10)

@@ -102,9 +102,11 @@ def _proteus_terms(
     if tokens:
         own_cls = cls_in_token_term == "cls_head" and num_prefix_tokens >= 1
         rest = student[:, 1:] if own_cls else student
-        mapped = token_head(rest.to(token_head.weight.dtype), finite_check=False).to(work)
-        if own_cls:  # the CLS slot through the CLS head (official), the rest through token_head
-            mapped = torch.cat((mapped_cls.unsqueeze(1), mapped), dim=1)
+        # the CLS slot through the CLS head (official), the other tokens through token_head
+        parts = [mapped_cls.unsqueeze(1)] if own_cls else []
+        if rest.shape[1] > 0:  # a CLS token alone has no other tokens
+            parts.append(token_head(rest.to(token_head.weight.dtype), finite_check=False))
+        mapped = torch.cat([part.to(work) for part in parts], dim=1)
         terms["tokens"] = _mse(mapped, target, per_sample)
     return Terms(terms)
 
