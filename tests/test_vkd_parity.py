@@ -95,3 +95,11 @@ def test_weight_decay_alone_pulls_towards_the_identity_columns(map):
     weight = frame(loss_fn)
     assert float(orthogonality_error(weight)) < 1e-5
     assert float((weight - torch.eye(12, 4)).norm()) < distance
+
+
+def test_a_seed_gives_the_same_frame_on_every_device(device):
+    # an integer seed draws on the CPU and copies, so the frame does not depend on the device
+    here = VkDLoss(student_dim=5, teacher_dim=11, init="random", seed=9, device=device)
+    cpu = VkDLoss(student_dim=5, teacher_dim=11, init="random", seed=9)
+    assert here.projector.generator.device.type == torch.device(device).type
+    torch.testing.assert_close(here.projector.generator.cpu(), cpu.projector.generator.detach())
