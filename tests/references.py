@@ -556,3 +556,19 @@ def ref_linear_cka(x, y):
     x = x - x.mean(0)
     y = y - y.mean(0)
     return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+# ---------------------------------------------------------------- parity (METHODS.md section 5)
+
+
+def ref_proteus_tokens(student, teacher, cls_head, token_head):
+    """METHODS.md section 5, official Proteus (CosPress repo baseline): the token term
+    ``MSE(cat(cls_head(s_cls), fea_head(s_patch)), cat(t_cls, t_patch))``, the CLS slot (token 0)
+    through the CLS head and the other tokens through the token head, the mean squared error
+    over all elements of the batch. The heads are ``LayerNorm -> Linear`` (METHODS.md section 2,
+    read through ref_head)."""
+    mapped = np.concatenate(
+        [ref_head(student[:, :1], cls_head), ref_head(student[:, 1:], token_head)], axis=1
+    )
+    target = np.concatenate([teacher[:, :1], teacher[:, 1:]], axis=1)
+    return float(((mapped - target) ** 2).mean())

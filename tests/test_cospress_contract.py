@@ -69,8 +69,13 @@ def test_cospress_function_equals_module(shapes, style):
 
 @pytest.mark.parametrize("shapes", [TOKENS, POOLED], ids=["tokens", "pooled"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_proteus_function_equals_module(shapes, reduction):
-    options = {"weights": {"tokens": 0.5, "cls": 2.0}, "reduction": reduction}
+@pytest.mark.parametrize("route", ["cls_head", "token_head"])
+def test_proteus_function_equals_module(shapes, reduction, route):
+    options = {
+        "weights": {"tokens": 0.5, "cls": 2.0},
+        "reduction": reduction,
+        "cls_in_token_term": route,
+    }
     loss_fn = proteus(**options)
     student, teacher = features(shapes)
     module_value = loss_fn(student, teacher)

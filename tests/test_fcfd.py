@@ -538,7 +538,14 @@ def _train(build, steps, lr=1e-2):
     torch.manual_seed(0)
     stem, student, teacher, images = build()
     stem_input = stem(images) if stem is not None else images
-    fcfd = FCFDLoss(student, teacher, example_input=(stem_input.detach(), images), num_paths="all")
+    # no warm-up: the terms at full weight from the first step (and no WarmupSkippedWarning)
+    fcfd = FCFDLoss(
+        student,
+        teacher,
+        example_input=(stem_input.detach(), images),
+        num_paths="all",
+        warmup_epochs=0,
+    )
     params = [*student.parameters(), *fcfd.parameters()]
     if stem is not None:
         params += list(stem.parameters())

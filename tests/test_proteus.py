@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
-from references import numpy64, ref_head, ref_mse
+from references import numpy64, ref_head, ref_mse, ref_proteus_tokens
 
 import featkd
 from featkd import ChoiceError, LinearHead, ProteusLoss, ShapeError
+from featkd.functional import proteus_loss
 
 
 def make_loss(dtype=torch.float64, device="cpu", **kwargs) -> ProteusLoss:
@@ -32,7 +33,10 @@ def test_terms_match_reference(num_prefix_tokens, device, dtype):
     assert loss.shape == () and loss.dtype == dtype
     s, t = numpy64(student), numpy64(teacher)
     cls = (lambda x: x[:, 0]) if num_prefix_tokens else (lambda x: x.mean(1))
-    tokens = ref_mse(ref_head(s, loss_fn.token_head), t)
+    if num_prefix_tokens:  # the official routing: the CLS slot through the CLS head
+        tokens = ref_proteus_tokens(s, t, loss_fn.cls_head, loss_fn.token_head)
+    else:  # no CLS slot: every token through the token head
+        tokens = ref_mse(ref_head(s, loss_fn.token_head), t)
     cls_term = ref_mse(ref_head(cls(s), loss_fn.cls_head), cls(t))
     tol = tolerance(dtype)
     assert list(loss_fn.last_parts) == ["total", "cls", "tokens"]
@@ -69,11 +73,50 @@ def test_gradient_routing():
     assert bool(student.grad.abs().sum() > 0)
     for head in (loss_fn.cls_head, loss_fn.token_head):
         assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head.parameters())
-    # the CLS head learns from the CLS term only, the token head from the token term only
+    # the token head learns from the token term only
     loss_fn.zero_grad(set_to_none=True)
     loss_fn.weights = {"tokens": 0.0, "cls": 1.0}
     loss_fn(student, teacher).backward()
     assert all(p.grad is None or not bool(p.grad.any()) for p in loss_fn.token_head.parameters())
+
+
+@pytest.mark.parametrize(("route", "cls_head_learns"), [("cls_head", True), ("token_head", False)])
+def test_cls_head_learns_from_the_token_term_in_the_official_routing(route, cls_head_learns):
+    loss_fn = make_loss(weights={"tokens": 1.0, "cls": 0.0}, cls_in_token_term=route)
+    student = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    loss_fn(student, torch.randn(4, 6, 9, dtype=torch.float64)).backward()
+    grads = [p.grad for p in loss_fn.cls_head.parameters()]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads) == cls_head_learns
+
+
+def test_token_head_routing_is_featkd_0_1():
+    # cls_in_token_term="token_head": the token head maps every token, the CLS token included
+    loss_fn = make_loss(cls_in_token_term="token_head")
+    student = torch.randn(4, 6, 5, dtype=torch.float64)
+    teacher = torch.randn(4, 6, 9, dtype=torch.float64)
+    loss_fn(student, teacher)
+    expected = ref_mse(ref_head(numpy64(student), loss_fn.token_head), numpy64(teacher))
+    np.testing.assert_allclose(float(loss_fn.last_parts["tokens"]), expected, rtol=1e-10)
+    assert "cls_in_token_term='token_head'" in repr(loss_fn)
+
+
+def test_official_routing_with_several_prefix_tokens():
+    # token 0 is the CLS slot; a distillation token (token 1) goes through the token head
+    loss_fn = make_loss(num_prefix_tokens=2)
+    student = torch.randn(3, 7, 5, dtype=torch.float64)
+    teacher = torch.randn(3, 7, 9, dtype=torch.float64)
+    loss_fn(student, teacher)
+    s, t = numpy64(student), numpy64(teacher)
+    expected = ref_proteus_tokens(s, t, loss_fn.cls_head, loss_fn.token_head)
+    np.testing.assert_allclose(float(loss_fn.last_parts["tokens"]), expected, rtol=1e-10)
+
+
+def test_cls_in_token_term_is_checked():
+    with pytest.raises(ChoiceError, match=r"cls_in_token_term: expected one of 'cls_head'"):
+        ProteusLoss(student_dim=5, teacher_dim=9, cls_in_token_term="cls")
+    head = LinearHead(5, 9)
+    with pytest.raises(ChoiceError, match=r"cls_in_token_term"):
+        proteus_loss(torch.randn(2, 3, 5), torch.randn(2, 3, 9), head, head, cls_in_token_term=None)
 
 
 def test_gradcheck():
@@ -139,3 +182,16 @@ def test_constructor_names_the_arguments_the_user_wrote():
             ProteusLoss(student_dim=5, teacher_dim=9, weights={"cls": bad})
     with pytest.raises(ChoiceError, match=r"^weights: expected a dict of weights by term name"):
         ProteusLoss(student_dim=5, teacher_dim=9, weights="11")
+
+
+def test_a_cls_token_alone():
+    # N = 1: the tokens term is the CLS slot through the CLS head (featkd 0.1: the token head)
+    loss_fn = make_loss()
+    student = torch.randn(3, 1, 5, dtype=torch.float64)
+    teacher = torch.randn(3, 1, 9, dtype=torch.float64)
+    loss_fn(student, teacher)
+    torch.testing.assert_close(loss_fn.last_parts["tokens"], loss_fn.last_parts["cls"])
+    loss_fn.cls_in_token_term = "token_head"
+    loss_fn(student, teacher)
+    expected = ref_mse(ref_head(numpy64(student), loss_fn.token_head), numpy64(teacher))
+    np.testing.assert_allclose(float(loss_fn.last_parts["tokens"]), expected, rtol=1e-10)

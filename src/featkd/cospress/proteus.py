@@ -3,8 +3,9 @@
 The baseline CosPress is compared against. Student-side heads ``g = LayerNorm(D_s) ->
 Linear(D_s, D_t)`` (:class:`~featkd.LinearHead`) map the student's features into the teacher's
 width, where they are regressed onto the raw teacher features with a mean squared error: one
-head and term for the CLS token, one for all tokens. (Proteus' optional masked-patch term is
-not included.)
+head and term for the CLS token, one for all tokens, in which the CLS slot goes through the CLS
+head and the other tokens through the token head, as in the official code. (Proteus' optional
+masked-patch term, weight 0 in the CosPress comparison runs, is not included.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from featkd._checks import ChoiceError, check_feature_pair, check_same_device
 from featkd._loss import DistillationLoss, Terms, check_reduction, evaluate
-from featkd._options import check_int, check_weights, keyword_widths
+from featkd._options import check_choice, check_int, check_weights, keyword_widths
 from featkd.cospress.heads import LinearHead
 from featkd.pooling import pool
 
@@ -25,6 +26,13 @@ __all__ = ["ProteusLoss", "proteus_loss"]
 
 # the order of featkd 0.1's positional weights tuple
 _POSITIONAL_WEIGHTS = ("tokens", "cls")
+# which head maps the CLS token inside the tokens term: the official code's, or featkd 0.1's
+_CLS_ROUTES = ("cls_head", "token_head")
+
+
+def _check_route(value: Any) -> str:
+    check_choice(value, "cls_in_token_term", _CLS_ROUTES)
+    return value
 
 
 def _check_head(head: Any, name: str, widths: tuple[int, int] | None = None) -> LinearHead:
@@ -73,9 +81,12 @@ def _proteus_terms(
     token_head: LinearHead | None,
     num_prefix_tokens: int,
     per_sample: bool,
+    cls_in_token_term: str = "cls_head",
 ) -> Terms:
     """Unchecked core: the CLS term and, for token inputs, the tokens term; per sample ``(B,)``,
-    or their batch means with ``per_sample=False``. The heads run in their parameters' dtype."""
+    or their batch means with ``per_sample=False``. The heads run in their parameters' dtype.
+    With ``cls_in_token_term="cls_head"`` and a CLS token, the tokens term compares
+    ``cat(cls_head(S_cls), token_head(S_rest))`` with ``T``."""
     tokens = student.ndim == 3
     heads = (cls_head, token_head) if tokens else (cls_head,)
     work = student.dtype  # a float64 head makes the maths float64, as float64 features do
@@ -86,10 +97,17 @@ def _proteus_terms(
     s_cls = pool(student.to(cls_head.weight.dtype), mode, num_prefix_tokens=num_prefix_tokens)
     t_cls = pool(target, mode, num_prefix_tokens=num_prefix_tokens)
     # the callers validated the inputs: the heads skip their own finiteness check (a host sync)
-    terms = {"cls": _mse(cls_head(s_cls, finite_check=False).to(work), t_cls, per_sample)}
+    mapped_cls = cls_head(s_cls, finite_check=False).to(work)
+    terms = {"cls": _mse(mapped_cls, t_cls, per_sample)}
     if tokens:
-        mapped = token_head(student.to(token_head.weight.dtype), finite_check=False)
-        terms["tokens"] = _mse(mapped.to(work), target, per_sample)
+        own_cls = cls_in_token_term == "cls_head" and num_prefix_tokens >= 1
+        rest = student[:, 1:] if own_cls else student
+        # the CLS slot through the CLS head (official), the other tokens through token_head
+        parts = [mapped_cls.unsqueeze(1)] if own_cls else []
+        if rest.shape[1] > 0:  # a CLS token alone has no other tokens
+            parts.append(token_head(rest.to(token_head.weight.dtype), finite_check=False))
+        mapped = torch.cat([part.to(work) for part in parts], dim=1)
+        terms["tokens"] = _mse(mapped, target, per_sample)
     return Terms(terms)
 
 
@@ -100,17 +118,22 @@ def proteus_loss(
     token_head: LinearHead | None = None,
     *,
     num_prefix_tokens: int = 1,
+    cls_in_token_term: str = "cls_head",
     weights: Mapping[str, float] | None = None,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Proteus feature distillation with student heads you own.
 
-    ``loss = w_cls MSE(g_cls(S_cls), sg(T_cls)) + w_tokens MSE(g_tokens(S), sg(T))``, the terms
-    in this order, each the mean squared error over a sample's elements (the CLS vector, or all
-    its tokens), then over the batch. For pooled ``(B, D)`` inputs only the CLS term exists, on
-    the pooled vectors. The heads and the student get gradient from every term; the teacher
-    never. The heads run with autocast off in their parameters' dtype (see
+    ``loss = w_cls MSE(g_cls(S_cls), sg(T_cls)) + w_tokens MSE(cat(g_cls(S_cls),
+    g_tokens(S_rest)), sg(T))``, the terms in this order, each the mean squared error over a
+    sample's elements (the CLS vector, or all its tokens), then over the batch. In the tokens
+    term the CLS slot goes through the CLS head and every other token (further prefix tokens
+    and patches) through the token head, as in the official code, so the CLS head learns from
+    both terms; ``cls_in_token_term="token_head"`` maps all tokens with the token head instead
+    (featkd 0.1). With ``num_prefix_tokens=0`` there is no CLS slot: all tokens go through the
+    token head. For pooled ``(B, D)`` inputs only the CLS term exists, on the pooled vectors.
+    The student gets gradient from every term; the teacher never. The heads run with autocast off in their parameters' dtype (see
     :class:`~featkd.LinearHead`), the MSE in float32 or wider (float64 for float64 features or
     heads); the loss comes back in float32 (float64 for float64 students).
 
@@ -121,6 +144,9 @@ def proteus_loss(
         token_head: the ``LinearHead(D_s, D_t)`` of the tokens term; required for token inputs.
         num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the mean
             token stands in for the CLS token.
+        cls_in_token_term: which head maps the CLS token inside the tokens term:
+            ``"cls_head"`` (the official code, default) or ``"token_head"`` (featkd 0.1: the
+            token head maps all tokens).
         weights: weights by term name, e.g. ``{"cls": 0.5}``; unnamed terms weigh 1.
         reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` (one value per sample).
         labels: accepted for the common call and unused.
@@ -143,6 +169,7 @@ def proteus_loss(
     if token_head is not None:
         _check_head(token_head, "token_head", (cls_head.in_features, cls_head.out_features))
     num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+    cls_in_token_term = _check_route(cls_in_token_term)
     weights = check_weights(weights or {}, "weights", _POSITIONAL_WEIGHTS, "proteus_loss")
     reduction = check_reduction(reduction)
     _check_inputs(student, teacher, cls_head, token_head)
@@ -155,6 +182,7 @@ def proteus_loss(
         token_head,
         num_prefix_tokens,
         per_sample,
+        cls_in_token_term,
         weights=weights,
         reduction=reduction,
     )
@@ -167,7 +195,9 @@ class ProteusLoss(DistillationLoss):
     The loss of :func:`proteus_loss` with two :class:`~featkd.LinearHead` s of its own
     (``LayerNorm(D_s) -> Linear(D_s, D_t)``), ``cls_head`` and ``token_head``. The heads run
     with autocast off in their parameters' dtype and the MSE in float32 or wider; the loss comes
-    back in float32 (float64 for float64 students). After each call ``last_parts`` holds
+    back in float32 (float64 for float64 students). In the tokens term the CLS slot goes through
+    ``cls_head`` as in the official code (``cls_in_token_term="token_head"`` for featkd 0.1's
+    routing, the token head on all tokens). After each call ``last_parts`` holds
     ``"total"`` and the terms that exist, in the order ``cls``, ``tokens``. ``labels`` is
     accepted and unused.
 
@@ -180,6 +210,8 @@ class ProteusLoss(DistillationLoss):
         teacher_dim: teacher width ``D_t``.
         num_prefix_tokens: leading non-patch tokens; token 0 is the CLS token. With 0, the mean
             token stands in for the CLS token.
+        cls_in_token_term: which head maps the CLS token inside the tokens term:
+            ``"cls_head"`` (the official code, default) or ``"token_head"`` (featkd 0.1).
         weights: weights by term name (``"cls"``, ``"tokens"``); unnamed terms weigh 1.
         reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` (one value per sample).
         device: where to create the heads.
@@ -206,6 +238,7 @@ class ProteusLoss(DistillationLoss):
         student_dim: int | None = None,
         teacher_dim: int | None = None,
         num_prefix_tokens: int = 1,
+        cls_in_token_term: str = "cls_head",
         weights: Mapping[str, float] | None = None,
         reduction: str = "mean",
         device: torch.device | str | None = None,
@@ -218,6 +251,7 @@ class ProteusLoss(DistillationLoss):
             name, widths, ("student_dim", "teacher_dim"), student_dim, teacher_dim
         )
         self.num_prefix_tokens = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
+        self.cls_in_token_term = _check_route(cls_in_token_term)
         self.weights = check_weights(weights or {}, "weights", _POSITIONAL_WEIGHTS, name)
         self.reduction = check_reduction(reduction)
         self.token_head = LinearHead(student_dim, teacher_dim, device=device, dtype=dtype)
@@ -237,12 +271,19 @@ class ProteusLoss(DistillationLoss):
     def _terms(self, student, teacher, labels) -> Terms:
         per_sample = self.reduction != "mean"
         return _proteus_terms(
-            student, teacher, self.cls_head, self.token_head, self.num_prefix_tokens, per_sample
+            student,
+            teacher,
+            self.cls_head,
+            self.token_head,
+            self.num_prefix_tokens,
+            per_sample,
+            self.cls_in_token_term,
         )
 
     def extra_repr(self) -> str:
         return (
             f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, weights={self.weights}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, "
+            f"cls_in_token_term={self.cls_in_token_term!r}, weights={self.weights}, "
             f"reduction={self.reduction!r}"
         )

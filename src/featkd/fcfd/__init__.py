@@ -22,6 +22,6 @@ bridges from a probing forward and samples the paths of each call.
 
 from featkd.fcfd._options import DIRECTIONS
 from featkd.fcfd.function import fcfd_loss
-from featkd.fcfd.module import FCFDLoss
+from featkd.fcfd.module import FCFDLoss, WarmupSkippedWarning
 
-__all__ = ["DIRECTIONS", "FCFDLoss", "fcfd_loss"]
+__all__ = ["DIRECTIONS", "FCFDLoss", "WarmupSkippedWarning", "fcfd_loss"]

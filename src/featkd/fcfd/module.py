@@ -3,13 +3,14 @@ mixed paths of each call; it computes :func:`featkd.fcfd.fcfd_loss`."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from featkd._checks import ChoiceError, ShapeError, describe_shape
-from featkd._loss import DistillationLoss, check_reduction
+from featkd._loss import DistillationLoss, check_reduction, user_stacklevel
 from featkd._options import check_choice, check_int, check_positive, renamed, seeded_generator
 from featkd.fcfd._inputs import check_stage_outputs
 from featkd.fcfd._options import (
@@ -27,9 +28,19 @@ from featkd.fcfd.bridges import RESAMPLE_MODES, FeatureSpec, build_bridge
 from featkd.fcfd.function import _fcfd_unchecked
 from featkd.fcfd.layouts import last_feature_pool, stage_specs
 
-__all__ = ["FCFDLoss"]
+__all__ = ["FCFDLoss", "WarmupSkippedWarning"]
 
 ExampleInput = tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[Sequence, Sequence]]
+
+
+class WarmupSkippedWarning(UserWarning):
+    """An :class:`FCFDLoss` with a warm-up has trained for ``warmup_check_calls`` calls without
+    :meth:`FCFDLoss.set_epoch` or an assignment of ``warmup``: its MSE terms run at full weight
+    from the first step, where the official runs ramp them up.
+
+    Silence it with ``warnings.filterwarnings("ignore", category=featkd.fcfd.WarmupSkippedWarning)``
+    or ``FCFDLoss(..., warmup_check_calls=None)``.
+    """
 
 
 class FCFDLoss(DistillationLoss):
@@ -52,7 +63,9 @@ class FCFDLoss(DistillationLoss):
     a linear warm-up over 20 epochs (:meth:`set_epoch`), crossings after stages ``1..K-2``
     (never right before the last stage), 2 of the ``2 (K - 2)`` paths sampled uniformly per
     call. The ``warmup`` factor starts at 1 (no warm-up) until :meth:`set_epoch` or an
-    assignment changes it.
+    assignment changes it; so that the warm-up is not skipped silently, a
+    :class:`WarmupSkippedWarning` (once, no host synchronisation) reports ``warmup_check_calls``
+    training-mode calls with grad enabled without either, while ``warmup_epochs > 0``.
 
     Gradients: the teacher's stages run in eval mode with detached parameters, so the gradient
     of the function and KL terms flows *through* them into the bridges and the student while
@@ -91,6 +104,14 @@ class FCFDLoss(DistillationLoss):
         weights: by term, ``{"kl": beta, "mse": ...}``; terms not named keep their default
             (1 and 5). ``kl_weight=`` / ``mse_weight=`` still work one release (FutureWarning).
         warmup_epochs: epochs of the linear warm-up applied by :meth:`set_epoch`.
+        start_epoch: ``None`` (default: ``warmup`` stays 1 until :meth:`set_epoch`) or the epoch
+            training starts at, counted from 0: :meth:`set_epoch` is applied at construction, so
+            the warm-up holds from the first step (``start_epoch=0``: the official first-epoch
+            factor ``1 / warmup_epochs``). Call :meth:`set_epoch` at every later epoch.
+        warmup_check_calls: training calls (in training mode, grad enabled) after which a
+            :class:`WarmupSkippedWarning` reports that neither :meth:`set_epoch` was called nor
+            ``warmup`` assigned (default 50); ``None`` disables the check. Never with
+            ``warmup_epochs=0``.
         crossings: the stages ``k`` (1-based) after which a path may cross; default
             ``1..K-2`` (``[1]`` when ``K = 2``). Any of ``1..K-1``.
         directions: ``("s2t", "t2s")`` (default), or one of them.
@@ -158,6 +179,8 @@ class FCFDLoss(DistillationLoss):
         temperature: float = 4.0,
         weights: Mapping[str, float] | None = None,
         warmup_epochs: int = 20,
+        start_epoch: int | None = None,
+        warmup_check_calls: int | None = 50,
         crossings: Sequence[int] | None = None,
         directions: Sequence[str] = DIRECTIONS,
         post_relu: bool | str | Mapping[str, bool | Sequence[bool]] = "auto",
@@ -185,6 +208,15 @@ class FCFDLoss(DistillationLoss):
         self._teacher_stages = tuple(teacher_stages)
         self.num_stages = count
         self.warmup = 1.0
+        self._warmup_chosen = False  # set_epoch or an assignment of warmup sets it
+        self._unwarmed_calls = 0
+        self.warmup_check_calls = (
+            None
+            if warmup_check_calls is None
+            else check_int(warmup_check_calls, "warmup_check_calls", 1)
+        )
+        if start_epoch is not None:
+            self.set_epoch(check_int(start_epoch, "start_epoch", 0))
         self.directions = check_directions(directions)
         self.crossings = check_crossings(crossings, count)
         self.paths = [(d, k) for d in self.directions for k in self.crossings]
@@ -245,6 +277,35 @@ class FCFDLoss(DistillationLoss):
     @warmup.setter
     def warmup(self, value: float) -> None:
         self._warmup = check_positive(value, "warmup", allow_zero=True)
+        self._warmup_chosen = True
+
+    def _check_warmup(self) -> None:
+        """Count the training calls made before the warm-up was chosen; warn once (host-side
+        counting only)."""
+        if (
+            self._warmup_chosen
+            or self.warmup_check_calls is None
+            or self.warmup_epochs == 0
+            or not self.training
+            or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):
+            return
+        self._unwarmed_calls += 1
+        if self._unwarmed_calls == self.warmup_check_calls:
+            warnings.warn(
+                f"FCFDLoss: {self._unwarmed_calls} training calls without set_epoch() or an "
+                f"assignment of warmup: the MSE terms run at full weight from the first step, "
+                f"while the official runs ramp them up linearly over warmup_epochs="
+                f"{self.warmup_epochs} epochs (min(1, (epoch + 1) / {self.warmup_epochs})). Call "
+                "fcfd.set_epoch(epoch) at the start of every epoch (counted from 0; "
+                "FCFDLoss(..., start_epoch=0) sets the first at construction), assign "
+                "fcfd.warmup yourself, or pass warmup_epochs=0 for no warm-up. (Silence: "
+                "warnings.filterwarnings('ignore', "
+                "category=featkd.fcfd.WarmupSkippedWarning), or warmup_check_calls=None.)",
+                WarmupSkippedWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def set_epoch(self, epoch: int) -> float:
         """Set the linear warm-up for ``epoch`` (counted from 0) and return it.
@@ -294,6 +355,7 @@ class FCFDLoss(DistillationLoss):
         self._check(student, teacher, labels)
         paths = self.sample_paths()
         self._guard(student[-1], teacher[-1])
+        self._check_warmup()
         count = self.num_stages
         t2s = dict(self.t2s.items())
         loss, self.last_parts = _fcfd_unchecked(
@@ -318,5 +380,6 @@ class FCFDLoss(DistillationLoss):
         return (
             f"stages={self.num_stages}, paths=[{paths}], num_paths={self.num_paths}, "
             f"temperature={self.temperature}, weights={self.weights}, "
-            f"warmup_epochs={self.warmup_epochs}, reduction={self.reduction!r}"
+            f"warmup_epochs={self.warmup_epochs}, warmup_check_calls={self.warmup_check_calls}, "
+            f"reduction={self.reduction!r}"
         )

@@ -43,6 +43,11 @@ class VkDLoss(DistillationLoss):
         normalize: ``"layer_norm"``, ``"batch_standardize"``, ``"whitening"`` or ``"none"``.
         distance: ``"smooth_l1"`` or ``"mse"``.
         map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"`` (see :class:`OrthogonalProjector`).
+        init: where the projector starts: ``"identity"`` (default, the first ``D_s`` identity
+            columns: the projection starts as zero-padding) or ``"random"`` (a random
+            orthonormal frame, as the official code's; see :class:`OrthogonalProjector`).
+        seed: the randomness of ``init="random"``: ``None`` (torch's global generator), an
+            integer seed or a ``torch.Generator``.
         student_pool: pooling mode for student tokens or maps (``"patch_mean"``: CLS excluded).
         teacher_pool: pooling mode for teacher maps or tokens (``"gap"`` for CNN maps; use
             ``"mean"``, ``"cls"`` or ``"patch_mean"`` for a token teacher).
@@ -90,6 +95,8 @@ class VkDLoss(DistillationLoss):
         normalize: str = "layer_norm",
         distance: str = "smooth_l1",
         map: str = "matrix_exp",
+        init: str = "identity",
+        seed: int | torch.Generator | None = None,
         student_pool: str = "patch_mean",
         teacher_pool: str = "gap",
         num_prefix_tokens: int = 1,
@@ -116,7 +123,7 @@ class VkDLoss(DistillationLoss):
                 f"up into the teacher's width), got {teacher_dim}"
             )
         self.projector = OrthogonalProjector(
-            student_dim, teacher_dim, map=map, device=device, dtype=dtype
+            student_dim, teacher_dim, map=map, init=init, seed=seed, device=device, dtype=dtype
         )
         self.whitening = (
             Whitening(teacher_dim, shrinkage=shrinkage, device=device)
@@ -162,6 +169,7 @@ class VkDLoss(DistillationLoss):
         return (
             f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, "
             f"normalize={self.normalize!r}, distance={self.distance!r}, "
+            f"init={self.projector.init!r}, "
             f"student_pool={self.student_pool!r}, teacher_pool={self.teacher_pool!r}, "
             f"reduction={self.reduction!r}"
         )

@@ -37,7 +37,13 @@ from featkd._checks import (
     check_width,
     describe_shape,
 )
-from featkd._options import check_choice, check_device, check_floating_dtype, check_int
+from featkd._options import (
+    check_choice,
+    check_device,
+    check_floating_dtype,
+    check_int,
+    seeded_generator,
+)
 from featkd._precision import full_precision
 from featkd.vkd import _stiefel
 
@@ -63,7 +69,12 @@ class OrthogonalProjector(nn.Module):
             identity) or ``"random"`` (generator entries drawn from ``N(0, 1/d_t)`` for
             ``matrix_exp``/``cayley``, so the principal angles between ``P`` and the identity
             columns are of order one; standard normal reflection vectors for
-            ``householder``).
+            ``householder``). The official VkD code starts from a random orthonormal frame
+            (torch's trivialisation with a random base): ``"random"`` is featkd's form of it.
+        seed: the randomness of ``init="random"``: ``None`` (torch's global generator, on the
+            parameter's device), an integer seed or a ``torch.Generator`` (drawn on the
+            generator's device, then copied: the same seed gives the same frame anywhere).
+            Unused with ``init="identity"``.
         max_squarings: ``matrix_exp`` only. ``None`` (default) picks the Taylor degree and the
             number of squarings from a bound on the generator's norm, which costs one host
             synchronisation per call (as :func:`torch.linalg.matrix_exp` does). An integer
@@ -104,6 +115,7 @@ class OrthogonalProjector(nn.Module):
         *,
         map: str = "matrix_exp",
         init: str = "identity",
+        seed: int | torch.Generator | None = None,
         max_squarings: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -113,6 +125,7 @@ class OrthogonalProjector(nn.Module):
         self.out_features = check_int(out_features, "out_features", 1)
         check_choice(map, "map", ORTHOGONAL_MAPS)
         check_choice(init, "init", _INITS)
+        generator = seeded_generator(seed)
         if max_squarings is not None and (
             not isinstance(max_squarings, int)
             or isinstance(max_squarings, bool)
@@ -130,22 +143,29 @@ class OrthogonalProjector(nn.Module):
         self.max_squarings = max_squarings
         tall, narrow = max(in_features, out_features), min(in_features, out_features)
         self.generator = nn.Parameter(torch.empty(tall, narrow, device=device, dtype=dtype))
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     @property
     def transposed(self) -> bool:
         """``True`` when ``out_features < in_features`` (the weight has orthonormal rows)."""
         return self.out_features < self.in_features
 
-    def reset_parameters(self) -> None:
-        """Re-draw the generator according to ``init``."""
+    def reset_parameters(self, seed: int | torch.Generator | None = None) -> None:
+        """Re-draw the generator according to ``init`` (``seed`` as in the constructor)."""
+        generator = seeded_generator(seed)
+        param = self.generator
+        std = 1.0 if self.map == "householder" else 1.0 / math.sqrt(param.shape[0])
         with torch.no_grad():
             if self.init == "identity":
-                self.generator.zero_()
-            elif self.map == "householder":
-                self.generator.normal_(0.0, 1.0)
+                param.zero_()
+            elif generator is None:
+                param.normal_(0.0, std)
             else:
-                self.generator.normal_(0.0, 1.0 / math.sqrt(self.generator.shape[0]))
+                wide = torch.float64 if param.dtype == torch.float64 else torch.float32
+                draw = torch.randn(
+                    param.shape, generator=generator, device=generator.device, dtype=wide
+                )
+                param.copy_(draw * std)
 
     def _orthonormal_columns(self, dtype: torch.dtype) -> torch.Tensor:
         """``P`` of shape ``(max, min)`` with orthonormal columns, in ``dtype``."""
