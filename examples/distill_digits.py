@@ -209,8 +209,13 @@ def _build_fcfd(student: StagedCNN, teacher: StagedCNN, data: Digits) -> nn.Modu
     probe = data.train_x[:8]
     return nn.ModuleDict(
         {
+            # 300 steps, no epochs: no warm-up (the official one spans 20 epochs)
             "fcfd": featkd.FCFDLoss(
-                student.stages, teacher.stages, example_input=(probe, probe), seed=0
+                student.stages,
+                teacher.stages,
+                example_input=(probe, probe),
+                seed=0,
+                warmup_epochs=0,
             ),
             "kd": featkd.KDLoss(4.0),
         }

@@ -70,3 +70,14 @@ def test_distill_sentence_embeddings_quick(tmp_path):
     assert [row["method"] for row in saved["rows"]] == names
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert (tmp_path / "teacher_embeddings.pt").exists()
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/example-digits.md"])
+def test_digits_headline_table_is_the_committed_run(page):
+    """README's headline table (and the example's page) is the table of the committed run,
+    ``benchmarks/results/digits-cpu.json``, formatted by the example itself."""
+    example = load_example("distill_digits")
+    committed = json.loads((ROOT / "benchmarks" / "results" / "digits-cpu.json").read_text())
+    assert committed["config"]["seeds"] >= 5 and not committed["config"]["quick"]
+    table = example.format_table(committed["rows"])
+    assert f"```text\n{table}\n```" in (ROOT / page).read_text()

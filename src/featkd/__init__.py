@@ -22,7 +22,7 @@ from featkd.diagnostics import (
     orthogonality_error,
 )
 from featkd.distributed import GlobalBatch, gather_with_grad
-from featkd.fcfd import FCFDLoss
+from featkd.fcfd import FCFDLoss, WarmupSkippedWarning
 from featkd.fcfd.bridges import FeatureSpec, build_bridge
 from featkd.hooks import FeatureTap, NotCapturedError, UnknownModuleError
 from featkd.kd import KDLoss
@@ -69,6 +69,7 @@ __all__ = [
     "TeacherCompressionHead",
     "UnknownModuleError",
     "VkDLoss",
+    "WarmupSkippedWarning",
     "WassersteinLoss",
     "Whitening",
     "__version__",
