@@ -259,3 +259,7 @@ def test_eps_is_the_former_name_of_ridge_for_one_release():
     with pytest.raises(ChoiceError, match="eps: renamed to ridge; pass only ridge"):
         gaussian_kl_loss(s, t, eps=0.3, ridge=0.3)
     assert GaussianKLLoss().ridge == 1e-3
+    with pytest.raises(ChoiceError, match="eps: expected a finite number > 0, got 0"):
+        GaussianKLLoss(eps=0)
+    with pytest.raises(ChoiceError, match="eps: expected a finite number > 0"):
+        gaussian_kl_loss(s, t, eps=-1.0)

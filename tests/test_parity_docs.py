@@ -62,7 +62,7 @@ def test_proteus_rows():
 
 def test_vkd_rows():
     loss_fn = built(row("vkd.md", "starting frame")[3])
-    assert loss_fn.projector.init == "random"
+    assert loss_fn.projector.init == "random_frame"
     assert not torch.equal(loss_fn.projector.weight, torch.eye(384, 192))
     assert built(row("vkd.md", "orthogonal map")[3]).projector.map == "householder"
     assert row("vkd.md", "AdamW weight decay")[3].startswith("not reproducible")

@@ -1,5 +1,6 @@
-"""VkD parity options (issue 14): the projector's starting frame (identity, featkd's default, or a
-random orthonormal frame as the official code), seeded; weight decay cannot collapse it."""
+"""VkD parity options (issue 14): the projector's starting frame (identity, featkd's default; a
+uniformly random orthonormal frame as the official code; or a random generator), seeded; weight
+decay cannot collapse it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from featkd import ChoiceError, OrthogonalProjector, VkDLoss, orthogonality_error
 
 MAPS = ["matrix_exp", "cayley", "householder"]
+RANDOM_INITS = ["random", "random_frame"]
 
 
 def frame(loss_fn: VkDLoss) -> torch.Tensor:
@@ -22,19 +24,48 @@ def test_identity_is_the_default():
     assert "init='identity'" in repr(loss_fn)
 
 
+@pytest.mark.parametrize("init", RANDOM_INITS)
 @pytest.mark.parametrize("map", MAPS)
-def test_random_frame_is_orthonormal_and_not_the_identity(map):
-    loss_fn = VkDLoss(student_dim=6, teacher_dim=20, map=map, init="random", seed=0)
+def test_random_frame_is_orthonormal_and_not_the_identity(map, init):
+    loss_fn = VkDLoss(student_dim=6, teacher_dim=20, map=map, init=init, seed=0)
     weight = frame(loss_fn)
     assert float(orthogonality_error(weight)) < 1e-5
     assert float((weight - torch.eye(20, 6)).norm()) > 0.5
-    assert "init='random'" in repr(loss_fn)
+    assert f"init='{init}'" in repr(loss_fn)
 
 
+def test_random_frame_is_uniform_over_frames_like_the_official_start():
+    """A uniformly (Haar) random frame of D_s columns in D_t dimensions puts on average D_s/D_t
+    of each column's energy in any fixed D_s-dimensional subspace (here the identity columns');
+    "random" (a random generator) stays much closer to the identity columns."""
+
+    def top_energy(init, seed):
+        weight = frame(VkDLoss(student_dim=8, teacher_dim=64, init=init, seed=seed))
+        return float(weight[:8].square().sum() / 8)
+
+    uniform = sum(top_energy("random_frame", seed) for seed in range(20)) / 20
+    near = sum(top_energy("random", seed) for seed in range(20)) / 20
+    assert uniform == pytest.approx(8 / 64, abs=0.03)
+    assert near > 0.3
+
+
+def test_random_frame_starts_at_its_base_and_survives_a_state_dict_round_trip():
+    proj = OrthogonalProjector(6, 20, init="random_frame", seed=2, dtype=torch.float64)
+    torch.testing.assert_close(proj.weight, proj.base[:, :6], rtol=0, atol=1e-12)
+    assert float(orthogonality_error(proj.base)) < 1e-12
+    with torch.no_grad():
+        proj.generator.normal_(0.0, 0.1)  # as after training
+    clone = OrthogonalProjector(6, 20, init="random_frame", seed=9, dtype=torch.float64)
+    clone.load_state_dict(proj.state_dict())
+    torch.testing.assert_close(clone.weight, proj.weight, rtol=0, atol=0)
+    assert "base" not in dict(proj.named_parameters())  # fixed, not trained
+
+
+@pytest.mark.parametrize("init", RANDOM_INITS)
 @pytest.mark.parametrize("map", MAPS)
-def test_random_frame_is_reproducible_with_a_seed(map):
+def test_random_frame_is_reproducible_with_a_seed(map, init):
     def build(seed):
-        return frame(VkDLoss(student_dim=6, teacher_dim=20, map=map, init="random", seed=seed))
+        return frame(VkDLoss(student_dim=6, teacher_dim=20, map=map, init=init, seed=seed))
 
     assert torch.equal(build(3), build(3))
     assert not torch.equal(build(3), build(4))

@@ -153,13 +153,15 @@ def check_same_batch(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
 
 
 def check_width(
-    x: torch.Tensor, name: str, expected: int, symbol: str = "D", hint: str = ""
+    x: torch.Tensor, name: str, expected: int, symbol: str = "D", hint: str = "", dim: int = -1
 ) -> None:
-    """The last dimension of ``x`` equals ``expected``; ``hint`` (the fix) ends the message."""
-    if x.shape[-1] != expected:
+    """``x.shape[dim]`` (the last dimension, or the channels of a map with ``dim=1``) equals
+    ``expected``; ``hint`` (the fix) ends the message."""
+    if x.shape[dim] != expected:
+        axis = "last dimension" if dim in (-1, x.ndim - 1) else "channel dimension"
         raise ShapeError(
-            f"{name}: expected last dimension {symbol}={expected}, "
-            f"got {x.shape[-1]} (shape {describe_shape(x.shape)}){'; ' + hint if hint else ''}"
+            f"{name}: expected {axis} {symbol}={expected}, "
+            f"got {x.shape[dim]} (shape {describe_shape(x.shape)}){'; ' + hint if hint else ''}"
         )
 
 

@@ -20,7 +20,7 @@ from featkd.kd2m._sets import FEATURES
 __all__ = ["BATCH_LEVEL", "GeneratorState", "MatchingLoss"]
 
 #: Why no KD2M loss has a per-sample form (the ``reduction`` error says it).
-BATCH_LEVEL = "it compares the two batches as distributions"
+BATCH_LEVEL = "compares the two batches as distributions"
 
 
 class MatchingLoss(DistillationLoss):

@@ -224,6 +224,8 @@ def gaussian_kl_loss(
         >>> bool(gaussian_kl_loss(t, t).abs() < 1e-3)
         True
     """
+    if eps is not None:  # an error names the argument the caller wrote
+        check_positive(eps, "eps")
     ridge = renamed("gaussian_kl_loss", "eps", "ridge", eps, ridge)
     ridge, std_floor = _check_options(
         covariance, direction, ridge, conditional, class_reduction, std_floor
@@ -296,6 +298,8 @@ class GaussianKLLoss(MatchingLoss):
         eps: float | None = None,
     ) -> None:
         super().__init__(projector)
+        if eps is not None:  # an error names the argument the caller wrote
+            check_positive(eps, "eps")
         ridge = renamed("GaussianKLLoss", "eps", "ridge", eps, ridge)
         self.ridge, self.std_floor = _check_options(
             covariance, direction, ridge, conditional, class_reduction, std_floor

@@ -17,6 +17,7 @@ from featkd._checks import (
     check_rank,
     check_same_batch,
     check_same_device,
+    check_width,
     describe_shape,
 )
 from featkd._loss import Terms, check_reduction, evaluate
@@ -80,15 +81,6 @@ def _pooled_width(x: Any, name: str, layouts: dict, mode: str, prefix: int) -> i
     return pool(shape_only, mode, num_prefix_tokens=prefix, name=name).shape[1]
 
 
-def _check_width(x: torch.Tensor, name: str, width: int, expected: int, symbol: str) -> None:
-    if width != expected:
-        axis = "channel dimension" if x.ndim == 4 else "last dimension"
-        raise ShapeError(
-            f"{name}: expected {axis} {symbol}={expected}, got {width} "
-            f"(shape {describe_shape(x.shape)})"
-        )
-
-
 def _check_inputs(
     student: Any,
     teacher: Any,
@@ -107,9 +99,9 @@ def _check_inputs(
     d_s = _pooled_width(student, "student", _STUDENT, student_pool, num_prefix_tokens)
     d_t = _pooled_width(teacher, "teacher", _TEACHER, teacher_pool, num_prefix_tokens)
     if student_dim is not None:
-        _check_width(student, "student", d_s, student_dim, "D_s")
+        check_width(student, "student", student_dim, "D_s", dim=1 if student.ndim == 4 else -1)
     if teacher_dim is not None:
-        _check_width(teacher, "teacher", d_t, teacher_dim, "D_t")
+        check_width(teacher, "teacher", teacher_dim, "D_t", dim=1 if teacher.ndim == 4 else -1)
     check_same_batch(student, teacher, "student", "teacher")
     check_same_device({"student": student, "teacher": teacher, projection[0]: projection[1]})
     if whitening is not None:

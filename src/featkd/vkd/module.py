@@ -44,9 +44,11 @@ class VkDLoss(DistillationLoss):
         distance: ``"smooth_l1"`` or ``"mse"``.
         map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"`` (see :class:`OrthogonalProjector`).
         init: where the projector starts: ``"identity"`` (default, the first ``D_s`` identity
-            columns: the projection starts as zero-padding) or ``"random"`` (a random
-            orthonormal frame, as the official code's; see :class:`OrthogonalProjector`).
-        seed: the randomness of ``init="random"``: ``None`` (torch's global generator), an
+            columns: the projection starts as zero-padding), ``"random_frame"`` (a uniformly
+            random orthonormal frame, as the official code: torch's trivialisation with a
+            random base) or ``"random"`` (a random generator: a frame about one radian from
+            the identity columns); see :class:`OrthogonalProjector`.
+        seed: the randomness of the random inits: ``None`` (torch's global generator), an
             integer seed or a ``torch.Generator``.
         student_pool: pooling mode for student tokens or maps (``"patch_mean"``: CLS excluded).
         teacher_pool: pooling mode for teacher maps or tokens (``"gap"`` for CNN maps; use

@@ -50,7 +50,7 @@ from featkd.vkd import _stiefel
 __all__ = ["ORTHOGONAL_MAPS", "OrthogonalProjector"]
 
 ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
-_INITS = ("identity", "random")
+_INITS = ("identity", "random", "random_frame")
 
 
 class OrthogonalProjector(nn.Module):
@@ -69,12 +69,16 @@ class OrthogonalProjector(nn.Module):
             identity) or ``"random"`` (generator entries drawn from ``N(0, 1/d_t)`` for
             ``matrix_exp``/``cayley``, so the principal angles between ``P`` and the identity
             columns are of order one; standard normal reflection vectors for
-            ``householder``). The official VkD code starts from a random orthonormal frame
-            (torch's trivialisation with a random base): ``"random"`` is featkd's form of it.
+            ``householder``), or ``"random_frame"``: the official VkD start, torch's
+            trivialisation with a random base. A fixed orthogonal ``base`` buffer
+            ``(max, max)``, uniformly (Haar) distributed, multiplies the map's output and the
+            generator starts at zero, so ``P`` starts at ``base[:, :min]``, a uniformly random
+            orthonormal frame (``"random"`` stays close to the identity columns: principal
+            angles of about one radian).
         seed: the randomness of ``init="random"``: ``None`` (torch's global generator, on the
             parameter's device), an integer seed or a ``torch.Generator`` (drawn on the
             generator's device, then copied: the same seed gives the same frame anywhere).
-            Unused with ``init="identity"``.
+            Unused with ``init="identity"``. (Both random inits draw from it.)
         max_squarings: ``matrix_exp`` only. ``None`` (default) picks the Taylor degree and the
             number of squarings from a bound on the generator's norm, which costs one host
             synchronisation per call (as :func:`torch.linalg.matrix_exp` does). An integer
@@ -143,6 +147,10 @@ class OrthogonalProjector(nn.Module):
         self.max_squarings = max_squarings
         tall, narrow = max(in_features, out_features), min(in_features, out_features)
         self.generator = nn.Parameter(torch.empty(tall, narrow, device=device, dtype=dtype))
+        base = None
+        if init == "random_frame":  # a fixed rotation of the whole space, not trained
+            base = torch.empty(tall, tall, device=device, dtype=dtype)
+        self.register_buffer("base", base)
         self.reset_parameters(generator)
 
     @property
@@ -156,7 +164,10 @@ class OrthogonalProjector(nn.Module):
         param = self.generator
         std = 1.0 if self.map == "householder" else 1.0 / math.sqrt(param.shape[0])
         with torch.no_grad():
-            if self.init == "identity":
+            if self.init == "random_frame":
+                param.zero_()
+                self.base.copy_(_haar_orthogonal(self.base.shape[0], generator, self.base))
+            elif self.init == "identity":
                 param.zero_()
             elif generator is None:
                 param.normal_(0.0, std)
@@ -169,6 +180,13 @@ class OrthogonalProjector(nn.Module):
 
     def _orthonormal_columns(self, dtype: torch.dtype) -> torch.Tensor:
         """``P`` of shape ``(max, min)`` with orthonormal columns, in ``dtype``."""
+        columns = self._mapped_columns(dtype)
+        if self.base is not None:
+            return self.base.to(dtype) @ columns
+        return columns
+
+    def _mapped_columns(self, dtype: torch.dtype) -> torch.Tensor:
+        """The map of the generator alone (``P`` without the fixed base)."""
         gen = self.generator.to(dtype)
         if self.map == "householder":
             vectors = gen.tril(-1)
@@ -199,7 +217,8 @@ class OrthogonalProjector(nn.Module):
 
     def skew_generator(self) -> torch.Tensor:
         """The full ``(d, d)`` skew-symmetric ``A`` (``d = max(in, out)``) whose exponential
-        (``matrix_exp``) or Cayley transform (``cayley``) gives the weight's columns."""
+        (``matrix_exp``) or Cayley transform (``cayley``) gives the weight's columns (times the
+        fixed ``base`` with ``init="random_frame"``)."""
         if self.map == "householder":
             raise ChoiceError("skew_generator: not defined for map='householder'")
         skew, tall = _stiefel.stiefel_blocks(self.generator)
@@ -238,3 +257,16 @@ class OrthogonalProjector(nn.Module):
         if self.max_squarings is not None:
             text += f", max_squarings={self.max_squarings}"
         return text
+
+
+def _haar_orthogonal(
+    size: int, generator: torch.Generator | None, like: torch.Tensor
+) -> torch.Tensor:
+    """A ``size x size`` orthogonal matrix uniformly (Haar) distributed: the Q of a Gaussian
+    matrix's QR, with the signs of R's diagonal moved into Q (Mezzadri, 2007). Drawn in
+    float64 on the generator's device (the same seed gives the same matrix anywhere)."""
+    device = like.device if generator is None else generator.device
+    gaussian = torch.randn(size, size, generator=generator, device=device, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+    return q.to(device=like.device, dtype=like.dtype)
