@@ -24,7 +24,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import featkd
-from featkd import ChoiceError, DeviceError, FeatkdInputError, GlobalBatch, KDLoss, ShapeError
+from featkd import (
+    ChoiceError,
+    DeviceError,
+    FeatkdInputError,
+    GlobalBatch,
+    JointWassersteinLoss,
+    KDLoss,
+    ShapeError,
+)
 from featkd.distributed import gather_with_grad, is_distributed
 
 WORLD = 2
@@ -563,7 +571,34 @@ def _scenario_per_sample_none(rank):
     return {"loss": loss}
 
 
+def _joint_inputs():
+    """Features, labels and logits of the global batch for the joint Wasserstein cost."""
+    g = torch.Generator().manual_seed(7)
+    total = sum(UNEQUAL)
+    features = [torch.randn(total, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    logits = [torch.randn(total, CLASSES, generator=g, dtype=torch.float64) for _ in range(2)]
+    labels = torch.arange(total) % CLASSES
+    return features, logits, labels
+
+
+def _joint_loss():
+    return JointWassersteinLoss(label_weight=2.0, label_cost="kl_student_teacher")
+
+
+def _scenario_joint_logits(rank):
+    (student, teacher), (s_logits, t_logits), labels = _joint_inputs()
+    shard = [_shard(x, UNEQUAL, rank) for x in (student, teacher, s_logits, t_logits, labels)]
+    student, teacher = shard[0].requires_grad_(True), shard[1]
+    s_logits = shard[2].requires_grad_(True)
+    loss = GlobalBatch(_joint_loss(), grad_mode="exact")(
+        student, teacher, labels=shard[4], student_logits=s_logits, teacher_logits=shard[3]
+    )
+    loss.backward()
+    return {"loss": loss.detach(), "student_grad": student.grad, "logits_grad": s_logits.grad}
+
+
 SCENARIOS = {
+    "joint_logits": _scenario_joint_logits,
     "per_sample_none": _scenario_per_sample_none,
     "real_losses": _scenario_real_losses,
     "exact": _scenario_exact,
@@ -714,6 +749,24 @@ def test_reduction_none_gives_each_rank_the_values_of_its_own_samples(ranks):
         result = _result(ranks, "per_sample_none", rank)
         assert result["loss"].shape == (UNEQUAL[rank],)
         torch.testing.assert_close(result["loss"], _shard(reference, UNEQUAL, rank))
+
+
+def test_logits_are_gathered_for_the_joint_cost(ranks):
+    """GlobalBatch passes the joint Wasserstein cost's logits on: the student's gathered with
+    gradient, the teacher's without; the loss and both gradients are those of one process on
+    the concatenated batch (grad_mode="exact")."""
+    (student, teacher), (s_logits, t_logits), labels = _joint_inputs()
+    student.requires_grad_(True)
+    s_logits.requires_grad_(True)
+    reference = _joint_loss()(
+        student, teacher, labels=labels, student_logits=s_logits, teacher_logits=t_logits
+    )
+    reference.backward()
+    for rank in range(WORLD):
+        result = _result(ranks, "joint_logits", rank)
+        torch.testing.assert_close(result["loss"], reference.detach(), **TOL)
+        torch.testing.assert_close(result["student_grad"], _shard(student.grad, UNEQUAL, rank))
+        torch.testing.assert_close(result["logits_grad"], _shard(s_logits.grad, UNEQUAL, rank))
 
 
 def test_ddp_mode_scales_the_shard_gradient_by_world_size(ranks):

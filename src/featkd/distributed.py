@@ -201,7 +201,9 @@ class GlobalBatch(nn.Module):
 
     Args:
         loss_fn: a loss ``loss_fn(student, teacher, *, labels=None)``; an ``nn.Module`` or any
-            callable. ``labels`` is passed only when given (every featkd loss accepts it).
+            callable. ``labels`` is passed only when given (every featkd loss accepts it), as
+            are ``student_logits`` (gathered with gradient) and ``teacher_logits`` (without),
+            the joint Wasserstein cost's further inputs.
         group: the process group (``None``: the default group).
         grad_mode: ``"ddp"`` (default), ``"exact"`` or ``"all_reduce"``; see
             :func:`gather_with_grad`.
@@ -212,6 +214,7 @@ class GlobalBatch(nn.Module):
         - student: ``(B_r, *)`` on rank ``r``
         - teacher: ``(B_r, *)``
         - labels: ``(B_r,)``, optional
+        - student_logits, teacher_logits: ``(B_r, K)``, optional
         - output: scalar, the wrapped loss on ``B = B_0 + ... + B_{R-1}`` samples; ``(B_r,)``
           for a wrapped loss with ``reduction="none"``
 
@@ -252,16 +255,25 @@ class GlobalBatch(nn.Module):
         return getattr(self.loss_fn, "last_parts", {})
 
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        student_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         world = _group_size(self.group)
         rows = None
+        extra = {
+            "labels": labels,
+            "student_logits": student_logits,
+            "teacher_logits": teacher_logits,
+        }
         if world > 1:
-            student, teacher, labels, rows = self._gather(student, teacher, labels, world)
-        if labels is None:
-            loss = self.loss_fn(student, teacher)
-        else:
-            loss = self.loss_fn(student, teacher, labels=labels)
+            student, teacher, extra, rows = self._gather(student, teacher, extra, world)
+        # only what was given: a loss without logits (or labels) keeps its own signature
+        loss = self.loss_fn(student, teacher, **{k: v for k, v in extra.items() if v is not None})
         if rows is not None and loss.ndim > 0 and loss.shape[0] == student.shape[0]:
             # reduction="none": one value per sample of the global batch; this rank keeps the
             # values of its own samples, as a per-sample loss without GlobalBatch would give
@@ -269,10 +281,10 @@ class GlobalBatch(nn.Module):
         return loss
 
     def _gather(
-        self, student: Any, teacher: Any, labels: Any, world: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, slice]:
+        self, student: Any, teacher: Any, extra: dict[str, Any], world: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], slice]:
         rank = _group_rank(self.group)
-        named = [("student", student), ("teacher", teacher), ("labels", labels)]
+        named = [("student", student), ("teacher", teacher), *extra.items()]
         # Devices are checked in the exchange too, not before it: a device that is wrong on
         # one rank only must raise on every rank, or the others wait in the gather.
         table = exchange_metadata(
@@ -281,10 +293,16 @@ class GlobalBatch(nn.Module):
         sizes = batch_sizes(table)
         student = _gather_one(student, sizes, rank, self.group, self.grad_mode)
         teacher = all_gather_padded(teacher.detach(), sizes, self.group)
-        if labels is not None:
-            labels = all_gather_padded(labels, sizes, self.group)
+        gathered = {}
+        for name, value in extra.items():
+            if value is None:
+                gathered[name] = None
+            elif name == "student_logits":  # the student's: with gradient, like the student
+                gathered[name] = _gather_one(value, sizes, rank, self.group, self.grad_mode)
+            else:  # labels and the teacher's logits: no gradient
+                gathered[name] = all_gather_padded(value.detach(), sizes, self.group)
         start = sum(sizes[:rank])
-        return student, teacher, labels, slice(start, start + sizes[rank])
+        return student, teacher, gathered, slice(start, start + sizes[rank])
 
     def extra_repr(self) -> str:
         extra = f"grad_mode={self.grad_mode!r}"
