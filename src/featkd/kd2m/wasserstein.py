@@ -78,10 +78,10 @@ def wasserstein_loss(
     * ``solver="sinkhorn"``: entropic OT in torch, on the features' device, log-stabilised
       (each block of ``check_every`` iterations opens with an exact log-domain step, then runs
       cheap matrix-vector scaling steps on the current plan; batched over classes). Returns
-      ``<gamma, C> + eps KL(gamma | a b^T)`` (the entropic objective, whose gradient is exactly
+      ``<gamma, C> + ε KL(gamma | a b^T)`` (the entropic objective, whose gradient is exactly
       the plan at convergence); ``last_parts["transport"]`` is ``<gamma, C>``, the value of
-      POT's ``ot.sinkhorn2``. ``eps = reg * mean(C)`` by default (``reg=0.1``,
-      ``relative_reg=True``), ``eps = reg`` otherwise. Stops when the L1 error of the row
+      POT's ``ot.sinkhorn2``. ``ε = reg * mean(C)`` by default (``reg=0.1``,
+      ``relative_reg=True``), ``ε = reg`` otherwise. Stops when the L1 error of the row
       marginals is ``<= tol`` (``1e-3``), tested after each block (one host synchronisation
       per test, at most one per ``check_every`` iterations), or after ``max_iter`` (1000 if
       None) iterations (the defaults converge on standardised features, see docs/kd2m.md; the
@@ -248,7 +248,7 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         - output: scalar
 
     ``last_parts`` holds ``"total"``, ``"wasserstein"`` (equal: one term) and, by solver and
-    variant, ``"transport"``, ``"entropy"``, ``"reg"`` (the ``eps`` used), ``"iterations"``,
+    variant, ``"transport"``, ``"entropy"``, ``"reg"`` (the ``ε`` used), ``"iterations"``,
     ``"marginal_error"`` (L1 error of the plan's marginals), ``"feature_cost"`` (after
     ``feature_cost_scale``), ``"label_cost"`` and ``"classes"``.
 
