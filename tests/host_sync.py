@@ -18,6 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # reads a value on the host, or sizes its output from the data
 DATA_DEPENDENT = {
     "_local_scalar_dense",
+    "item",
+    "is_nonzero",
     "nonzero",
     "nonzero_static",
     "masked_select",

