@@ -2,9 +2,9 @@
 
 The suite compiles with ``backend="aot_eager"``: dynamo tracing and AOT autograd (the parts that
 can break on a loss's Python) without the minutes of C++ code generation of inductor, which has
-one test of its own (marked slow). The NaN/Inf input check synchronises with the host, so dynamo
-breaks the graph there; the recommended setting under compile is ``featkd.set_finite_check(False)``
-and the tests use it, except where they check that the check still works when compiled.
+one test of its own (marked slow). Under the default value-check policy a compiled loss counts
+non-finite inputs on the device (no graph break); ``set_finite_check("raise")`` breaks the graph
+at the check. Most tests turn the check off to compare bare maths.
 
 What compiles to one graph (``fullgraph=True`` asserts it) and why the others break it is each
 case's ``graph_break`` (in ``tests/loss_cases.py``), explained in ``docs/reliability.md``: POT's exact solver runs on the host in
@@ -81,16 +81,32 @@ def test_compiled_equals_eager(case, no_finite_check):
     check_compiled_equals_eager(case, "aot_eager", fullgraph=not case.graph_break)
 
 
-@pytest.mark.parametrize("name", ["KDLoss", "CosPress-tokens", "LinearHead"])
-def test_finite_check_still_works_when_compiled(name):
-    """With the check on, dynamo breaks the graph at it: the loss still compiles, still gives
-    the eager result, and NaN in the input is still reported."""
+@pytest.mark.parametrize("name", ["KDLoss", "CosPress-tokens"])
+def test_finite_check_is_a_device_count_when_compiled(name):
+    """Under the default policy, compiling defers the value check to the device: the loss
+    compiles to one graph, gives the eager result, and reports NaN inputs in ``last_parts``."""
     case = next(c for c in CASES if c.name == name)
-    compiled = check_compiled_equals_eager(case, "aot_eager", fullgraph=False)
+    compiled = check_compiled_equals_eager(case, "aot_eager", fullgraph=not case.graph_break)
     s, t, labels = case.inputs(8)
-    s.view(-1)[0] = float("nan")
-    with pytest.raises(NonFiniteError, match=case.names[0]):
-        case.call(compiled, s, t, labels)
+    s.view(-1)[:3] = float("nan")
+    case.call(compiled, s, t, labels)
+    assert compiled.last_parts["nonfinite_inputs"].item() == 3.0
+
+
+@pytest.mark.parametrize("name", ["KDLoss", "CosPress-tokens", "LinearHead"])
+def test_raising_finite_check_still_works_when_compiled(name):
+    """``set_finite_check("raise")``: dynamo breaks the graph at the check; the loss still
+    compiles, still gives the eager result, and NaN in the input still raises."""
+    case = next(c for c in CASES if c.name == name)
+    previous = featkd.set_finite_check("raise")
+    try:
+        compiled = check_compiled_equals_eager(case, "aot_eager", fullgraph=False)
+        s, t, labels = case.inputs(8)
+        s.view(-1)[0] = float("nan")
+        with pytest.raises(NonFiniteError, match=case.names[0]):
+            case.call(compiled, s, t, labels)
+    finally:
+        featkd.set_finite_check(previous)
 
 
 @pytest.mark.slow

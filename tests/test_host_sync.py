@@ -2,8 +2,9 @@
 
 ``torch.cuda.set_sync_debug_mode`` gives the truth on a GPU; on CPU nothing waits, so
 ``host_sync.record_host_syncs`` records the operations that would. Every case of
-``tests/loss_cases.py`` runs forward and backward with the finite-input check off (the check
-itself reads a flag on the host: its policy on CUDA is issue 13's to change). A case whose
+``tests/loss_cases.py`` runs forward and backward on the accelerator path
+(``featkd._sync.simulate_accelerator``) with the default value-check policy, which there counts
+non-finite inputs on the device instead of raising. A case whose
 ``host_syncs`` is empty must record none; a case with a reason must still record one, so that
 the reason is removed when the sync is.
 
@@ -19,12 +20,14 @@ from host_sync import record_host_syncs
 from loss_cases import CASES, Case
 
 import featkd
+from featkd._sync import simulate_accelerator
 
 
 @pytest.fixture(autouse=True)
-def _no_finite_check():
-    previous = featkd.set_finite_check(False)
-    yield
+def _accelerator_path():
+    previous = featkd.set_finite_check("auto")
+    with simulate_accelerator():
+        yield
     featkd.set_finite_check(previous)
 
 

@@ -6,9 +6,12 @@ Every error raised for bad user input is a subclass of :class:`FeatkdInputError`
     student: expected (B, D) or (B, N, D), got (8, 3, 32, 32)
 
 The checks run before any maths, so a user sees the mistake in their own terms rather than a
-shape error from deep inside torch. The finiteness check needs one host synchronisation; it can
-be switched off with :func:`set_finite_check` once a pipeline is known to be clean (for example
-under ``torch.compile``).
+shape error from deep inside torch. Shapes, dtypes and devices are known on the host and always
+checked. Checks that read values (NaN/Inf in the features, the range of class labels) follow one
+policy, :func:`set_finite_check`: by default (``"auto"``) they are exact and raise on CPU, where
+reading a value is free; on an accelerator and under ``torch.compile`` they cost no host
+synchronisation (a loss module reports non-finite inputs in ``last_parts["nonfinite_inputs"]``,
+computed on the device); ``"raise"`` makes them exact everywhere, ``"off"`` skips them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 
 import torch
 
+from featkd._sync import sync_free
+
 __all__ = [
+    "FINITE_CHECKS",
     "ChoiceError",
     "DTypeError",
     "DeviceError",
@@ -34,6 +40,8 @@ __all__ = [
     "check_same_batch",
     "check_same_device",
     "check_width",
+    "count_nonfinite",
+    "deferred_value_checks",
     "describe_shape",
     "finite_check_enabled",
     "set_finite_check",
@@ -65,29 +73,65 @@ class DeviceError(FeatkdInputError):
     """Tensors that must live together are on different devices."""
 
 
-_FINITE_CHECK = True
+FINITE_CHECKS = ("auto", "raise", "off")
+_FINITE_CHECK = "auto"
 
 
-def set_finite_check(enabled: bool) -> bool:
-    """Turn the NaN/Inf input check on or off for every featkd loss; returns the old setting.
+def set_finite_check(mode: str | bool) -> str:
+    """Set how every featkd loss checks input values; returns the previous mode.
 
-    The check costs one host synchronisation per call. Turn it off inside ``torch.compile``
-    regions or when the inputs are known to be finite.
+    The policy covers the checks that must read values: NaN/Inf in features and logits, and
+    class labels out of range. Shapes, dtypes and devices are always checked.
+
+    - ``"auto"`` (default): exact and raising on CPU in eager mode. On an accelerator, and
+      under ``torch.compile``, no host synchronisation: a loss module reports the number of
+      non-finite input entries in ``last_parts["nonfinite_inputs"]`` (a device tensor; log it,
+      or test it every few hundred steps), and label ranges are not read.
+    - ``"raise"``: exact and raising everywhere (a :class:`NonFiniteError` or a
+      :class:`ChoiceError` at the bad input), at one host synchronisation per checked tensor.
+    - ``"off"``: no value checks at all.
+
+    ``True`` means ``"auto"`` and ``False`` means ``"off"``.
 
     Example:
         >>> import featkd
-        >>> previous = featkd.set_finite_check(False)
+        >>> previous = featkd.set_finite_check("raise")  # debugging NaNs on a GPU
         >>> _ = featkd.set_finite_check(previous)
     """
     global _FINITE_CHECK
-    previous = _FINITE_CHECK
-    _FINITE_CHECK = bool(enabled)
+    if isinstance(mode, bool):
+        mode = "auto" if mode else "off"
+    if mode not in FINITE_CHECKS:
+        raise ChoiceError(
+            f"mode: expected one of {', '.join(repr(m) for m in FINITE_CHECKS)} "
+            f"(or True/False), got {mode!r}"
+        )
+    previous, _FINITE_CHECK = _FINITE_CHECK, mode
     return previous
 
 
 def finite_check_enabled() -> bool:
-    """Whether :func:`check_finite` currently inspects values."""
-    return _FINITE_CHECK
+    """Whether value checks are on at all (the mode is not ``"off"``)."""
+    return _FINITE_CHECK != "off"
+
+
+def deferred_value_checks(x: torch.Tensor) -> bool:
+    """Whether the value checks on ``x`` are skipped now: mode ``"off"``, or ``"auto"`` where
+    reading a value would synchronise (an accelerator, ``torch.compile``)."""
+    if _FINITE_CHECK == "off":
+        return True
+    return _FINITE_CHECK == "auto" and sync_free(x)
+
+
+def count_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """The number of NaN/Inf entries across floating ``tensors``, as a float32 device tensor,
+    when the ``"auto"`` policy deferred their check (``None`` otherwise): what a loss module
+    reports as ``last_parts["nonfinite_inputs"]``. No host synchronisation."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if _FINITE_CHECK != "auto" or not tensors or not any(sync_free(t) for t in tensors):
+        return None
+    counts = [(~torch.isfinite(t.detach())).sum() for t in tensors]
+    return torch.stack(counts).sum().float()
 
 
 def describe_shape(shape: Iterable[int]) -> str:
@@ -130,9 +174,9 @@ def check_floating(x: torch.Tensor, name: str) -> None:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf (one host sync; see
-    :func:`set_finite_check`)."""
-    if not _FINITE_CHECK:
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf, under the policy of
+    :func:`set_finite_check` (exact on CPU, deferred to a device-side count on accelerators)."""
+    if deferred_value_checks(x):
         return
     finite = torch.isfinite(x.detach())
     if not bool(finite.all()):
@@ -190,7 +234,8 @@ def check_same_device(tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Tensor:
-    """Class labels: an integer tensor of shape ``(B,)`` with values >= 0. Returns it."""
+    """Class labels: an integer tensor of shape ``(B,)`` with values >= 0 (the value check
+    follows :func:`set_finite_check`). Returns it."""
     _require_tensor(labels, name)
     if labels.ndim != 1 or labels.shape[0] != batch_size:
         raise ShapeError(
@@ -199,7 +244,7 @@ def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Te
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise DTypeError(f"{name}: expected an integer tensor of class indices, got {labels.dtype}")
-    if bool((labels < 0).any()):
+    if not deferred_value_checks(labels) and bool((labels < 0).any()):
         raise ChoiceError(f"{name}: expected class indices >= 0, got a negative label")
     return labels
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from featkd._checks import ChoiceError
+from featkd._checks import ChoiceError, count_nonfinite
 from featkd._options import check_choice
 from featkd._precision import full_precision, result_dtype
 
@@ -117,7 +117,9 @@ def evaluate(
     Floating tensors among ``args`` and ``kwargs`` reach the core in the working dtype (float32,
     or float64 if any is float64) with autocast off; the first one is the student, whose dtype
     sets the dtype of the returned loss (:func:`featkd._precision.result_dtype`). ``weights``
-    (by term name; ``None`` for a single term) weigh the reduced terms into ``"total"``.
+    (by term name; ``None`` for a single term) weigh the reduced terms into ``"total"``. Where
+    the finite-input check was deferred to the device (:func:`featkd.set_finite_check`), the
+    parts end with ``"nonfinite_inputs"``, the count of NaN/Inf entries in the inputs.
     """
     floating = [
         a
@@ -133,6 +135,9 @@ def evaluate(
 
         terms = core(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
         total, parts = _combine(terms, weights, reduction)
+    nonfinite = count_nonfinite(floating)
+    if nonfinite is not None:  # the check was deferred to the device (set_finite_check)
+        parts["nonfinite_inputs"] = nonfinite
     return total.to(result_dtype(floating[0].dtype)), parts
 
 

@@ -24,6 +24,7 @@ from featkd._checks import (
     check_same_batch,
     check_same_device,
     check_width,
+    deferred_value_checks,
     describe_shape,
     validate_features,
 )
@@ -204,7 +205,7 @@ def check_joint_inputs(
         )
     if missing_side and (student_logits is not None or teacher_logits is not None):
         classes = (student_logits if student_logits is not None else teacher_logits).shape[1]
-        if bool((labels >= classes).any()):
+        if not deferred_value_checks(labels) and bool((labels >= classes).any()):
             raise ChoiceError(
                 f"labels: expected class indices < {classes} (the width of the logits), "
                 f"got a maximum of {int(labels.max())}"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from featkd._sync import sync_free
+
 __all__ = [
     "WHITENING_METHODS",
     "batch_standardize",
@@ -70,7 +72,11 @@ def cholesky_whitener(cov: torch.Tensor, shift: float | torch.Tensor) -> torch.T
     """
     d = cov.shape[0]
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    lower = torch.linalg.cholesky(cov + shift * eye)
+    shifted = cov + shift * eye
+    if sync_free(shifted):  # positive definite by the shift; checking info would sync
+        lower = torch.linalg.cholesky_ex(shifted)[0]
+    else:
+        lower = torch.linalg.cholesky(shifted)
     # L^{-1} by a triangular solve, then transpose
     return torch.linalg.solve_triangular(lower, eye, upper=False).mT
 

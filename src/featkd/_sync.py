@@ -1,0 +1,51 @@
+"""The one place that decides whether featkd may make the host wait for the device.
+
+On CPU a host read costs nothing, so featkd keeps its exact checks and its adaptive algorithms
+there (an error raised at the bad input, the fewest squarings, an SVD). On an accelerator every
+host read stalls the CPU until the device drains, so the same calls take a synchronisation-free
+path: checks become flags the device computes, algorithms run a fixed number of steps. Under
+``torch.compile`` the sync-free path is taken too, so that the graph does not break.
+
+:func:`simulate_accelerator` lets the CPU test suite run the accelerator path (issue 13's CPU
+guards): inside it, CPU tensors are treated as if they lived on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["simulate_accelerator", "sync_free"]
+
+_SIMULATED = False
+
+
+def sync_free(x: torch.Tensor) -> bool:
+    """Whether the computation on ``x`` must not read device values on the host: ``x`` lives
+    off the CPU, or the code is being compiled, or :func:`simulate_accelerator` is active."""
+    return _SIMULATED or x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def simulate_accelerator() -> Iterator[None]:
+    """Inside the block, CPU tensors take the accelerator's synchronisation-free path (for tests
+    and for comparing the two paths on one machine).
+
+    Example:
+        >>> import torch
+        >>> from featkd._sync import simulate_accelerator, sync_free
+        >>> x = torch.zeros(2)
+        >>> with simulate_accelerator():
+        ...     print(sync_free(x))
+        True
+        >>> print(sync_free(x))
+        False
+    """
+    global _SIMULATED
+    previous, _SIMULATED = _SIMULATED, True
+    try:
+        yield
+    finally:
+        _SIMULATED = previous
