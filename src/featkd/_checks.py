@@ -115,12 +115,16 @@ def finite_check_enabled() -> bool:
     return _FINITE_CHECK != "off"
 
 
+def _counted_on_device(x: torch.Tensor) -> bool:
+    """``"auto"`` where reading a value of ``x`` would synchronise: the check becomes the
+    device-side count of :func:`count_nonfinite`."""
+    return _FINITE_CHECK == "auto" and sync_free(x)
+
+
 def deferred_value_checks(x: torch.Tensor) -> bool:
     """Whether the value checks on ``x`` are skipped now: mode ``"off"``, or ``"auto"`` where
     reading a value would synchronise (an accelerator, ``torch.compile``)."""
-    if _FINITE_CHECK == "off":
-        return True
-    return _FINITE_CHECK == "auto" and sync_free(x)
+    return _FINITE_CHECK == "off" or _counted_on_device(x)
 
 
 def count_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
@@ -128,7 +132,7 @@ def count_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
     when the ``"auto"`` policy deferred their check (``None`` otherwise): what a loss module
     reports as ``last_parts["nonfinite_inputs"]``. No host synchronisation."""
     tensors = [t for t in tensors if t.is_floating_point()]
-    if _FINITE_CHECK != "auto" or not tensors or not any(sync_free(t) for t in tensors):
+    if not any(_counted_on_device(t) for t in tensors):
         return None
     counts = [(~torch.isfinite(t.detach())).sum() for t in tensors]
     return torch.stack(counts).sum().float()
