@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from loss_cases import CASES, head_scalar, stage_outputs, tiny_fcfd  # noqa: E402
-from test_autocast import FCFD_TOLERANCE, TOLERANCES  # noqa: E402
+from test_autocast import FCFD_TOLERANCE  # noqa: E402
+
+TOLERANCES = {case.name: case.autocast_tolerance for case in CASES}
 
 WHAT = {
     "KDLoss": "`KDLoss(4.0)`",
@@ -40,19 +42,24 @@ WHAT = {
     "W2-sliced": '`WassersteinLoss("sliced")`',
     "W2-emd-conditional": '`WassersteinLoss("emd", conditional=True)`',
     "W2-sinkhorn-conditional": '`WassersteinLoss("sinkhorn", conditional=True)`',
+    "W2-sinkhorn-conditional-static": '`WassersteinLoss("sinkhorn", conditional=True, '
+    "num_classes=12, tol=None)`",
     "JointW2-emd": "`JointWassersteinLoss()`",
     "JointW2-sinkhorn": '`JointWassersteinLoss(solver="sinkhorn")`',
     "GaussianW2-full": "`GaussianWassersteinLoss()`",
     "GaussianW2-diag": '`GaussianWassersteinLoss("diag")`',
     "GaussianW2-conditional": "`GaussianWassersteinLoss(conditional=True)`",
+    "GaussianW2-conditional-static": "`GaussianWassersteinLoss(conditional=True, num_classes=12)`",
     "GaussianKL-full": "`GaussianKLLoss()`",
     "GaussianKL-diag": '`GaussianKLLoss("diag")`',
     "GaussianKL-conditional": "`GaussianKLLoss(conditional=True)`",
+    "GaussianKL-conditional-static": "`GaussianKLLoss(conditional=True, num_classes=12)`",
     "MMD-rbf": '`MMDLoss("rbf")`',
     "MMD-rbf-unbiased": '`MMDLoss("rbf", estimator="unbiased")`',
     "MMD-linear": '`MMDLoss("linear")`',
     "MMD-poly": '`MMDLoss("poly")`',
     "MMD-rbf-conditional": '`MMDLoss("rbf", conditional=True)`',
+    "MMD-rbf-conditional-static": '`MMDLoss("rbf", conditional=True, num_classes=12)`',
     "KD2M-projector": '`KD2MLoss("w2_gaussian", projector=nn.Linear(...))`',
     "KD2M-kl-diag-conditional": '`KD2MLoss("kl_gaussian_diag", conditional=True)`',
     "CosPress-tokens": "`CosPressLoss`, tokens",
@@ -72,6 +79,7 @@ WHAT = {
     "Whitening-eval": '`Whitening(method="zca").eval()`',
     "GlobalBatch-KD": "`GlobalBatch(KDLoss())`",
     "GlobalBatch-MMD-conditional": '`GlobalBatch(MMDLoss("rbf", conditional=True))`',
+    "GlobalBatch-MMD-conditional-static": "`GlobalBatch(MMDLoss(..., num_classes=12))`",
     "GlobalBatch-CosPress": "`GlobalBatch(CosPressLoss(...))`",
 }
 

@@ -169,6 +169,25 @@ def loss_and_head_cases(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.M
             ),
             "LinearHead": (lambda: featkd.LinearHead(d_s, d_t), "head-student"),
             "Whitening (cholesky)": (lambda: featkd.Whitening(d_t), "head-teacher"),
+            # class-conditional with static groups (the benchmark's labels have 10 classes)
+            "GaussianWassersteinLoss (full, conditional)": (
+                lambda: featkd.GaussianWassersteinLoss(
+                    conditional=True, num_classes=10, projector=nn.Linear(d_s, d_t)
+                ),
+                "pooled",
+            ),
+            "WassersteinLoss (sinkhorn, conditional)": (
+                lambda: featkd.WassersteinLoss(
+                    "sinkhorn", conditional=True, num_classes=10, projector=nn.Linear(d_s, d_t)
+                ),
+                "pooled",
+            ),
+            "MMDLoss (rbf, conditional)": (
+                lambda: featkd.MMDLoss(
+                    conditional=True, num_classes=10, projector=nn.Linear(d_s, d_t)
+                ),
+                "pooled",
+            ),
         }
     )
     return cases

@@ -3,7 +3,8 @@ host wait for the device on CUDA, or whose output shape depends on the data (iss
 
 On CPU nothing waits, so the operations are recorded instead of timed: aten ops that read a
 value on the host or size their output from the data, linear-algebra ops that check their
-results on the host (or that synchronise on CUDA by documentation: ``svd``, ``eigh``), and
+results on the host (or that synchronise on CUDA by documentation: ``svd``, ``eigh``), tensors
+built from host data in the call (copied to the device, which synchronises), and
 ``Tensor.tolist`` (which on CPU reads memory without dispatching an op).
 """
 
@@ -30,6 +31,9 @@ DATA_DEPENDENT = {
 }
 # checks its result on the host (``info``), or synchronises on CUDA by documentation
 HOST_CHECKED_LINALG = {"_linalg_check_errors", "_linalg_svd", "_linalg_eigh", "linalg_eig"}
+# a tensor made from host data (``torch.tensor(list)``): on CUDA it is copied from pageable
+# memory, which synchronises; featkd._sync.device_values fills such constants on the device
+HOST_BUILT = {"lift_fresh", "lift_fresh_copy"}
 
 
 class HostSyncRecorder(TorchDispatchMode):
@@ -43,7 +47,7 @@ class HostSyncRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in DATA_DEPENDENT or name in HOST_CHECKED_LINALG:
+        if name in DATA_DEPENDENT or name in HOST_CHECKED_LINALG or name in HOST_BUILT:
             self.syncs.append(name)
         elif name == "repeat_interleave" and kwargs.get("output_size") is None:
             self.syncs.append(name)  # its output size is a sum over the data

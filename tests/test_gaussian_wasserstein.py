@@ -16,11 +16,28 @@ from references import (
 from scale_data import SCALES, batch_at_scale, labels_with_a_lone_class
 
 from featkd import ChoiceError, FeatkdInputError, GaussianWassersteinLoss, ShapeError
+from featkd._sync import simulate_accelerator
 from featkd.functional import gaussian_wasserstein_loss
 from featkd.kd2m._gaussian import bures_residual
 
 # B < D, B = D, B > D
 SIZES = [(6, 10), (8, 8), (16, 5)]
+
+
+INPUT_CHECKS = {"test_errors", "test_conditional_must_be_a_bool"}
+
+
+@pytest.fixture(autouse=True, params=["svd", "newton_schulz"])
+def polar_path(request):
+    """Every test twice: the CPU path (SVD) and the accelerator path (Newton-Schulz polar
+    factor, no host synchronisation), which must meet the same references."""
+    if request.param == "svd":
+        yield request.param
+        return
+    if request.function.__name__ in INPUT_CHECKS:  # the raising checks are the CPU path's
+        pytest.skip("input checks do not depend on the polar factor")
+    with simulate_accelerator():
+        yield request.param
 
 
 @pytest.mark.parametrize(("batch", "width"), SIZES)
@@ -271,3 +288,16 @@ def test_scaling_law_up_to_the_range_of_the_result(rng, batch, width, covariance
         assert c**2 * unit < float(torch.finfo(torch.float32).max) / 2
         got = gaussian_wasserstein_loss(c * student, c * teacher, covariance=covariance)
         assert float(got) == pytest.approx(c**2 * unit, rel=1e-6), c
+
+
+@pytest.mark.parametrize(("batch", "width"), [(256, 384), (256, 256), (512, 64)])
+def test_float32_accuracy_at_training_sizes(rng, batch, width):
+    # issue 13's target: float32 within 1e-4 of float64 at ViT-sized features (B < D through
+    # the batch-sized cross-Gram, B = D the hardest for the Newton-Schulz polar factor, B > D
+    # through the QR factors), correlated like a student and its teacher
+    s = rng.standard_normal((batch, width)) @ rng.standard_normal((width, width)) / width**0.5
+    t = 0.8 * s + 0.6 * rng.standard_normal((batch, width)) + 0.1
+    s32, t32 = (torch.tensor(x, dtype=torch.float32) for x in (s, t))
+    got = gaussian_wasserstein_loss(s32, t32)
+    expected = ref_bures_wasserstein(*(x.double().numpy() for x in (s32, t32)))
+    assert float(got) == pytest.approx(expected, rel=1e-4)

@@ -83,7 +83,7 @@ def test_errors_list_the_choices():
     assert all(repr(m) in message for m in EXPECTED)
     with pytest.raises(
         ChoiceError,
-        match=r"reg: not an option of metric .w2_gaussian.*expected one of conditional, class_reduction, projector",
+        match=r"reg: not an option of metric .w2_gaussian.*expected one of conditional, class_reduction, num_classes, projector",
     ):
         KD2MLoss("w2_gaussian", reg=0.1)
     with pytest.raises(ChoiceError, match="covariance: not an option of metric 'w2_gaussian'"):

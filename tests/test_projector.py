@@ -11,6 +11,7 @@ import torch
 from references import ref_householder_columns, ref_stiefel_generator
 
 from featkd import ChoiceError, DTypeError, NonFiniteError, ShapeError, orthogonality_error
+from featkd._sync import simulate_accelerator
 from featkd.vkd.projector import OrthogonalProjector
 
 MAPS = ["matrix_exp", "cayley", "householder"]
@@ -110,6 +111,25 @@ def test_sync_free_module_matches_default():
     fixed = OrthogonalProjector(8, 40, max_squarings=10, dtype=torch.float64)
     fixed.load_state_dict(adaptive.state_dict())
     torch.testing.assert_close(fixed.weight, adaptive.weight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 1.0, 4.0, 30.0, 300.0])
+@pytest.mark.parametrize("shape", [(8, 40), (40, 8), (24, 30)])
+def test_accelerator_default_is_sync_free_and_matches_cpu(shape, scale):
+    # on accelerators (simulated) max_squarings=None pays for 16 masked squarings instead of
+    # reading the norm bound; both must give the exponential to float64 rounding
+    cpu = OrthogonalProjector(*shape, init="random", dtype=torch.float64)
+    with torch.no_grad():
+        cpu.generator.mul_(scale)
+    with simulate_accelerator():
+        accelerator = cpu.weight
+    torch.testing.assert_close(accelerator, cpu.weight, rtol=0, atol=1e-11)
+    float32 = OrthogonalProjector(*shape, dtype=torch.float32)
+    float32.load_state_dict({"generator": cpu.generator.float()})
+    with simulate_accelerator():
+        weight = float32.weight
+    assert orthogonality_error(weight) <= _bound(torch.float32)
+    torch.testing.assert_close(weight.double(), cpu.weight, rtol=0, atol=5e-5)
 
 
 def _adam_run(shape, map, dtype, steps=1000, random_targets=True, batch=8, seed=0, threads=1):

@@ -13,11 +13,11 @@ guards): inside it, CPU tensors are treated as if they lived on a GPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["simulate_accelerator", "sync_free"]
+__all__ = ["device_values", "simulate_accelerator", "sync_free"]
 
 _SIMULATED = False
 
@@ -26,6 +26,15 @@ def sync_free(x: torch.Tensor) -> bool:
     """Whether the computation on ``x`` must not read device values on the host: ``x`` lives
     off the CPU, or the code is being compiled, or :func:`simulate_accelerator` is active."""
     return _SIMULATED or x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def device_values(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """The Python numbers ``values`` as a 1-D tensor of ``like``'s dtype, filled on its device.
+
+    ``torch.tensor(values, device=...)`` builds the tensor on the host and copies it, and a
+    copy from pageable host memory synchronises on CUDA, once per call.
+    """
+    return torch.stack([like.new_full((), float(v)) for v in values])
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from featkd._checks import ChoiceError
 from featkd._options import check_number
+from featkd._sync import device_values
 from featkd.cospress._cosine import cosine_matrix
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in range(1, 11))
@@ -203,5 +204,5 @@ def neighbourhood_kl_per_set(
     """Unchecked core: ``(S, M, D_r)``, ``(S, M, D_c)`` in the working dtype -> ``(S,)``."""
     sim_ref = cosine_matrix(reference.detach())
     sim_cand = cosine_matrix(candidate)
-    inv_tau = 1.0 / torch.tensor(temperatures, dtype=sim_cand.dtype, device=sim_cand.device)
+    inv_tau = 1.0 / device_values(temperatures, sim_cand)
     return _NeighbourhoodKL.apply(sim_ref, sim_cand, inv_tau, style == "full", chunk_elements)

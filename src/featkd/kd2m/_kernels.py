@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from featkd._sync import device_values
+
 __all__ = [
     "block_sums",
     "estimate",
@@ -82,8 +84,8 @@ def squared_bandwidths(
     ``pairs`` (detached, see :func:`_pair_statistic`) times each multiplier squared."""
     if not isinstance(bandwidth, str):
         values = [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
-        return torch.tensor(values, dtype=like.dtype, device=like.device).square()
-    scale = torch.tensor(multipliers, dtype=like.dtype, device=like.device).square()
+        return device_values(values, like).square()
+    scale = device_values(multipliers, like).square()
     if bandwidth == "mean_distance":  # pairs: the per-group sigma (G, 1, 1); all 0 -> 1
         sigma = pairs.detach()
         base = torch.where(sigma > 0, sigma.square(), torch.ones_like(sigma))

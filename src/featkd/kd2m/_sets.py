@@ -28,7 +28,7 @@ from featkd._checks import (
     describe_shape,
     validate_features,
 )
-from featkd._options import check_choice
+from featkd._options import check_choice, check_int
 
 __all__ = [
     "CLASS_REDUCTIONS",
@@ -38,7 +38,6 @@ __all__ = [
     "check_joint_inputs",
     "make_groups",
     "matmul_nt",
-    "reduce_classes",
     "validate_pair",
 ]
 
@@ -48,22 +47,28 @@ FEATURES = {2: "(B, D)"}
 CLASS_REDUCTIONS = ("mean", "sum")
 
 
-def check_class_reduction(class_reduction: str, conditional: bool) -> None:
+def check_class_reduction(
+    class_reduction: str, conditional: bool, num_classes: int | None = None
+) -> None:
     """``class_reduction`` is ``"mean"`` or ``"sum"``, and ``"sum"`` only with ``conditional``
     (without classes there is one group, and a sum that changed nothing would hide the
-    missing ``conditional=True``)."""
+    missing ``conditional=True``); ``num_classes`` is None or a positive int, given only with
+    ``conditional`` too."""
     check_choice(class_reduction, "class_reduction", CLASS_REDUCTIONS)
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", minimum=1)
+        if not conditional:
+            raise ChoiceError(
+                f"num_classes: {num_classes} sizes the class groups of conditional=True, got "
+                "it with conditional=False; pass conditional=True (and labels=) or leave "
+                "num_classes=None"
+            )
     if class_reduction != "mean" and not conditional:
         raise ChoiceError(
             f"class_reduction: {class_reduction!r} combines the per-class values of "
             "conditional=True, got it with conditional=False; pass conditional=True (and "
             "labels=) or leave class_reduction='mean'"
         )
-
-
-def reduce_classes(per_group: torch.Tensor, class_reduction: str) -> torch.Tensor:
-    """The per-group values ``(G,)`` combined: their mean (featkd) or sum (official KD2M)."""
-    return per_group.sum() if class_reduction == "sum" else per_group.mean()
 
 
 def validate_pair(
@@ -73,11 +78,13 @@ def validate_pair(
     conditional: bool,
     *,
     batch_statistic: str | None = None,
+    num_classes: int | None = None,
 ) -> None:
     """The front door of every KD2M loss: two finite float ``(B, D)`` tensors of one batch size,
-    width and device, and integer labels ``(B,)`` when given (needed with ``conditional``).
-    ``batch_statistic`` says why the loss needs two samples: then ``B >= 2`` unless
-    ``conditional`` (a class seen once has its own closed form)."""
+    width and device, and integer labels ``(B,)`` when given (needed with ``conditional``),
+    below ``num_classes`` when given. ``batch_statistic`` says why the loss needs two
+    samples: then ``B >= 2`` unless ``conditional`` (a class seen once has its own closed
+    form)."""
     validate_features(student, "student", FEATURES)
     validate_features(teacher, "teacher", FEATURES)
     check_same_batch(student, teacher, "student", "teacher")
@@ -101,6 +108,12 @@ def validate_pair(
         return
     check_labels(labels, batch)
     check_same_device({"student": student, "labels": labels})
+    read_range = num_classes is not None and not deferred_value_checks(labels)
+    if read_range and bool((labels >= num_classes).any()):
+        raise ChoiceError(
+            f"labels: expected class indices < {num_classes} (num_classes), got a "
+            f"maximum of {int(labels.max())}"
+        )
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -117,37 +130,83 @@ class Groups(NamedTuple):
     student: torch.Tensor
     teacher: torch.Tensor
     mask: torch.Tensor | None  # (G, n) bool; None when every row is real
-    counts: torch.Tensor  # (G,) in the working dtype
-    sizes: list[int]  # the counts as Python ints (known on the host after grouping)
+    counts: torch.Tensor  # (G,) in the working dtype, >= 1
+    # (G,) 1.0 for a class in the batch, 0.0 for a spare group of a static grouping (its one
+    # row is the zero vector on both sides, so its distance is zero); None when all are real
+    present: torch.Tensor | None = None
+
+    def number(self) -> torch.Tensor:
+        """The number of real groups, a float tensor on the device (no host read)."""
+        if self.present is None:
+            return self.counts.new_full((), float(self.counts.shape[0]))
+        return self.present.sum()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of per-group values ``(G,)`` over the real groups."""
+        if self.present is None:
+            return values.mean()
+        return (values * self.present).sum() / self.present.sum().clamp_min(1)
+
+    def reduce(self, values: torch.Tensor, class_reduction: str) -> torch.Tensor:
+        """The per-group values ``(G,)`` combined: their mean (featkd) or sum (official KD2M)
+        over the real groups."""
+        if class_reduction == "sum":
+            return values.sum() if self.present is None else (values * self.present).sum()
+        return self.mean(values)
+
+
+def _sorted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows sorted by label ``order``, each sorted row's dense class number ``group``
+    (0, 1, ... in label order) and its ``position`` in its class; all on the device."""
+    order = torch.argsort(labels, stable=True)
+    ordered = labels[order]
+    first = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    group = torch.cumsum(first.long(), 0) - 1
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    start = torch.cummax(torch.where(first, rows, torch.zeros_like(rows)), 0).values
+    return order, group, rows - start
 
 
 def make_groups(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, conditional: bool
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    conditional: bool,
+    num_classes: int | None = None,
 ) -> Groups:
     """One group for the whole batch, or one group per class present in ``labels``.
 
-    Grouping by class needs the class sizes on the host: one synchronisation per call, the
-    price of ``conditional=True``. Student row ``i`` and teacher row ``i`` share label ``i``, so
-    a class has the same number of samples on both sides.
+    Without ``num_classes`` the shapes are the true ones (``G`` classes present, ``n`` the
+    largest class), which costs one host synchronisation per call. With it the shapes are
+    static, ``G = min(num_classes, B)`` and ``n = B``: no synchronisation, and the groups of
+    absent classes are spare (``present`` 0). Student row ``i`` and teacher row ``i`` share
+    label ``i``, so a class has the same number of samples on both sides.
     """
     batch = student.shape[0]
     if not conditional:
         counts = torch.full((1,), float(batch), dtype=student.dtype, device=student.device)
-        return Groups(student[None], teacher[None], None, counts, [batch])
-    _, inverse, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
-    sizes = [int(c) for c in class_sizes.tolist()]
-    n_groups, longest = len(sizes), max(sizes)
-    order = torch.argsort(inverse, stable=True)
-    sorted_group = inverse[order]
-    starts = torch.cumsum(class_sizes, 0) - class_sizes
-    position = torch.arange(batch, device=labels.device) - starts[sorted_group]
-    index = torch.zeros(n_groups, longest, dtype=torch.long, device=labels.device)
-    mask = torch.zeros(n_groups, longest, dtype=torch.bool, device=labels.device)
-    index[sorted_group, position] = order
-    mask[sorted_group, position] = True
+        return Groups(student[None], teacher[None], None, counts)
+    order, group, position = _sorted_positions(labels)
+    if num_classes is None:
+        n_groups, longest = torch.stack([group[-1] + 1, position.max() + 1]).tolist()
+    else:  # classes past the first num_classes (labels out of range) go to a discarded slot
+        n_groups, longest = min(num_classes, batch), batch
+        group = group.clamp_max(n_groups)
+    index = torch.zeros(n_groups + 1, longest, dtype=torch.long, device=labels.device)
+    mask = torch.zeros(n_groups + 1, longest, dtype=torch.bool, device=labels.device)
+    index[group, position] = order
+    mask[group, position] = torch.ones_like(group, dtype=torch.bool)  # not True: a host tensor
+    index, mask = index[:n_groups], mask[:n_groups]
     keep = mask[..., None].to(student.dtype)
-    counts = class_sizes.to(student.dtype)
-    return Groups(student[index] * keep, teacher[index] * keep, mask, counts, sizes)
+    sets = (student[index] * keep, teacher[index] * keep)
+    counts = mask.sum(dim=-1).to(student.dtype)
+    if num_classes is None:
+        return Groups(*sets, mask, counts)
+    present = (counts > 0).to(student.dtype)
+    # a spare group holds one zero row on each side: finite statistics, zero distance, and
+    # no gradient to any input (the row is the gathered row 0 times zero)
+    mask = mask.index_fill(-1, torch.zeros(1, dtype=torch.long, device=mask.device), True)
+    return Groups(*sets, mask, counts.clamp_min(1), present)
 
 
 def _check_logits(logits: torch.Tensor | None, name: str, student: torch.Tensor) -> None:

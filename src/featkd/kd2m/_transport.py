@@ -56,11 +56,13 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
     return torch.where(mask, log_mass, torch.full_like(log_mass, -math.inf))
 
 
-def _emd_plans_on_host(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
+def _emd_plans_on_host(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
     import numpy as np
     import ot
 
     host = cost.to(device="cpu", dtype=torch.float64).numpy()
+    # copied out with the cost: the same synchronisation, the one exact OT is allowed
+    sizes = np.rint(counts.to(device="cpu", dtype=torch.float64).numpy()).astype(int)
     plans = np.zeros_like(host)
     for g, size in enumerate(sizes):
         if size == 1:  # a single point on each side: the plan is that pair
@@ -78,17 +80,18 @@ _emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_pla
 
 
 @_emd_op.register_fake
-def _(cost: torch.Tensor, sizes: list[int], max_iter: int) -> torch.Tensor:
+def _(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
     return torch.empty_like(cost)
 
 
-def emd_plans(cost: torch.Tensor, sizes: list[int], max_iter: int | None) -> torch.Tensor:
-    """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``.
+def emd_plans(cost: torch.Tensor, counts: torch.Tensor, max_iter: int | None) -> torch.Tensor:
+    """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``
+    of ``counts`` ``(G,)`` real rows (the first ones).
 
     The plan is a constant of the loss: its gradient flows through the cost only. One copy to
     the host and one back: the documented host synchronisation of exact OT.
     """
-    return _emd_op(cost.detach(), list(sizes), 0 if max_iter is None else max_iter)
+    return _emd_op(cost.detach(), counts.detach(), 0 if max_iter is None else max_iter)
 
 
 def _kernel_times(kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -319,10 +322,10 @@ def entropic_transport(
     if debias:  # Sinkhorn divergence: OT(s,t) - OT(s,s)/2 - OT(t,t)/2
         result = result - 0.5 * per_copy[1] - 0.5 * per_copy[2]
     parts = {
-        "transport": transport.view(copies, -1)[0].detach().mean(),
-        "entropy": (eps.detach() * kl.view(copies, -1)[0]).mean(),
-        "reg": eps.detach().mean(),
-        "iterations": torch.tensor(float(iterations)),
+        "transport": groups.mean(transport.view(copies, -1)[0].detach()),
+        "entropy": groups.mean(eps.detach() * kl.view(copies, -1)[0]),
+        "reg": groups.mean(eps.detach()),
+        "iterations": eps.new_full((), float(iterations)),
         "marginal_error": marginal_error,
     }
     unconverged = error if tol is not None and not error <= tol else None

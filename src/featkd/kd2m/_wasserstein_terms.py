@@ -17,7 +17,6 @@ from featkd.kd2m._sets import (
     check_class_reduction,
     check_joint_inputs,
     make_groups,
-    reduce_classes,
     validate_pair,
 )
 from featkd.kd2m._transport import (
@@ -60,6 +59,8 @@ def check_options(
     debias: bool,
     class_reduction: str = "mean",
     feature_cost_scale: str = "none",
+    *,
+    num_classes: int | None = None,
 ) -> None:
     check_choice(solver, "solver", SOLVERS)
     check_number(p, "p", minimum=1)  # W_p is a metric for p >= 1
@@ -75,7 +76,7 @@ def check_options(
     check_positive(label_weight, "label_weight", allow_zero=True)
     check_choice(label_cost_kind, "label_cost", LABEL_COSTS)
     check_bool(debias, "debias")
-    check_class_reduction(class_reduction, conditional)
+    check_class_reduction(class_reduction, conditional, num_classes)
     check_choice(feature_cost_scale, "feature_cost_scale", FEATURE_COST_SCALES)
     if feature_cost_scale != "none" and not label_weight > 0:
         raise ChoiceError(
@@ -106,9 +107,10 @@ def check_inputs(
     conditional: bool,
     label_weight: float,
     label_cost: str,
+    num_classes: int | None = None,
 ) -> None:
     """The features (and, for the joint cost, labels and logits), checked once."""
-    validate_pair(student, teacher, labels, conditional)
+    validate_pair(student, teacher, labels, conditional, num_classes=num_classes)
     if label_weight > 0:
         check_joint_inputs(student, labels, student_logits, teacher_logits, label_cost)
         return
@@ -143,6 +145,7 @@ def wasserstein_terms(
     on_unconverged: Callable[[float], None],
     class_reduction: str = "mean",
     feature_cost_scale: str = "none",
+    num_classes: int | None = None,
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level ``"wasserstein"`` term and
     the solver's diagnostics. ``on_unconverged(error)`` is called when Sinkhorn stops at
@@ -151,7 +154,7 @@ def wasserstein_terms(
         labels = labels.long()
     target = teacher.detach()
     shift = target.mean(dim=0)  # a common shift keeps the Gram expansion of C accurate
-    groups = make_groups(student - shift, target - shift, labels, conditional)
+    groups = make_groups(student - shift, target - shift, labels, conditional, num_classes)
     diagnostics: dict[str, torch.Tensor] = {}
     if solver == "sliced":
         per_group = sliced_wasserstein(
@@ -173,7 +176,7 @@ def wasserstein_terms(
             diagnostics["label_cost"] = labels_part.mean()
             cost = cost + label_weight * labels_part[None]
         if solver == "emd":
-            plan = emd_plans(cost, groups.sizes, max_iter)
+            plan = emd_plans(cost, groups.counts, max_iter)
             per_group = (plan * cost).sum(dim=(-2, -1))
         else:
             self_costs = None
@@ -197,9 +200,9 @@ def wasserstein_terms(
             if unconverged is not None:
                 on_unconverged(unconverged)
     if conditional:
-        diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
+        diagnostics["classes"] = groups.number()
     if class_reduction == "sum":  # the entropic parts are means over the classes
         for key in ("transport", "entropy"):
             if key in diagnostics:
-                diagnostics[key] = diagnostics[key] * len(groups.sizes)
-    return Terms({"wasserstein": reduce_classes(per_group, class_reduction)}, diagnostics)
+                diagnostics[key] = diagnostics[key] * groups.number()
+    return Terms({"wasserstein": groups.reduce(per_group, class_reduction)}, diagnostics)

@@ -24,7 +24,6 @@ from featkd.kd2m._gaussian import (
 from featkd.kd2m._sets import (
     check_class_reduction,
     make_groups,
-    reduce_classes,
     validate_pair,
 )
 
@@ -44,13 +43,14 @@ def _check_options(
     conditional: bool,
     class_reduction: str,
     std_floor: float | None,
+    num_classes: int | None = None,
 ) -> tuple[float, float | None]:
     """The checked ``(ridge, std_floor)``: ``ridge`` defaults to ``1e-3``, or to 0 with a
     ``std_floor`` (one regulariser at a time: the floor replaces the ridge)."""
     check_choice(covariance, "covariance", COVARIANCES)
     check_choice(direction, "direction", KL_DIRECTIONS)
     check_bool(conditional, "conditional")
-    check_class_reduction(class_reduction, conditional)
+    check_class_reduction(class_reduction, conditional, num_classes)
     if std_floor is None:
         return check_positive(_RIDGE if ridge is None else ridge, "ridge"), None
     std_floor = check_positive(std_floor, "std_floor")
@@ -79,6 +79,7 @@ def _gaussian_kl_terms(
     conditional: bool,
     class_reduction: str = "mean",
     std_floor: float | None = None,
+    num_classes: int | None = None,
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level term, and its mean and
     covariance parts apart."""
@@ -94,7 +95,7 @@ def _gaussian_kl_terms(
     shrink = (ridge / scale.double().square()).to(work).clamp_min(torch.finfo(work).tiny)
     # the official floor is in the features' units: divided by c too
     floor = None if std_floor is None else (std_floor / scale.double()).to(work)
-    groups = make_groups(scaled_s, scaled_t, labels, conditional)
+    groups = make_groups(scaled_s, scaled_t, labels, conditional, num_classes)
     counts = groups.counts
     mean_s, centred_s = centre(groups.student, groups.mask, counts)
     mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
@@ -127,12 +128,12 @@ def _gaussian_kl_terms(
         )
     per_group = 0.5 * (mahalanobis + rest)
     diagnostics = {
-        "mean": 0.5 * reduce_classes(mahalanobis.detach(), class_reduction),
-        "covariance": 0.5 * reduce_classes(rest.detach(), class_reduction),
+        "mean": 0.5 * groups.reduce(mahalanobis.detach(), class_reduction),
+        "covariance": 0.5 * groups.reduce(rest.detach(), class_reduction),
     }
     if conditional:
-        diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
-    return Terms({"gaussian_kl": reduce_classes(per_group, class_reduction)}, diagnostics)
+        diagnostics["classes"] = groups.number()
+    return Terms({"gaussian_kl": groups.reduce(per_group, class_reduction)}, diagnostics)
 
 
 def _std(centred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,7 @@ def gaussian_kl_loss(
     conditional: bool = False,
     class_reduction: str = "mean",
     std_floor: float | None = None,
+    num_classes: int | None = None,
     reduction: str = "mean",
     eps: float | None = None,
 ) -> torch.Tensor:
@@ -207,6 +209,8 @@ def gaussian_kl_loss(
             divergences; ``"sum"`` needs ``conditional=True``.
         std_floor: diag only: ``sigma + std_floor`` instead of ``sigma^2 + ridge`` (official
             KD2M: ``1e-9``); None (default) uses ``ridge``.
+        num_classes: the number of classes, for ``conditional``: static shapes and no host
+            synchronisation (see docs/reliability.md).
         reduction: ``"mean"`` only: the divergence is a property of the two batches, with no
             per-sample values.
         eps: the former name of ``ridge`` (deprecated; a ``FutureWarning``).
@@ -228,10 +232,12 @@ def gaussian_kl_loss(
         check_positive(eps, "eps")
     ridge = renamed("gaussian_kl_loss", "eps", "ridge", eps, ridge)
     ridge, std_floor = _check_options(
-        covariance, direction, ridge, conditional, class_reduction, std_floor
+        covariance, direction, ridge, conditional, class_reduction, std_floor, num_classes
     )
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
-    validate_pair(student, teacher, labels, conditional, batch_statistic=_COVARIANCE)
+    validate_pair(
+        student, teacher, labels, conditional, batch_statistic=_COVARIANCE, num_classes=num_classes
+    )
     loss, _ = evaluate(
         _gaussian_kl_terms,
         student,
@@ -243,6 +249,7 @@ def gaussian_kl_loss(
         conditional=conditional,
         class_reduction=class_reduction,
         std_floor=std_floor,
+        num_classes=num_classes,
     )
     return loss
 
@@ -263,6 +270,7 @@ class GaussianKLLoss(MatchingLoss):
         class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
         std_floor: diag only: ``sigma + std_floor`` instead of ``sigma^2 + ridge`` (official
             KD2M: ``1e-9``).
+        num_classes: the number of classes, for ``conditional`` without a host sync.
         projector: optional module applied to the student first (owned and trained).
         reduction: ``"mean"`` only (a batch-level divergence).
         eps: the former name of ``ridge`` (deprecated; a ``FutureWarning``).
@@ -293,6 +301,7 @@ class GaussianKLLoss(MatchingLoss):
         conditional: bool = False,
         class_reduction: str = "mean",
         std_floor: float | None = None,
+        num_classes: int | None = None,
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
         eps: float | None = None,
@@ -302,16 +311,21 @@ class GaussianKLLoss(MatchingLoss):
             check_positive(eps, "eps")
         ridge = renamed("GaussianKLLoss", "eps", "ridge", eps, ridge)
         self.ridge, self.std_floor = _check_options(
-            covariance, direction, ridge, conditional, class_reduction, std_floor
+            covariance, direction, ridge, conditional, class_reduction, std_floor, num_classes
         )
         self.class_reduction = class_reduction
+        self.num_classes = num_classes
         self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.covariance = covariance
         self.direction = direction
         self.conditional = conditional
 
     def _check(self, student, teacher, labels) -> None:
-        validate_pair(student, teacher, labels, self.conditional, batch_statistic=_COVARIANCE)
+        validate_pair(
+            *(student, teacher, labels, self.conditional),
+            batch_statistic=_COVARIANCE,
+            num_classes=self.num_classes,
+        )
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _gaussian_kl_terms(
@@ -324,6 +338,7 @@ class GaussianKLLoss(MatchingLoss):
             conditional=self.conditional,
             class_reduction=self.class_reduction,
             std_floor=self.std_floor,
+            num_classes=self.num_classes,
         )
 
     def extra_repr(self) -> str:
@@ -335,4 +350,6 @@ class GaussianKLLoss(MatchingLoss):
             text += f", class_reduction={self.class_reduction!r}"
         if self.std_floor is not None:
             text += f", std_floor={self.std_floor}"
+        if self.num_classes is not None:
+            text += f", num_classes={self.num_classes}"
         return text

@@ -14,7 +14,6 @@ from featkd.kd2m._gaussian import bures_residual, centre, common_frame
 from featkd.kd2m._sets import (
     check_class_reduction,
     make_groups,
-    reduce_classes,
     validate_pair,
 )
 
@@ -25,10 +24,12 @@ _COVARIANCE = "a covariance needs two samples"
 _BATCH_LEVEL = f"the distance between fitted Gaussians {BATCH_LEVEL}"
 
 
-def _check_options(covariance: str, conditional: bool, class_reduction: str) -> None:
+def _check_options(
+    covariance: str, conditional: bool, class_reduction: str, num_classes: int | None
+) -> None:
     check_choice(covariance, "covariance", COVARIANCES)
     check_bool(conditional, "conditional")
-    check_class_reduction(class_reduction, conditional)
+    check_class_reduction(class_reduction, conditional, num_classes)
 
 
 def _gaussian_wasserstein_terms(
@@ -39,12 +40,13 @@ def _gaussian_wasserstein_terms(
     covariance: str,
     conditional: bool,
     class_reduction: str = "mean",
+    num_classes: int | None = None,
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level term, and its mean and
     covariance parts apart."""
     # W2^2 of (x - m) / c is W2^2 of x over c^2: compute on entries in [-1, 1], rescale
     scaled_s, scaled_t, scale = common_frame(student, teacher.detach())
-    groups = make_groups(scaled_s, scaled_t, labels, conditional)
+    groups = make_groups(scaled_s, scaled_t, labels, conditional, num_classes)
     counts = groups.counts
     mean_s, centred_s = centre(groups.student, groups.mask, counts)
     mean_t, centred_t = centre(groups.teacher, groups.mask, counts)
@@ -58,12 +60,12 @@ def _gaussian_wasserstein_terms(
     # times c twice: c^2 alone overflows float32 from c = 2^64 on
     mean_term, cov_term = mean_term * scale * scale, cov_term * scale * scale
     diagnostics = {
-        "mean": reduce_classes(mean_term.detach(), class_reduction),
-        "covariance": reduce_classes(cov_term.detach(), class_reduction),
+        "mean": groups.reduce(mean_term.detach(), class_reduction),
+        "covariance": groups.reduce(cov_term.detach(), class_reduction),
     }
     if conditional:
-        diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
-    total = reduce_classes(mean_term + cov_term, class_reduction)
+        diagnostics["classes"] = groups.number()
+    total = groups.reduce(mean_term + cov_term, class_reduction)
     return Terms({"gaussian_wasserstein": total}, diagnostics)
 
 
@@ -75,6 +77,7 @@ def gaussian_wasserstein_loss(
     covariance: str = "full",
     conditional: bool = False,
     class_reduction: str = "mean",
+    num_classes: int | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Squared Bures-Wasserstein distance between Gaussians fitted to the batches (KD2M eq. 5).
@@ -114,6 +117,8 @@ def gaussian_wasserstein_loss(
         conditional: average over the classes in ``labels``.
         class_reduction: ``"mean"`` (default) or ``"sum"`` (official KD2M) of the per-class
             distances; ``"sum"`` needs ``conditional=True``.
+        num_classes: the number of classes, for ``conditional``: static shapes and no host
+            synchronisation (see docs/reliability.md).
         reduction: ``"mean"`` only: the distance is a property of the two batches, with no
             per-sample values.
 
@@ -132,9 +137,11 @@ def gaussian_wasserstein_loss(
         >>> round(float(shifted), 6)
         100.0
     """
-    _check_options(covariance, conditional, class_reduction)
+    _check_options(covariance, conditional, class_reduction, num_classes)
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
-    validate_pair(student, teacher, labels, conditional, batch_statistic=_COVARIANCE)
+    validate_pair(
+        student, teacher, labels, conditional, batch_statistic=_COVARIANCE, num_classes=num_classes
+    )
     loss, _ = evaluate(
         _gaussian_wasserstein_terms,
         student,
@@ -143,6 +150,7 @@ def gaussian_wasserstein_loss(
         covariance=covariance,
         conditional=conditional,
         class_reduction=class_reduction,
+        num_classes=num_classes,
     )
     return loss
 
@@ -159,6 +167,7 @@ class GaussianWassersteinLoss(MatchingLoss):
         covariance: ``"full"`` or ``"diag"``.
         conditional: mean over the classes in ``labels`` of the per-class distance.
         class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        num_classes: the number of classes, for ``conditional`` without a host sync.
         projector: optional module applied to the student first (owned and trained).
         reduction: ``"mean"`` only (a batch-level distance).
 
@@ -185,18 +194,24 @@ class GaussianWassersteinLoss(MatchingLoss):
         *,
         conditional: bool = False,
         class_reduction: str = "mean",
+        num_classes: int | None = None,
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
-        _check_options(covariance, conditional, class_reduction)
+        _check_options(covariance, conditional, class_reduction, num_classes)
         self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.covariance = covariance
         self.conditional = conditional
         self.class_reduction = class_reduction
+        self.num_classes = num_classes
 
     def _check(self, student, teacher, labels) -> None:
-        validate_pair(student, teacher, labels, self.conditional, batch_statistic=_COVARIANCE)
+        validate_pair(
+            *(student, teacher, labels, self.conditional),
+            batch_statistic=_COVARIANCE,
+            num_classes=self.num_classes,
+        )
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _gaussian_wasserstein_terms(
@@ -206,10 +221,13 @@ class GaussianWassersteinLoss(MatchingLoss):
             covariance=self.covariance,
             conditional=self.conditional,
             class_reduction=self.class_reduction,
+            num_classes=self.num_classes,
         )
 
     def extra_repr(self) -> str:
         text = f"covariance={self.covariance!r}, conditional={self.conditional}"
         if self.class_reduction != "mean":
             text += f", class_reduction={self.class_reduction!r}"
+        if self.num_classes is not None:
+            text += f", num_classes={self.num_classes}"
         return text

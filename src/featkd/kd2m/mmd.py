@@ -25,7 +25,6 @@ from featkd.kd2m._sets import (
     check_class_reduction,
     make_groups,
     matmul_nt,
-    reduce_classes,
     validate_pair,
 )
 from featkd.kd2m._transport import squared_distances
@@ -47,6 +46,7 @@ def _check_options(
     coef0: float,
     conditional: bool,
     class_reduction: str = "mean",
+    num_classes: int | None = None,
 ) -> None:
     check_choice(kernel, "kernel", KERNELS)
     check_choice(estimator, "estimator", ESTIMATORS)
@@ -71,7 +71,7 @@ def _check_options(
     check_int(degree, "degree", minimum=1)
     check_positive(coef0, "coef0", allow_zero=True)
     check_bool(conditional, "conditional")
-    check_class_reduction(class_reduction, conditional)
+    check_class_reduction(class_reduction, conditional, num_classes)
 
 
 def _check_inputs(
@@ -80,6 +80,7 @@ def _check_inputs(
     labels: torch.Tensor | None,
     estimator: str,
     conditional: bool,
+    num_classes: int | None,
 ) -> None:
     pairs = "the unbiased estimator needs pairs of distinct samples"
     validate_pair(
@@ -88,6 +89,7 @@ def _check_inputs(
         labels,
         conditional,
         batch_statistic=pairs if estimator == "unbiased" else None,
+        num_classes=num_classes,
     )
 
 
@@ -104,6 +106,7 @@ def _mmd_terms(
     coef0: float,
     conditional: bool,
     class_reduction: str = "mean",
+    num_classes: int | None = None,
 ) -> Terms:
     """Unchecked core (inputs in the working dtype): the batch-level ``"mmd2"`` term."""
     # (x.y + c)^d is not translation invariant, so no shift can keep a large common offset from
@@ -116,7 +119,7 @@ def _mmd_terms(
     if kernel != "poly":  # rbf and linear MMD are translation invariant: shift for accuracy
         shift = target.mean(dim=0)
         source, target = source - shift, target - shift
-    groups = make_groups(source, target, labels, conditional)
+    groups = make_groups(source, target, labels, conditional, num_classes)
     xs, xt, mask, counts = groups.student, groups.teacher, groups.mask, groups.counts
     if kernel == "linear":  # k(x, y) = x.y: closed forms in O(B D)
         total_s, total_t = xs.sum(dim=-2), xt.sum(dim=-2)
@@ -150,16 +153,20 @@ def _mmd_terms(
                     ]
                 pairs = pooled_pair_distances(*blocks)
         sigma2 = squared_bandwidths(bandwidth, multipliers, pairs, source)
-        diagnostics["bandwidth"] = sigma2.sqrt().mean()
+        sigma = sigma2.sqrt()  # (K,) or, per group, (K, G, 1, 1)
+        per_group_sigma = sigma.ndim == 4
+        diagnostics["bandwidth"] = (
+            groups.mean(sigma.mean(0).flatten()) if per_group_sigma else sigma.mean()
+        )
         kernels = [rbf(d, sigma2) for d in distances]
         sum_ss, sum_tt, sum_st, diag_ss, diag_tt = block_sums(*kernels, mask)
     per_group = estimate(sum_ss, sum_tt, sum_st, diag_ss, diag_tt, counts, estimator)
-    loss = reduce_classes(per_group, class_reduction)
+    loss = groups.reduce(per_group, class_reduction)
     if scale is not None:
         # past the float64 range the factor saturates: 0 stays 0 (not 0 * inf = NaN)
         loss = loss * scale.pow(degree).clamp_max(torch.finfo(work).max)
     if conditional:
-        diagnostics["classes"] = torch.tensor(float(len(groups.sizes)))
+        diagnostics["classes"] = groups.number()
     return Terms({"mmd2": loss}, diagnostics)
 
 
@@ -176,6 +183,7 @@ def mmd_loss(
     coef0: float = 0.0,
     conditional: bool = False,
     class_reduction: str = "mean",
+    num_classes: int | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Squared maximum mean discrepancy ``MMD^2`` between the batches (KD2M, NST).
@@ -241,6 +249,8 @@ def mmd_loss(
         conditional: average over the classes in ``labels``.
         class_reduction: ``"mean"`` (default) or ``"sum"`` (official KD2M) of the per-class
             values; ``"sum"`` needs ``conditional=True``.
+        num_classes: the number of classes, for ``conditional``: static shapes and no host
+            synchronisation (see docs/reliability.md).
         reduction: ``"mean"`` only: the discrepancy is a property of the two batches, with no
             per-sample values.
 
@@ -259,10 +269,11 @@ def mmd_loss(
         True
     """
     _check_options(
-        kernel, bandwidth, multipliers, estimator, degree, coef0, conditional, class_reduction
+        *(kernel, bandwidth, multipliers, estimator, degree, coef0),
+        *(conditional, class_reduction, num_classes),
     )
     check_reduction(reduction, batch_level=_BATCH_LEVEL)
-    _check_inputs(student, teacher, labels, estimator, conditional)
+    _check_inputs(student, teacher, labels, estimator, conditional, num_classes)
     loss, _ = evaluate(
         _mmd_terms,
         student,
@@ -276,6 +287,7 @@ def mmd_loss(
         coef0=coef0,
         conditional=conditional,
         class_reduction=class_reduction,
+        num_classes=num_classes,
     )
     return loss
 
@@ -297,6 +309,7 @@ class MMDLoss(MatchingLoss):
         coef0: poly: the constant.
         conditional: mean over the classes in ``labels`` of the per-class ``MMD^2``.
         class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        num_classes: the number of classes, for ``conditional`` without a host sync.
         projector: optional module applied to the student first (owned and trained).
         reduction: ``"mean"`` only (a batch-level discrepancy).
 
@@ -328,12 +341,14 @@ class MMDLoss(MatchingLoss):
         coef0: float = 0.0,
         conditional: bool = False,
         class_reduction: str = "mean",
+        num_classes: int | None = None,
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
         _check_options(
-            kernel, bandwidth, multipliers, estimator, degree, coef0, conditional, class_reduction
+            *(kernel, bandwidth, multipliers, estimator, degree, coef0),
+            *(conditional, class_reduction, num_classes),
         )
         self.reduction = check_reduction(reduction, batch_level=_BATCH_LEVEL)
         self.kernel = kernel
@@ -344,9 +359,10 @@ class MMDLoss(MatchingLoss):
         self.coef0 = float(coef0)
         self.conditional = conditional
         self.class_reduction = class_reduction
+        self.num_classes = num_classes
 
     def _check(self, student, teacher, labels) -> None:
-        _check_inputs(student, teacher, labels, self.estimator, self.conditional)
+        _check_inputs(student, teacher, labels, self.estimator, self.conditional, self.num_classes)
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _mmd_terms(
@@ -361,6 +377,7 @@ class MMDLoss(MatchingLoss):
             coef0=self.coef0,
             conditional=self.conditional,
             class_reduction=self.class_reduction,
+            num_classes=self.num_classes,
         )
 
     def extra_repr(self) -> str:
@@ -373,4 +390,6 @@ class MMDLoss(MatchingLoss):
             text += ", conditional=True"
         if self.class_reduction != "mean":
             text += f", class_reduction={self.class_reduction!r}"
+        if self.num_classes is not None:
+            text += f", num_classes={self.num_classes}"
         return text

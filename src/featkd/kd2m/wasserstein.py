@@ -63,6 +63,7 @@ def wasserstein_loss(
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     class_reduction: str = "mean",
+    num_classes: int | None = None,
     feature_cost_scale: str = "none",
     reduction: str = "mean",
     generator: int | torch.Generator | None = None,
@@ -133,6 +134,8 @@ def wasserstein_loss(
         student_logits: the student's logits ``(B, K)`` for the joint cost (receive gradient).
         teacher_logits: the teacher's logits ``(B, K)`` for the joint cost.
         class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        num_classes: the number of classes, for ``conditional``: static shapes and no host
+            synchronisation (see docs/reliability.md).
         feature_cost_scale: joint cost: ``"none"`` or ``"max"`` (official KD2M: the feature
             cost divided by its detached maximum).
         reduction: ``"mean"`` only (a batch-level distance, no per-sample values).
@@ -159,31 +162,14 @@ def wasserstein_loss(
     """
     seed = renamed("wasserstein_loss", "generator", "seed", generator, seed)
     check_options(
-        solver,
-        p,
-        reg,
-        relative_reg,
-        max_iter,
-        tol,
-        check_every,
-        n_projections,
-        conditional,
-        label_weight,
-        label_cost,
-        debias,
-        class_reduction,
-        feature_cost_scale,
+        *(solver, p, reg, relative_reg, max_iter, tol, check_every, n_projections),
+        *(conditional, label_weight, label_cost, debias, class_reduction, feature_cost_scale),
+        num_classes=num_classes,
     )
     check_reduction(reduction, batch_level=f"the Wasserstein distance {BATCH_LEVEL}")
     check_inputs(
-        student,
-        teacher,
-        labels,
-        student_logits,
-        teacher_logits,
-        conditional,
-        label_weight,
-        label_cost,
+        *(student, teacher, labels, student_logits, teacher_logits),
+        *(conditional, label_weight, label_cost, num_classes),
     )
     loss, _ = evaluate(
         wasserstein_terms,
@@ -207,6 +193,7 @@ def wasserstein_loss(
         label_cost_kind=label_cost,
         on_unconverged=lambda error: _warn_unconverged(error, max_iter, tol),
         class_reduction=class_reduction,
+        num_classes=num_classes,
         feature_cost_scale=feature_cost_scale,
     )
     return loss
@@ -238,6 +225,7 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         label_weight: weight of the label cost in the joint feature-label cost (0: off).
         label_cost: see :func:`wasserstein_loss`.
         class_reduction: ``"mean"`` or ``"sum"`` (official KD2M) over the classes.
+        num_classes: the number of classes, for ``conditional`` without a host sync.
         feature_cost_scale: joint cost: ``"none"`` or ``"max"`` (official KD2M).
         projector: optional module applied to the student first (owned and trained).
 
@@ -283,26 +271,16 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         label_weight: float = 0.0,
         label_cost: str = "sqeuclidean",
         class_reduction: str = "mean",
+        num_classes: int | None = None,
         feature_cost_scale: str = "none",
         projector: torch.nn.Module | None = None,
         reduction: str = "mean",
     ) -> None:
         super().__init__(projector)
         check_options(
-            solver,
-            p,
-            reg,
-            relative_reg,
-            max_iter,
-            tol,
-            check_every,
-            n_projections,
-            conditional,
-            label_weight,
-            label_cost,
-            debias,
-            class_reduction,
-            feature_cost_scale,
+            *(solver, p, reg, relative_reg, max_iter, tol, check_every, n_projections),
+            *(conditional, label_weight, label_cost, debias, class_reduction, feature_cost_scale),
+            num_classes=num_classes,
         )
         self.reduction = check_reduction(
             reduction, batch_level=f"the Wasserstein distance {BATCH_LEVEL}"
@@ -322,6 +300,7 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         self.label_weight = float(label_weight)
         self.label_cost = label_cost
         self.class_reduction = class_reduction
+        self.num_classes = num_classes
         self.feature_cost_scale = feature_cost_scale
         self._warned_unconverged = False
 
@@ -343,14 +322,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
 
     def _check(self, student, teacher, labels, student_logits=None, teacher_logits=None) -> None:
         check_inputs(
-            student,
-            teacher,
-            labels,
-            student_logits,
-            teacher_logits,
-            self.conditional,
-            self.label_weight,
-            self.label_cost,
+            *(student, teacher, labels, student_logits, teacher_logits),
+            *(self.conditional, self.label_weight, self.label_cost, self.num_classes),
         )
 
     def _terms(self, student, teacher, labels, student_logits=None, teacher_logits=None):
@@ -375,6 +348,7 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
             label_cost_kind=self.label_cost,
             on_unconverged=self._unconverged,
             class_reduction=self.class_reduction,
+            num_classes=self.num_classes,
             feature_cost_scale=self.feature_cost_scale,
         )
 
@@ -391,6 +365,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
             text += f", n_projections={self.n_projections}, seed={self.seed}"
         if self.conditional:
             text += f", conditional=True, class_reduction={self.class_reduction!r}"
+            if self.num_classes is not None:
+                text += f", num_classes={self.num_classes}"
         if self.label_weight > 0:
             text += f", label_weight={self.label_weight}, label_cost={self.label_cost!r}"
         if self.feature_cost_scale != "none":

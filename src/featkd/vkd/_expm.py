@@ -5,7 +5,8 @@
 Taylor polynomial of ``exp(Y rho / 2^s)`` is evaluated in Paterson-Stockmeyer form, then squared
 ``s`` times. Degree and number of squarings come from a rigorous bound on the Taylor remainder
 built from the norms of the computed powers; reading that bound is one host synchronisation per
-call, like :func:`torch.linalg.matrix_exp`. Passing ``max_squarings`` makes the evaluation
+call, like :func:`torch.linalg.matrix_exp`; that adaptive plan runs on CPU only. Passing
+``max_squarings``, or running on an accelerator or under ``torch.compile``, makes the evaluation
 synchronisation-free (a fixed degree, the squarings chosen on the device and masked). Gradients
 come from autograd through the matrix products.
 
@@ -19,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+from featkd._sync import sync_free
+
 __all__ = ["expm_columns"]
 
 # Paterson-Stockmeyer block size: the powers X^1..X^4 are formed once, degrees are 4r.
@@ -27,6 +30,9 @@ _MAX_BLOCKS = 6  # degree <= 24
 # fixed, synchronisation-free choice: degree 16 (float32) / 24 (float64) and the squarings
 # that bring the Frobenius-bound below theta_m
 _FIXED_BLOCKS = {torch.float32: 4, torch.float64: 6}
+# the squarings paid for on accelerators and under torch.compile when the caller fixes none:
+# accurate while ||M|| <~ 2^16, far beyond a trained orthogonal map's generator
+SYNC_FREE_SQUARINGS = 16
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -85,13 +91,14 @@ def _squarings_on_device(
     a fixed degree, computed on the device (no host synchronisation)."""
     q = log_norms.shape[0] - 1
     dtype, device = log_norms.dtype, log_norms.device
-    js = list(range(degree + 1, degree + 80))
-    a = torch.tensor([j // q for j in js], dtype=dtype, device=device)
-    log_nb = torch.stack([log_norms[j % q] if j % q else log_norms.new_zeros(()) for j in js])
-    blocked = a * log_norms[q] + log_nb
-    j_t = torch.tensor(js, dtype=dtype, device=device)
+    # the terms j = degree + 1 .. degree + 79, all built on the device (no host-made tensor)
+    j = torch.arange(degree + 1, degree + 80, device=device)
+    a, b = j // q, j % q
+    log_nb = torch.where(b > 0, log_norms[b], torch.zeros_like(log_norms[b]))
+    blocked = a.to(dtype) * log_norms[q] + log_nb
+    j_t = j.to(dtype)
     power = torch.minimum(blocked, j_t * log_norms[1])
-    log_fact = torch.tensor([math.lgamma(j + 1) for j in js], dtype=dtype, device=device)
+    log_fact = torch.lgamma(j_t + 1)
     s = torch.arange(max_squarings + 1, dtype=dtype, device=device)
     log_scale = log_rho - s * math.log(2.0)
     bounds = torch.logsumexp(power - log_fact + j_t * log_scale[:, None], dim=1)
@@ -149,16 +156,18 @@ def _taylor_coefficients(
     ``1 / (degree + shift)!``: the Taylor coefficients of ``exp`` (``shift = 0``) or ``phi1``
     (``shift = 1``) with ``scale^j`` folded into the block coefficients."""
     blocks = degree // q
-    inv_fact = torch.tensor(
-        [[1.0 / math.factorial(i * q + j + shift) for j in range(q)] for i in range(blocks)],
-        dtype=torch.float64,
-        device=like.device,
-    )
+    # built on the device, not copied from the host: k! by a running product, which for
+    # k <= 27 (degrees here stop at 25) gives exactly the floats 1 / math.factorial(k) gives
+    count = degree + shift
+    k = torch.arange(count, dtype=torch.float64, device=like.device)
+    inverse_factorials = 1.0 / k.clamp_min(1).cumprod(0)
+    index = torch.arange(blocks * q, device=like.device).view(blocks, q) + shift
+    exponents = torch.arange(q, dtype=torch.float64, device=like.device)
     if isinstance(scale, torch.Tensor):
-        powers = scale.to(torch.float64) ** torch.arange(q, device=like.device)
+        powers = scale.to(torch.float64) ** exponents
     else:
-        powers = torch.tensor([scale**j for j in range(q)], dtype=torch.float64, device=like.device)
-    return inv_fact * powers, 1.0 / math.factorial(degree + shift)
+        powers = torch.pow(scale, exponents)
+    return inverse_factorials[index] * powers, 1.0 / math.factorial(degree + shift)
 
 
 def expm_columns(
@@ -177,7 +186,11 @@ def expm_columns(
     may exploit structure (it is used for the powers). Degree and squarings come from the
     remainder bound on ``||Y^j||_F``, read on the host (one synchronisation), or, with
     ``max_squarings``, from a fixed degree with the squarings counted and masked on the device.
+    ``max_squarings=None`` reads the bound on CPU only: on accelerators and under
+    ``torch.compile`` it means ``SYNC_FREE_SQUARINGS``.
     """
+    if max_squarings is None and sync_free(matrix):
+        max_squarings = SYNC_FREE_SQUARINGS
     n = matrix.shape[0]
     dtype, device = matrix.dtype, matrix.device
     left_mult = left_mult or (lambda v: matrix @ v)

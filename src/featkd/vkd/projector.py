@@ -79,12 +79,13 @@ class OrthogonalProjector(nn.Module):
             parameter's device), an integer seed or a ``torch.Generator`` (drawn on the
             generator's device, then copied: the same seed gives the same frame anywhere).
             Unused with ``init="identity"``. (Both random inits draw from it.)
-        max_squarings: ``matrix_exp`` only. ``None`` (default) picks the Taylor degree and the
-            number of squarings from a bound on the generator's norm, which costs one host
-            synchronisation per call (as :func:`torch.linalg.matrix_exp` does). An integer
-            makes the call synchronisation-free (fixed degree, squarings counted and masked on
-            the device, always paying for ``max_squarings`` of them); accurate while
-            ``||A|| <~ 2 ** max_squarings``.
+        max_squarings: ``matrix_exp`` only. ``None`` (default): on CPU the Taylor degree and
+            the number of squarings come from a bound on the generator's norm (a host read,
+            free there); on accelerators and under ``torch.compile`` the call is
+            synchronisation-free with up to 16 squarings (fixed degree, squarings counted and
+            masked on the device, all 16 paid for). An integer makes every device take the
+            synchronisation-free path with that many, accurate while
+            ``||A|| <~ 2 ** max_squarings`` (fewer is faster).
         device: where the parameter lives.
         dtype: the parameter's dtype.
 
