@@ -572,3 +572,33 @@ def ref_proteus_tokens(student, teacher, cls_head, token_head):
     )
     target = np.concatenate([teacher[:, :1], teacher[:, 1:]], axis=1)
     return float(((mapped - target) ** 2).mean())
+
+
+# ---------------------------------------------------------------- multi-teacher (issue 15)
+
+
+def ref_phi_standardize(x, hadamard):
+    """PHI-S, Ranzinger et al., "PHI-S: Distribution Balancing for Label-Free Multi-Teacher
+    Distillation" (2024): ``y = H U^T (x - mu) / a`` with ``S = U diag(l) U^T`` the covariance
+    (divided by n), ``H`` an orthogonal Hadamard matrix and ``a = sqrt(sum(l) / D)``. Rows of
+    ``x`` are samples; float64 numpy (numpy.linalg.eigh). Returns ``(y, U)``: the eigenvectors
+    are defined up to sign, so callers compare what does not depend on it."""
+    mean = x.mean(axis=0)
+    cov = np.cov(x.T, bias=True)
+    values, vectors = np.linalg.eigh(cov)
+    scale = math.sqrt(values.clip(min=0).sum() / x.shape[1])
+    return (x - mean) @ vectors @ hadamard.T / scale, vectors
+
+
+def ref_smooth_l1_per_vector(a, b, beta=1.0):
+    """Smooth-L1 (Huber with ``delta = beta`` divided by ``beta``), Girshick, "Fast R-CNN"
+    (ICCV 2015), eq. 3: ``0.5 d^2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``,
+    elementwise, averaged over the last axis."""
+    d = np.abs(a - b)
+    return np.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta).mean(axis=-1)
+
+
+def ref_cosine_distance(a, b):
+    """``1 - a.b / (|a| |b|)`` along the last axis (the cosine term of AM-RADIO-style
+    multi-teacher distillation)."""
+    return 1 - (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))

@@ -50,6 +50,12 @@ PUBLIC_NAMES = {
     "GaussianKLLoss",
     "MMDLoss",
     "KD2MLoss",
+    # multi-teacher
+    "MultiTeacherLoss",
+    "Teacher",
+    "PHIStandardize",
+    "RunningStandardize",
+    "FeatureQueue",
     # multi-process
     "GlobalBatch",
     "gather_with_grad",

@@ -35,7 +35,9 @@ from featkd.kd2m import (
     SinkhornConvergenceWarning,
     WassersteinLoss,
 )
+from featkd.multiteacher import MultiTeacherLoss, PHIStandardize, RunningStandardize, Teacher
 from featkd.pooling import align_tokens, pool, to_tokens
+from featkd.queue import FeatureQueue
 from featkd.vkd import OrthogonalProjector, VkDLoss, Whitening
 
 __version__ = "0.1.0"
@@ -48,6 +50,7 @@ __all__ = [
     "DeviceError",
     "FCFDLoss",
     "FeatkdInputError",
+    "FeatureQueue",
     "FeatureSpec",
     "FeatureTap",
     "FrozenParametersWarning",
@@ -59,13 +62,17 @@ __all__ = [
     "KDLoss",
     "LinearHead",
     "MMDLoss",
+    "MultiTeacherLoss",
     "NonFiniteError",
     "NotCapturedError",
     "OrthogonalProjector",
+    "PHIStandardize",
     "ProteusLoss",
+    "RunningStandardize",
     "ShapeError",
     "SinkhornConvergenceWarning",
     "StudentGradientWarning",
+    "Teacher",
     "TeacherCompressionHead",
     "UnknownModuleError",
     "VkDLoss",

@@ -23,6 +23,7 @@ from featkd.kd2m import (
     mmd_loss,
     wasserstein_loss,
 )
+from featkd.multiteacher import multi_teacher_loss
 from featkd.vkd import vkd_loss
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "kd2m_loss",
     "kd_loss",
     "mmd_loss",
+    "multi_teacher_loss",
     "proteus_loss",
     "vkd_loss",
     "wasserstein_loss",
