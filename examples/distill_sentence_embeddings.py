@@ -353,6 +353,14 @@ METHODS: list[Method] = [
         readout=lambda loss_fn, s: loss_fn.projector(s),
         notes="squared Bures distance of the batches, linear projector 128->384",
     ),
+    Method(
+        "KD2M Gaussian W2 + queue",
+        lambda s, t: featkd.FeatureQueue(
+            featkd.GaussianWassersteinLoss(projector=nn.Linear(s, t)), batches=8
+        ),
+        readout=lambda loss_fn, s: loss_fn.loss_fn.projector(s),
+        notes="the same over the batch and 8 queued ones (1,152 rows > 384 dimensions)",
+    ),
 ]
 
 
