@@ -59,6 +59,12 @@ PUBLIC_NAMES = {
     # multi-process
     "GlobalBatch",
     "gather_with_grad",
+    # cached teacher features
+    "cache_teacher_features",
+    "TeacherCache",
+    "CachedTeacherDataset",
+    "RandomTransformWarning",
+    "CacheError",
     # results and errors the above return or raise
     "CosinePreservation",
     "NotCapturedError",

@@ -14,6 +14,13 @@ from featkd._checks import (
     set_finite_check,
 )
 from featkd._loss import FrozenParametersWarning, StudentGradientWarning
+from featkd.cache import (
+    CachedTeacherDataset,
+    CacheError,
+    RandomTransformWarning,
+    TeacherCache,
+    cache_teacher_features,
+)
 from featkd.cospress import CosPressLoss, LinearHead, ProteusLoss, TeacherCompressionHead
 from featkd.diagnostics import (
     CosinePreservation,
@@ -43,6 +50,8 @@ from featkd.vkd import OrthogonalProjector, VkDLoss, Whitening
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheError",
+    "CachedTeacherDataset",
     "ChoiceError",
     "CosPressLoss",
     "CosinePreservation",
@@ -68,11 +77,13 @@ __all__ = [
     "OrthogonalProjector",
     "PHIStandardize",
     "ProteusLoss",
+    "RandomTransformWarning",
     "RunningStandardize",
     "ShapeError",
     "SinkhornConvergenceWarning",
     "StudentGradientWarning",
     "Teacher",
+    "TeacherCache",
     "TeacherCompressionHead",
     "UnknownModuleError",
     "VkDLoss",
@@ -82,6 +93,7 @@ __all__ = [
     "__version__",
     "align_tokens",
     "build_bridge",
+    "cache_teacher_features",
     "cosine_preservation",
     "gather_with_grad",
     "linear_cka",
