@@ -374,3 +374,17 @@ def test_reading_errors_name_the_argument(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="expected a file name inside the cache folder"):
         TeacherCache.open(tmp_path)
+
+
+def test_a_dataset_of_strings_gives_the_teacher_the_list(tmp_path):
+    # strings collate to a list, like (input, label) pairs do: the samples decide, not the batch
+    texts = [f"sentence {i}" for i in range(7)]
+
+    def teacher(batch):
+        assert isinstance(batch, list) and all(isinstance(t, str) for t in batch)
+        return torch.tensor([[float(len(t)), float(t.split()[1])] for t in batch])
+
+    cache = featkd.cache_teacher_features(
+        teacher, texts, tmp_path / "c", name="lengths", batch_size=3, progress=False
+    )
+    assert cache.field().tolist() == [[10.0, float(i)] for i in range(7)]

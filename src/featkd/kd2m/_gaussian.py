@@ -90,25 +90,35 @@ def _polar_factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.T
     return (u * keep[..., None, :]) @ vh
 
 
-# Newton-Schulz steps of the polar factor on accelerators. Each step multiplies a small singular
-# value (relative to the largest) by 1.5 until it nears 1, then converges quadratically: 50 steps
-# resolve every singular value above about 1e-8 of the largest, and the ones below change the
-# value by less than float32 rounding (square batches, whose cross-Gram has singular values down
-# to zero, measured: float32 within 2e-6 of float64 at 40 steps, 2e-7 at 50).
-POLAR_STEPS = 50
+# The polar factor on accelerators, by matrix products only. Each Newton-Schulz step multiplies
+# a small singular value (relative to the largest) by 1.5 until it nears 1, then converges
+# quadratically. The number of steps sets which singular values count as zero, as the SVD path's
+# tolerance does (size * eps of the largest): a value at that tolerance grows to about 0.8 and
+# the polishing steps below send it to 0, larger ones to 1. Zero singular values are unstable
+# fixed points of the steps (rounding noise grows by 1.5 per step too), and the polishing also
+# sends that noise to 0: s -> 2.5 s^3 - 1.5 s^5 has 0 and 1 as attracting fixed points.
+POLISH_STEPS = 6
+
+
+def _polar_steps(size: int, dtype: torch.dtype) -> int:
+    tolerance = size * torch.finfo(dtype).eps
+    return math.ceil(math.log(0.8 / tolerance) / math.log(1.5))
 
 
 def _polar_newton_schulz(m: torch.Tensor) -> torch.Tensor:
-    """The polar factor of ``m`` ``(..., k, k)`` over its non-zero singular values, by matrix
-    products only (no SVD, so no host synchronisation): ``X <- 1.5 X - 0.5 X X^T X`` from
-    ``X_0 = m / s``, with ``s >= sigma_max`` within a factor ``k^(1/8)`` (the 8th root of the
-    sum of ``sigma^8``). Zero singular values stay zero."""
+    """The polar factor of ``m`` ``(..., k, k)`` over its singular values above ``k * eps`` of
+    the largest, by matrix products only (no SVD, so no host synchronisation):
+    ``X <- 1.5 X - 0.5 X X^T X`` from ``X_0 = m / s``, ``s >= sigma_max`` within a factor
+    ``k^(1/8)`` (the 8th root of the sum of ``sigma^8``), then the polishing steps."""
     tiny = torch.finfo(m.dtype).tiny
     x = m / torch.linalg.matrix_norm(m).clamp_min(tiny)[..., None, None]  # sigma <= 1: no overflow
     gram = x.mT @ x
     x = x / torch.linalg.matrix_norm(gram @ gram).pow(0.25).clamp_min(tiny)[..., None, None]
-    for _ in range(POLAR_STEPS):
+    for _ in range(_polar_steps(m.shape[-1], m.dtype)):
         x = 1.5 * x - 0.5 * x @ (x.mT @ x)
+    for _ in range(POLISH_STEPS):
+        gram = x.mT @ x
+        x = x @ (2.5 * gram - 1.5 * gram @ gram)
     return x
 
 

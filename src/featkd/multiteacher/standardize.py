@@ -216,6 +216,11 @@ class PHIStandardize(_RunningMoments):
     def _refresh(self) -> None:
         work = self.second.double()
         values, vectors = torch.linalg.eigh(work)
+        # eigenvectors are defined up to sign, and eigh may flip one between two nearly equal
+        # covariances: that would turn the student's target around from one step to the next.
+        # Fix each sign by its largest entry (device-side, no host read)
+        largest = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))
+        vectors = vectors * torch.where(largest < 0, -1.0, 1.0).to(vectors.dtype)
         rotation = self.signs.double() @ vectors.mT / math.sqrt(self.dim)
         self.rotation.copy_(rotation)
         self.scale.copy_((values.clamp_min(0).sum() / self.dim).sqrt().clamp_min(self.eps))
