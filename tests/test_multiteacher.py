@@ -69,6 +69,8 @@ def test_function_errors_name_the_argument():
         multi_teacher_loss(s, t, terms="l2")
     with pytest.raises(featkd.NonFiniteError, match=r"teacher\['a'\]"):
         multi_teacher_loss(s, {"a": torch.full((4, 8), float("nan"))})
+    with pytest.raises(featkd.FeatkdInputError, match=r"weights: expected keys among"):
+        multi_teacher_loss(s, t, weights={"aa": 2.0})
     with pytest.raises(featkd.ShapeError, match=r"keep\['a'\]"):
         multi_teacher_loss(s, t, keep={"a": torch.ones(3)})
 
@@ -310,3 +312,24 @@ def test_heads_train_and_match_their_teachers():
         loss.backward()
         optimiser.step()
     assert float(loss) < 0.05 * first
+
+
+def test_review_fixes_of_the_standardisers_and_grids():
+    # the count is an integer: half precision cannot round it or make it inf
+    norm = RunningStandardize(2).half()
+    for _ in range(8):
+        norm(torch.randn(10_000, 2).half())
+    assert norm.count.dtype == torch.long and int(norm.count) == 80_000
+    # eval before any training call: the batch's statistics, not a division by sqrt(eps)
+    fresh = RunningStandardize(3).eval()
+    y = fresh(torch.tensor([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]]))
+    torch.testing.assert_close(y, torch.tensor([[-1.0] * 3, [1.0] * 3]), rtol=1e-4, atol=1e-4)
+    # an empty batch leaves the statistics alone
+    norm = RunningStandardize(2)
+    norm(torch.randn(5, 2))
+    norm(torch.randn(0, 2))
+    assert torch.isfinite(norm.mean).all() and int(norm.count) == 5
+    # patch tokens that do not form a square grid are refused, naming the teacher
+    loss_fn = MultiTeacherLoss(4, {"t": Teacher(4, tokens="patches")})
+    with pytest.raises(featkd.ShapeError, match=r"teachers\['t'\]: expected a square grid"):
+        loss_fn(torch.randn(2, 1 + 4, 4), {"t": torch.randn(2, 1 + 2, 4)})

@@ -125,3 +125,15 @@ def test_a_queue_gives_the_covariance_the_rank_a_small_batch_lacks():
     population = torch.cat(list(data))
     assert torch.linalg.matrix_rank(torch.cov(population.T)) == 16
     assert torch.linalg.matrix_rank(torch.cov(data[0].T)) == 5
+
+
+def test_the_queue_is_sized_by_the_first_training_batch():
+    # found in review: an evaluation call first must not size the queue
+    queue = FeatureQueue(featkd.MMDLoss("linear"), batches=2)
+    queue.eval()
+    queue(torch.randn(64, 3), torch.randn(64, 3))
+    queue.train()
+    for _ in range(4):
+        queue(torch.randn(4, 3, requires_grad=True), torch.randn(4, 3))
+    assert queue.student_queue.shape == (8, 3)
+    assert int(queue.last_parts["population"]) == 12

@@ -34,7 +34,7 @@ class FeatureQueue(nn.Module):
     the queued rows (detached) and calls ``loss_fn`` on that population, then pushes the
     current rows into the queue, dropping the oldest. The queue holds raw student features: a
     projector inside ``loss_fn`` maps the whole population with its current weights. Memory
-    is fixed: ``batches`` times the first batch's size rows, allocated on the first call (the
+    is fixed: ``batches`` times the first training batch's size rows, allocated then (the
     queue's buffers, saved in ``state_dict`` with the write position). While the queue fills,
     the population is the batches seen so far. Calls under ``torch.no_grad()`` or in eval mode
     read the queue without pushing (evaluation does not pollute it).
@@ -92,14 +92,13 @@ class FeatureQueue(nn.Module):
         self, student: torch.Tensor, teacher: torch.Tensor, *, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         self._check(student, teacher, labels)
-        if self.student_queue.numel() == 0:
-            self._allocate(student, teacher, labels)
-        rows = slice(0, self._filled)
-        population_s = torch.cat([student, self.student_queue[rows]])
-        population_t = torch.cat([teacher.detach(), self.teacher_queue[rows]])
-        population_l = None
-        if labels is not None:
-            population_l = torch.cat([labels, self.label_queue[rows].to(labels.dtype)])
+        population_s, population_t, population_l = student, teacher.detach(), labels
+        if self._filled > 0:
+            rows = slice(0, self._filled)
+            population_s = torch.cat([student, self.student_queue[rows]])
+            population_t = torch.cat([population_t, self.teacher_queue[rows]])
+            if labels is not None:
+                population_l = torch.cat([labels, self.label_queue[rows].to(labels.dtype)])
         loss = self.loss_fn(population_s, population_t, labels=population_l)
         parts = dict(getattr(self.loss_fn, "last_parts", {}))
         parts["population"] = population_s.new_full((), float(population_s.shape[0])).detach()
@@ -146,6 +145,8 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def _push(self, student: torch.Tensor, teacher: torch.Tensor, labels: Any) -> None:
+        if self.student_queue.numel() == 0:  # sized by the first training batch
+            self._allocate(student, teacher, labels)
         capacity = self.student_queue.shape[0]
         count = min(student.shape[0], capacity)
         # the newest rows, written at the pointer and wrapping around the end

@@ -99,6 +99,12 @@ def multi_teacher_loss(
         raise FeatkdInputError(
             f"student: expected one tensor per teacher {sorted(names)}, got {sorted(student)}"
         )
+    for option, given in (("terms", terms), ("weights", weights), ("keep", keep)):
+        unknown = sorted(set(given) - set(names)) if isinstance(given, Mapping) else []
+        if unknown:  # a misspelt name would silently keep the default
+            raise FeatkdInputError(
+                f"{option}: expected keys among the teachers {sorted(names)}, got {unknown}"
+            )
     kinds = {n: terms for n in names} if isinstance(terms, str) else dict(terms)
     for name in names:
         check_choice(kinds.get(name), f"terms[{name!r}]", TERMS)

@@ -3,6 +3,7 @@ and how it picks the summary and patch tokens; plus the per-sample teacher dropp
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -103,6 +104,14 @@ class TeacherParts(nn.Module):
                 f"{name}: tokens={spec.tokens!r} matches patch tokens, expected (B, N, D) "
                 f"student and teacher, got {tuple(student.shape)} and {tuple(teacher.shape)}"
             )
+        if spec.tokens != "summary":
+            patches = teacher.shape[1] - spec.summary_tokens
+            side = math.isqrt(max(patches, 0))
+            if patches > 0 and side * side != patches:
+                raise ShapeError(
+                    f"{name}: expected a square grid of patch tokens after summary_tokens="
+                    f"{spec.summary_tokens}, got {patches} patches"
+                )
         if teacher.ndim == 3 and teacher.shape[1] <= spec.summary_tokens:
             raise ShapeError(
                 f"{name}: expected more than summary_tokens={spec.summary_tokens} tokens, got "
@@ -135,7 +144,7 @@ class TeacherParts(nn.Module):
                 target = teacher[:, spec.summary_tokens :]
                 prediction = self.head(student[:, student_prefix:])
                 if prediction.shape[1] != target.shape[1]:
-                    side = round(target.shape[1] ** 0.5)
+                    side = math.isqrt(target.shape[1])  # square: checked
                     prediction = align_tokens(
                         prediction, (side, side), num_prefix_tokens=0, name="student patches"
                     )

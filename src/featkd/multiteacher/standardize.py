@@ -94,7 +94,9 @@ class _RunningMoments(nn.Module):
 
     ``momentum=None`` is the cumulative average of every batch seen (what a fixed set of
     dataset statistics converges to); a number ``m`` is the exponential average
-    ``stat <- (1 - m) stat + m batch_stat``.
+    ``stat <- (1 - m) stat + m batch_stat`` (for the variance, the mixture's: plus
+    ``m (1 - m)`` times the squared shift of the means). The count is an integer buffer, so
+    ``.half()`` or ``.to(torch.bfloat16)`` never rounds it.
     """
 
     def __init__(self, dim: int, momentum: float | None, full: bool) -> None:
@@ -106,17 +108,19 @@ class _RunningMoments(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         shape = (dim, dim) if full else (dim,)
         self.register_buffer("second", torch.zeros(shape))  # E[x x^T] or E[x^2], centred later
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     def _update(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, self.dim).to(self.mean.dtype)
         n = rows.shape[0]
+        if n == 0:  # nothing to learn from; a mean over no rows would be NaN for good
+            return
         mean = rows.mean(dim=0)
         centred = rows - mean
         second = centred.mT @ centred / n if self.second.ndim == 2 else centred.square().mean(0)
         # combine (mean, centred second moment) pairs: exact for the cumulative average
         if self.momentum is None:
-            weight = (n / (self.count + n)).to(self.mean.dtype)
+            weight = (n / (self.count + n).double()).to(self.mean.dtype)
         else:  # the first batch sets the statistics
             weight = torch.where(self.count > 0, self.momentum, 1.0).to(self.mean.dtype)
         shift = mean - self.mean
@@ -131,6 +135,9 @@ class _RunningMoments(nn.Module):
 
 class RunningStandardize(_RunningMoments):
     """Per-channel standardisation ``(x - mean) / sqrt(var + eps)`` with running statistics.
+
+    In eval mode before any training call (no statistics yet) the batch's own statistics are
+    used, rather than dividing by ``sqrt(eps)``.
 
     Args:
         dim: channels ``D``.
@@ -157,8 +164,14 @@ class RunningStandardize(_RunningMoments):
         _check_width(x, self.dim, "x")
         if self.training:
             self._update(x)
-        scale = (self.second + self.eps).rsqrt()
-        return ((x.to(self.mean.dtype) - self.mean) * scale).to(x.dtype)
+        mean, var = self.mean, self.second
+        if not self.training:  # before any training call there are no statistics: the batch's
+            rows = x.detach().reshape(-1, self.dim).to(mean.dtype)
+            seen = self.count > 0
+            mean = torch.where(seen, mean, rows.mean(dim=0))
+            var = torch.where(seen, var, rows.var(dim=0, unbiased=False))
+        scale = (var + self.eps).rsqrt()
+        return ((x.to(self.mean.dtype) - mean) * scale).to(x.dtype)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Back to the teacher's units: ``y sqrt(var + eps) + mean``."""
@@ -182,7 +195,7 @@ class PHIStandardize(_RunningMoments):
 
     The transform is recomputed from the running statistics on each training call (one
     ``eigh``: on CUDA it synchronises once per call, like ZCA whitening) and kept in buffers,
-    so eval mode only applies it.
+    so eval mode only applies it; before any training call that transform is the identity.
 
     Args:
         dim: channels ``D`` (an order :func:`hadamard_matrix` builds).
