@@ -35,6 +35,7 @@ __all__ = [
     "CacheError",
     "Field",
     "block_checksum",
+    "dataset_length",
     "dtype_from_name",
     "dtype_name",
     "file_name",
@@ -58,6 +59,16 @@ class CacheError(FeatkdInputError):
     was expected and what was found. Recompute the cache with
     :func:`~featkd.cache_teacher_features` (``overwrite=True``) when its files are damaged.
     """
+
+
+def dataset_length(dataset: Any) -> int:
+    """``len(dataset)``, or an error naming ``dataset`` for one without a length."""
+    try:
+        return len(dataset)
+    except TypeError:
+        raise FeatkdInputError(
+            f"dataset: expected a map-style dataset with a length, got {type(dataset).__name__}"
+        ) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from featkd._checks import FeatkdInputError
 from featkd._options import check_bool
-from featkd.cache._format import CacheError
+from featkd.cache._format import CacheError, dataset_length
 from featkd.cache._random import random_transforms, reads_differ
 from featkd.cache.store import TeacherCache
 
@@ -81,12 +81,7 @@ class CachedTeacherDataset(Dataset):
             )
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
         check_bool(warn_random, "warn_random")
-        try:
-            length = len(dataset)
-        except TypeError:
-            raise FeatkdInputError(
-                f"dataset: expected a map-style dataset with a length, got {type(dataset).__name__}"
-            ) from None
+        length = dataset_length(dataset)
         if length != len(self.cache):
             raise CacheError(
                 f"dataset: has {length} samples, but the teacher cache {str(self.cache.path)!r} "

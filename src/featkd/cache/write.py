@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from featkd._checks import FeatkdInputError
 from featkd._options import check_bool, check_device, check_int
-from featkd.cache._format import FORMAT, VERSION, write_manifest
+from featkd.cache._format import FORMAT, VERSION, dataset_length, write_manifest
 from featkd.cache._writer import (
     FieldWriter,
     discard,
@@ -124,12 +124,7 @@ def cache_teacher_features(
         raise FeatkdInputError(f"input_fn: expected a callable, got {type(input_fn).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise FeatkdInputError(f"path: expected a folder path, got {type(path).__name__}")
-    try:
-        length = len(dataset)
-    except TypeError:
-        raise FeatkdInputError(
-            f"dataset: expected a map-style dataset with a length, got {type(dataset).__name__}"
-        ) from None
+    length = dataset_length(dataset)
     if length < 1:
         raise FeatkdInputError("dataset: expected at least one sample, got an empty dataset")
 
