@@ -305,6 +305,45 @@ def _cospress_steps(rank: int | None) -> list[dict]:
     return _sgd_steps(ddp, trainee, [_shard(t, EQUAL, rank) for t in inputs])
 
 
+class MultiTeacherTrainee(nn.Module):
+    """A token student with MultiTeacherLoss (its heads) inside, so one DDP wraps both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.features = nn.Linear(D_IN, D_S)
+        self.distill = featkd.MultiTeacherLoss(
+            D_S,
+            {
+                # stateless standardisers: running statistics differ by rank (DDP broadcasts
+                # rank 0's), which a full-batch reference cannot reproduce
+                "a": featkd.Teacher(D_T, normalize="layer_norm", tokens="both"),
+                "b": featkd.Teacher(3, head="orthogonal", term="cosine_smooth_l1"),
+            },
+        )
+        self.double()
+
+    def forward(self, x, teacher_a, teacher_b):
+        return self.distill(self.features(x), {"a": teacher_a, "b": teacher_b})
+
+
+def _multi_teacher_steps(rank: int | None) -> list[dict]:
+    """MultiTeacherLoss (per-sample terms) inside the student's DDP on ``rank``'s shard;
+    ``rank=None``: the single-process reference on the full batch."""
+    trainee = MultiTeacherTrainee()
+    g = torch.Generator().manual_seed(5)
+    n = sum(EQUAL)
+    inputs = [
+        torch.randn(n, 1 + 4, D_IN, generator=g, dtype=torch.float64),
+        torch.randn(n, 1 + 4, D_T, generator=g, dtype=torch.float64),
+        torch.randn(n, 1 + 4, 3, generator=g, dtype=torch.float64),
+    ]
+    if rank is None:
+        return _sgd_steps(trainee, trainee, inputs)
+    ddp = DistributedDataParallel(trainee)
+    return _sgd_steps(ddp, trainee, [_shard(t, EQUAL, rank) for t in inputs])
+
+
 class Staged(nn.Module):
     """A network given as stages; returns every stage's output, the last the logits."""
 
@@ -411,6 +450,10 @@ def _fcfd_steps(rank: int | None, wrap: str = "joint") -> list[dict]:
 
 def _scenario_ddp_cospress(rank):
     return {"states": _cospress_steps(rank)}
+
+
+def _scenario_ddp_multi_teacher(rank):
+    return {"states": _multi_teacher_steps(rank)}
 
 
 def _scenario_ddp_fcfd(rank):
@@ -610,6 +653,7 @@ SCENARIOS = {
     "ddp_separate": _scenario_ddp_separate,
     "ddp_unequal": _scenario_ddp_unequal,
     "ddp_cospress": _scenario_ddp_cospress,
+    "ddp_multi_teacher": _scenario_ddp_multi_teacher,
     "ddp_fcfd": _scenario_ddp_fcfd,
     "ddp_fcfd_separate": _scenario_ddp_fcfd_separate,
     "width_mismatch": _scenario_width_mismatch,
@@ -821,6 +865,7 @@ def test_ddp_step_equals_single_process_step(ranks, scenario, sizes):
 
 REAL_DDP_REFERENCES = {
     "ddp_cospress": lambda: _cospress_steps(None),
+    "ddp_multi_teacher": lambda: _multi_teacher_steps(None),
     "ddp_fcfd": lambda: _fcfd_steps(None),
     "ddp_fcfd_separate": lambda: _fcfd_steps(None),
 }
@@ -840,7 +885,10 @@ def test_ddp_steps_with_featkd_losses_equal_single_process_steps(ranks, scenario
                 msg = f"{scenario}, rank {rank}, step {step}: {name}"
                 torch.testing.assert_close(result[name], value, **TOL, msg=msg)
     # every parameter moved (student, head, every bridge), so the comparison is not vacuous
-    trainee = _cospress_trainee() if scenario == "ddp_cospress" else _fcfd_setup()[0]
+    trainee = {
+        "ddp_cospress": _cospress_trainee,
+        "ddp_multi_teacher": MultiTeacherTrainee,
+    }.get(scenario, lambda: _fcfd_setup()[0])()
     assert list(trainee.distill.parameters()), "the loss owns parameters"
     for name, _ in trainee.named_parameters():
         assert not torch.equal(expected[-1][name], expected[0][name]), name
