@@ -34,6 +34,7 @@ __all__ = [
     "check_feature_pair",
     "check_finite",
     "check_floating",
+    "check_label_range",
     "check_labels",
     "check_min_batch",
     "check_rank",
@@ -251,6 +252,16 @@ def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Te
     if not deferred_value_checks(labels) and bool((labels < 0).any()):
         raise ChoiceError(f"{name}: expected class indices >= 0, got a negative label")
     return labels
+
+
+def check_label_range(labels: torch.Tensor, limit: int, why: str) -> None:
+    """Class labels below ``limit`` (``why`` says where the limit comes from), read under the
+    policy of :func:`set_finite_check` like the other value checks."""
+    if not deferred_value_checks(labels) and bool((labels >= limit).any()):
+        raise ChoiceError(
+            f"labels: expected class indices < {limit} ({why}), got a maximum of "
+            f"{int(labels.max())}"
+        )
 
 
 def validate_features(

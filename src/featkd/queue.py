@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from featkd._checks import FeatkdInputError, ShapeError, check_labels, describe_shape
+from featkd._checks import (
+    FeatkdInputError,
+    ShapeError,
+    check_labels,
+    check_same_batch,
+    describe_shape,
+)
 from featkd._options import check_int
 
 __all__ = ["FeatureQueue"]
@@ -112,11 +118,7 @@ class FeatureQueue(nn.Module):
             if not isinstance(x, torch.Tensor) or x.ndim != 2:
                 shape = describe_shape(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ShapeError(f"{name}: expected (B, D) features for the queue, got {shape}")
-        if student.shape[0] != teacher.shape[0]:
-            raise ShapeError(
-                f"teacher: expected batch size {student.shape[0]} (the student's), got "
-                f"{teacher.shape[0]}"
-            )
+        check_same_batch(student, teacher, "student", "teacher")
         if labels is not None:
             check_labels(labels, student.shape[0])
         if self.student_queue.numel() == 0:

@@ -19,12 +19,12 @@ from featkd._checks import (
     ChoiceError,
     FeatkdInputError,
     ShapeError,
+    check_label_range,
     check_labels,
     check_min_batch,
     check_same_batch,
     check_same_device,
     check_width,
-    deferred_value_checks,
     describe_shape,
     validate_features,
 )
@@ -108,12 +108,8 @@ def validate_pair(
         return
     check_labels(labels, batch)
     check_same_device({"student": student, "labels": labels})
-    read_range = num_classes is not None and not deferred_value_checks(labels)
-    if read_range and bool((labels >= num_classes).any()):
-        raise ChoiceError(
-            f"labels: expected class indices < {num_classes} (num_classes), got a "
-            f"maximum of {int(labels.max())}"
-        )
+    if num_classes is not None:
+        check_label_range(labels, num_classes, "num_classes")
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -264,8 +260,4 @@ def check_joint_inputs(
         )
     if missing_side and (student_logits is not None or teacher_logits is not None):
         classes = (student_logits if student_logits is not None else teacher_logits).shape[1]
-        if not deferred_value_checks(labels) and bool((labels >= classes).any()):
-            raise ChoiceError(
-                f"labels: expected class indices < {classes} (the width of the logits), "
-                f"got a maximum of {int(labels.max())}"
-            )
+        check_label_range(labels, classes, "the width of the logits")

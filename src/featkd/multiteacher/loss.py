@@ -269,7 +269,6 @@ class MultiTeacherLoss(DistillationLoss):
                     f"teachers[{name!r}]: expected a featkd.Teacher under a str name without '/', got "
                     f"{type(spec).__name__}"
                 )
-        self.specs = dict(teachers)
         self.student_summary_tokens = check_int(
             student_summary_tokens, "student_summary_tokens", minimum=0
         )
@@ -291,6 +290,11 @@ class MultiTeacherLoss(DistillationLoss):
                     spec.patch_weight if section == "patches" else 1.0
                 )
 
+    @property
+    def specs(self) -> dict[str, Teacher]:
+        """Every teacher's :class:`Teacher`, by name (held by its parts)."""
+        return {name: part.spec for name, part in self.parts.items()}
+
     def forward(
         self,
         student: torch.Tensor,
@@ -307,7 +311,7 @@ class MultiTeacherLoss(DistillationLoss):
         """
         self._check(student, teachers)
         rate = self.teacher_drop if self.training else 0.0  # like dropout: training only
-        keep = draw_keep(self.generator, student, len(self.specs), rate)
+        keep = draw_keep(self.generator, student, len(self.parts), rate)
         tensors, names, kinds, masked, extra = [], [], [], [], {}
         for column, (name, part) in enumerate(self.parts.items()):
             mask = None if keep is None else keep[:, column]
@@ -335,16 +339,16 @@ class MultiTeacherLoss(DistillationLoss):
 
     def _check(self, student: Any, teachers: Any) -> None:
         validate_features(student, "student", _FEATURES, width=self.student_dim, symbol="D_s")
-        if not isinstance(teachers, Mapping) or set(teachers) != set(self.specs):
+        if not isinstance(teachers, Mapping) or set(teachers) != set(self.parts):
             given = sorted(teachers) if isinstance(teachers, Mapping) else type(teachers).__name__
             raise FeatkdInputError(
-                f"teachers: expected features for {sorted(self.specs)}, got {given}"
+                f"teachers: expected features for {sorted(self.parts)}, got {given}"
             )
         for name, part in self.parts.items():
             part.check(student, teachers[name], self.student_summary_tokens)
 
     def extra_repr(self) -> str:
-        text = f"student_dim={self.student_dim}, teachers={list(self.specs)}"
+        text = f"student_dim={self.student_dim}, teachers={list(self.parts)}"
         if self.teacher_drop:
             text += f", teacher_drop={self.teacher_drop}, seed={self.seed}"
         return text

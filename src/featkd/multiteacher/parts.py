@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd._checks import ChoiceError, ShapeError, check_same_device, validate_features
+from featkd._checks import (
+    ChoiceError,
+    ShapeError,
+    check_same_batch,
+    check_same_device,
+    validate_features,
+)
 from featkd.multiteacher.standardize import PHIStandardize, RunningStandardize
 from featkd.pooling import align_tokens
 from featkd.vkd.projector import OrthogonalProjector
@@ -66,8 +72,6 @@ def sections(spec: Any) -> list[str]:
 class TeacherParts(nn.Module):
     """One teacher's head, standardisers (one per section) and term module (if any)."""
 
-    sections = staticmethod(sections)
-
     def __init__(self, name: str, spec: Any, student_dim: int, teacher_drop: float) -> None:
         super().__init__()
         if spec.normalize not in NORMALIZERS:
@@ -93,18 +97,14 @@ class TeacherParts(nn.Module):
     def check(self, student: torch.Tensor, teacher: Any, student_prefix: int) -> None:
         name, spec = f"teachers[{self.name!r}]", self.spec
         validate_features(teacher, name, _FEATURES, width=spec.dim, symbol="D_t")
-        if teacher.shape[0] != student.shape[0]:
-            raise ShapeError(
-                f"{name}: expected batch size {student.shape[0]} (the student's), got "
-                f"{teacher.shape[0]}"
-            )
+        check_same_batch(student, teacher, "student", name)
         check_same_device({"student": student, name: teacher})
-        if spec.tokens != "summary" and (student.ndim != 3 or teacher.ndim != 3):
-            raise ShapeError(
-                f"{name}: tokens={spec.tokens!r} matches patch tokens, expected (B, N, D) "
-                f"student and teacher, got {tuple(student.shape)} and {tuple(teacher.shape)}"
-            )
         if spec.tokens != "summary":
+            if student.ndim != 3 or teacher.ndim != 3:
+                raise ShapeError(
+                    f"{name}: tokens={spec.tokens!r} matches patch tokens, expected (B, N, D) "
+                    f"student and teacher, got {tuple(student.shape)} and {tuple(teacher.shape)}"
+                )
             patches = teacher.shape[1] - spec.summary_tokens
             side = math.isqrt(max(patches, 0))
             if patches > 0 and side * side != patches:

@@ -94,7 +94,8 @@ def _squarings_on_device(
     # the terms j = degree + 1 .. degree + 79, all built on the device (no host-made tensor)
     j = torch.arange(degree + 1, degree + 80, device=device)
     a, b = j // q, j % q
-    log_nb = torch.where(b > 0, log_norms[b], torch.zeros_like(log_norms[b]))
+    gathered = log_norms[b]
+    log_nb = torch.where(b > 0, gathered, torch.zeros_like(gathered))
     blocked = a.to(dtype) * log_norms[q] + log_nb
     j_t = j.to(dtype)
     power = torch.minimum(blocked, j_t * log_norms[1])
