@@ -150,11 +150,31 @@ def student_steps(device: torch.device, quick: bool, repeats: int) -> tuple[dict
 # ------------------------------------------------------------------------- losses and heads
 
 
+class TorchPath(nn.Module):
+    """The wrapped loss with featkd's fused kernels off: the torch path, timed beside them."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        previous = featkd.set_fused_kernels("off")
+        try:
+            return self.loss(*args, **kwargs)
+        finally:
+            featkd.set_fused_kernels(previous)
+
+
 def loss_and_head_cases(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.Module], str]]:
     """overhead.py's losses plus the heads; name -> (factory, input kind)."""
     cases = dict(overhead.loss_builders(d_s, d_t))
     cases.update(
         {
+            # with the fused Triton kernels (the default on CUDA) above, without them here
+            "CosPressLoss (tokens, torch path)": (
+                lambda: TorchPath(featkd.CosPressLoss(student_dim=d_s, teacher_dim=d_t)),
+                "tokens",
+            ),
             "OrthogonalProjector (matrix_exp)": (
                 lambda: featkd.OrthogonalProjector(d_s, d_t),
                 "head-student",
@@ -338,7 +358,13 @@ def markdown(result: dict) -> str:
     lines = [
         f"# GPU results: {meta['device']}",
         "",
-        f"torch {meta['torch']}, featkd {meta['featkd']}, {meta['date']}; command "
+        f"torch {meta['torch']}, featkd {meta['featkd']}, "
+        + (
+            ""
+            if "triton" not in meta
+            else f"triton {meta['triton'] or 'absent (no fused kernels)'}, "
+        )
+        + f"{meta['date']}; command "
         f"`{meta['command']}`; {meta['seconds']:.0f} s in all."
         + (f" Note: {meta['note']}." if meta.get("note") else ""),
         "",
@@ -386,6 +412,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def triton_version() -> str | None:
+    """Triton's version if installed: without it the fused kernels fall back to torch."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -421,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": name or device.type,
         "torch": torch.__version__,
         "featkd": featkd.__version__,
+        "triton": triton_version(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/gpu.py" + (" --quick" if args.quick else ""),
         "batch": batch,

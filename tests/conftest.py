@@ -3,9 +3,17 @@ every test that takes ``dtype`` runs in float32 and float64."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Triton picks compiling or interpreting for its own library when first imported; without a
+    # GPU, interpreting lets tests/test_cospress_fused.py run the fused kernels on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64]

@@ -13,6 +13,7 @@ from featkd._checks import (
     ShapeError,
     set_finite_check,
 )
+from featkd._fused import set_fused_kernels
 from featkd._loss import FrozenParametersWarning, StudentGradientWarning
 from featkd.cache import (
     CachedTeacherDataset,
@@ -100,5 +101,6 @@ __all__ = [
     "orthogonality_error",
     "pool",
     "set_finite_check",
+    "set_fused_kernels",
     "to_tokens",
 ]

@@ -16,6 +16,7 @@ Unchecked: callers validate, and run these in the working dtype with autocast of
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from featkd._checks import ChoiceError
+from featkd._fused import fused_kernels_enabled
 from featkd._options import check_number
 from featkd._sync import device_values
 from featkd.cospress._cosine import cosine_matrix
@@ -41,6 +43,8 @@ _EXP_FLOOR = -80.0
 # Bound on the elements of one (s, t, M, M) block; a block keeps about five such tensors alive.
 # 2**24 float32 elements = 64 MiB; measured in benchmarks/cospress_vs_proteus.py.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Longest set the fused kernels take (one program holds a row of the cosine matrix).
+_MAX_FUSED_SET = 4096
 
 
 def check_temperatures(temperatures: Sequence[float]) -> tuple[float, ...]:
@@ -144,6 +148,15 @@ class _NeighbourhoodKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sim_ref, sim_cand, inv_tau, full, chunk_elements):
         num_sets, size, _ = sim_cand.shape
+        ctx.fused = _fused_kl(sim_cand)
+        if ctx.fused:
+            kl_triton = importlib.import_module("featkd.cospress._kl_triton")
+            per_set, grad_sim = kl_triton.neighbourhood_kl(
+                sim_ref, sim_cand, inv_tau, full, ctx.needs_input_grad[1]
+            )
+            # the gradient came with the value: the backward only scales it
+            ctx.save_for_backward(grad_sim)
+            return per_set
         num_temps = inv_tau.numel()
         per_set = sim_cand.new_zeros(num_sets)
         for sets, temps in _blocks(num_sets, num_temps, size, chunk_elements):
@@ -168,9 +181,12 @@ class _NeighbourhoodKL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_per_set):
-        sim_ref, sim_cand, inv_tau = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:
             return None, None, None, None, None
+        if ctx.fused:
+            (grad_sim,) = ctx.saved_tensors
+            return None, grad_per_set.view(-1, 1, 1) * grad_sim, None, None, None
+        sim_ref, sim_cand, inv_tau = ctx.saved_tensors
         num_sets, size, _ = sim_cand.shape
         num_temps = inv_tau.numel()
         grad_sim = torch.zeros_like(sim_cand)
@@ -192,6 +208,15 @@ class _NeighbourhoodKL(torch.autograd.Function):
             scale = grad_per_set[sets].view(-1, 1) * inv_tau[temps].view(1, -1) / num_temps
             grad_sim[sets] += torch.einsum("stij,st->sij", grad_z, scale)
         return None, grad_sim, None, None, None
+
+
+def _fused_kl(sim: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels compute this KL: float32, sets of at most 4096."""
+    return (
+        sim.dtype == torch.float32
+        and sim.shape[-1] <= _MAX_FUSED_SET
+        and fused_kernels_enabled(sim)
+    )
 
 
 def neighbourhood_kl_per_set(
