@@ -49,3 +49,35 @@ def test_sync_counter_sees_a_host_read():
     assert count == 1 and ops == ["aten::nonzero"]
     count, _ = bench.count_syncs(lambda: (x * 2).sum(), torch.device("cpu"))
     assert count == 0
+
+
+def load_launch_counter():
+    load_benchmark()  # puts benchmarks/ on sys.path for gpu.py
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_launches", ROOT / "benchmarks" / "launches.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launch_counter_counts_kernels_not_views():
+    launches = load_launch_counter()
+    x = torch.randn(4, 3)
+    with launches.CountLaunches() as mode:
+        y = x.t()[:2].unsqueeze(0)  # views: no kernel
+        torch.empty(3)  # an allocation: no kernel
+        (y * 2).sum()  # two kernels
+        y.reshape(-1)  # a copy: y is not contiguous
+    assert dict(mode.ops) == {"aten.mul": 1, "aten.sum": 1, "aten.clone": 1}
+
+
+def test_launch_counts_quick(tmp_path):
+    launches = load_launch_counter()
+    result = launches.main(["--quick", "--out", str(tmp_path), "--label", "smoke"])
+    counts = {name: sum(ops.values()) for name, ops in result["launches"].items()}
+    assert {"KDLoss", "CosPressLoss (tokens)", "OrthogonalProjector (matrix_exp)"} <= set(counts)
+    assert all(n > 0 for n in counts.values())
+    # the accelerator path reads nothing back: no host read among the counted operations
+    assert not any("_local_scalar_dense" in ops for ops in result["launches"].values())
+    assert "| KDLoss |" in (tmp_path / "launches-smoke.md").read_text()

@@ -20,7 +20,7 @@ from host_sync import record_host_syncs
 from loss_cases import CASES, Case
 
 import featkd
-from featkd._sync import simulate_accelerator
+from featkd._sync import device_values, simulate_accelerator
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +71,21 @@ def test_fcfd_syncs_only_to_draw_its_paths(num_paths, syncs):
     with record_host_syncs() as recorded:
         fcfd(stage_outputs(student, images), stage_outputs(teacher, images)).backward()
     assert recorded == syncs
+
+
+def test_device_values_are_filled_once_and_kept():
+    """Constants (temperatures, bandwidths) cost their fills on the first call only."""
+    x = torch.zeros(3, dtype=torch.float64)
+    first = device_values((0.5, 2), x)
+    assert first.dtype == torch.float64 and first.tolist() == [0.5, 2.0]
+    assert device_values([0.5, 2.0], x) is first
+    assert device_values((0.5, 2), x.float()) is not first  # per dtype (and device)
+    assert device_values((0.5, 3), x).tolist() == [0.5, 3.0]
+
+
+def test_device_values_first_made_under_inference_mode_serve_autograd():
+    with torch.inference_mode():
+        device_values((0.25, 4.0), torch.zeros(1))
+    x = torch.ones(2, requires_grad=True)
+    (x * device_values((0.25, 4.0), x)).sum().backward()  # autograd saves the constant
+    assert x.grad.tolist() == [0.25, 4.0]

@@ -28,13 +28,33 @@ def sync_free(x: torch.Tensor) -> bool:
     return _SIMULATED or x.device.type != "cpu" or torch.compiler.is_compiling()
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+_MAX_CONSTANTS = 64
+
+
 def device_values(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """The Python numbers ``values`` as a 1-D tensor of ``like``'s dtype, filled on its device.
+    Read-only: the same tensor is returned for the same numbers, device and dtype.
 
     ``torch.tensor(values, device=...)`` builds the tensor on the host and copies it, and a
-    copy from pageable host memory synchronises on CUDA, once per call.
+    copy from pageable host memory synchronises on CUDA, once per call. Filling on the device
+    costs one kernel per number, so the result is kept (the options of a loss are few and fixed)
+    and later calls launch none; not while ``torch.compile`` traces (the graph holds the
+    constants) or a CUDA graph is captured (its memory belongs to the graph).
     """
-    return torch.stack([like.new_full((), float(v)) for v in values])
+    values = tuple(float(v) for v in values)
+    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.stack([like.new_full((), v) for v in values])
+    key = (values, like.device, like.dtype)
+    cached = _CONSTANTS.get(key)
+    if cached is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()  # a long-running process sweeping options: start afresh
+        # a normal tensor even when first asked for under inference_mode, so that autograd can
+        # save it later
+        with torch.inference_mode(False):
+            cached = _CONSTANTS[key] = torch.stack([like.new_full((), v) for v in values])
+    return cached
 
 
 @contextlib.contextmanager

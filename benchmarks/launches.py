@@ -1,0 +1,180 @@
+"""Kernel launches per forward+backward of every loss and head, counted on the CPU.
+
+On a GPU a loss at these sizes is latency-bound: its time is roughly its number of kernel
+launches times a few microseconds, whatever the arithmetic. Each aten operation that is not a
+view launches (at least) one kernel, so counting them on the CPU, on the accelerator path
+(``featkd._sync.simulate_accelerator``), gives a machine-independent measure of that latency
+that CI can run without a GPU. ``--src`` counts another checkout's featkd with the same cases,
+so two versions can be compared side by side (cases it cannot build are left blank).
+
+    python benchmarks/launches.py                              # this checkout
+    python benchmarks/launches.py --src /tmp/base/src --label base --out /tmp/base-launches
+
+Sizes are those of ``benchmarks/gpu.py`` (B=256, N=197, D_s=192, D_t=768); ``--quick`` uses
+tiny ones. Writes ``launches-<label>.{json,md}`` (default label ``cpu``, into
+``benchmarks/results``). Fused Triton kernels do not run on CPU: CosPress is counted on its
+torch path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+RESULTS = Path(__file__).parent / "results"
+# operations that launch no kernel although torch does not mark them as views: allocations,
+# metadata changes in place, and Python scalars wrapped as host tensors (``where(c, x, 0.0)``)
+NO_KERNEL = {
+    "aten._unsafe_view", "aten.scalar_tensor", "aten.lift_fresh",
+    "aten.empty", "aten.empty_like", "aten.new_empty", "aten.empty_strided",
+    "aten.new_empty_strided", "aten.squeeze_", "aten.unsqueeze_", "aten.t_", "aten.transpose_",
+    "aten.as_strided_",
+}  # fmt: skip
+
+
+class CountLaunches(TorchDispatchMode):
+    """Counts the aten operations that launch a kernel: not views, not in ``NO_KERNEL``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if func.namespace == "aten" and not func.is_view and name not in NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def accelerator_path():
+    """featkd's accelerator path on CPU tensors, where this featkd has one."""
+    try:
+        return importlib.import_module("featkd._sync").simulate_accelerator()
+    except (ImportError, AttributeError):  # older featkd: one path for every device
+        return contextlib.nullcontext()
+
+
+def count(step) -> Counter[str]:
+    step()  # a first call: lazy buffers, warnings, caches
+    with accelerator_path(), CountLaunches() as mode:
+        step()
+    return mode.ops
+
+
+def cases(batch: int, tokens: int, d_s: int, d_t: int):
+    """name -> step, from gpu.py's losses and heads (built here, so a case a featkd cannot
+    build is None)."""
+    import gpu
+
+    gen = torch.Generator().manual_seed(0)
+    raw = {
+        "tokens": (torch.randn(batch, tokens, d_s, generator=gen), torch.randn(batch, tokens, d_t, generator=gen)),
+        "pooled": (torch.randn(batch, d_s, generator=gen), torch.randn(batch, d_t, generator=gen)),
+        "logits": (torch.randn(batch, 1000, generator=gen), torch.randn(batch, 1000, generator=gen)),
+    }  # fmt: skip
+    labels = torch.randint(10, (batch,), generator=gen)
+    steps = {}
+    for name, (factory, kind) in gpu.loss_and_head_cases(d_s, d_t).items():
+        try:
+            module = factory()
+        except (TypeError, AttributeError):  # an option or class this featkd lacks
+            steps[name] = None
+            continue
+        if kind.startswith("head"):
+            x = raw["pooled"][0 if kind == "head-student" else 1].clone().requires_grad_()
+            steps[name] = lambda m=module, x=x: m(x).square().mean().backward()
+        else:
+            s, t = raw[kind][0].clone().requires_grad_(), raw[kind][1]
+            steps[name] = lambda m=module, s=s, t=t: m(s, t, labels=labels).backward()
+    return steps
+
+
+def source_commit(path: Path) -> str:
+    """The git commit of the checkout ``path`` lies in (and whether it has changes)."""
+    git = ["git", "-C", str(path.parent)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "an installed featkd"
+    return commit.stdout.strip() + (" with changes" if dirty.stdout.strip() else "")
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"# Kernel launches per forward+backward ({meta['label']})",
+        "",
+        f"featkd at `{meta['src']}`, torch {meta['torch']}, {meta['date']}; B={meta['batch']}, "
+        f"N={meta['tokens']}, D_s={meta['d_s']}, D_t={meta['d_t']}; aten operations that launch "
+        "a kernel, on the accelerator path, counted on the CPU (`python benchmarks/launches.py`).",
+        "",
+        "| loss or head | launches | most frequent |",
+        "|---|---:|---|",
+    ]
+    for name, ops in result["launches"].items():
+        if ops is None:
+            lines.append(f"| {name} | n/a | |")  # a case this featkd cannot build
+            continue
+        top = ", ".join(f"{op} {n}" for op, n in Counter(ops).most_common(3))
+        lines.append(f"| {name} | {sum(ops.values())} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", type=Path, help="a checkout's src/ to import featkd from")
+    parser.add_argument("--label", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.src:
+        sys.path.insert(0, str(args.src.resolve()))
+    sys.path.insert(0, str(Path(__file__).parent))  # gpu.py and its siblings
+    import featkd
+
+    torch.manual_seed(0)
+    sizes = (8, 5, 12, 24) if args.quick else (256, 197, 192, 768)
+    result = {"launches": {}}
+    for name, step in cases(*sizes).items():
+        try:
+            result["launches"][name] = None if step is None else dict(count(step))
+        except AttributeError:  # a function this featkd lacks (set_fused_kernels)
+            result["launches"][name] = None
+        ops = result["launches"][name]
+        total = "n/a" if ops is None else sum(ops.values())
+        print(f"{name:<45} {total}", flush=True)
+    result["meta"] = {
+        "label": args.label,
+        "src": source_commit(Path(featkd.__file__)),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        **dict(zip(("batch", "tokens", "d_s", "d_t"), sizes, strict=True)),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"launches-{args.label}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"saved {stem}.json/.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
