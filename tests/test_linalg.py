@@ -261,3 +261,12 @@ def test_zca_whitener_gradient_with_coincident_eigenvalues():
     _normalization.zca_whitener(cov, shift).trace().backward()
     expected = -0.5 * (c + shift) ** -1.5 * torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(cov.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_squarings_refuse_a_second_derivative():
+    """Their backward is hand-written for one derivative: a second one raises, not lies."""
+    gen = _random_generator(3, 9, 6.0).requires_grad_()
+    out = _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(gen), max_squarings=6)
+    (grad,) = torch.autograd.grad(out.sum(), gen, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

@@ -13,11 +13,11 @@ guards): inside it, CPU tensors are treated as if they lived on a GPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-__all__ = ["device_values", "simulate_accelerator", "sync_free"]
+__all__ = ["device_constant", "device_values", "simulate_accelerator", "sync_free"]
 
 _SIMULATED = False
 
@@ -32,29 +32,39 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _MAX_CONSTANTS = 64
 
 
+def device_constant(key: Hashable, like: torch.Tensor, make: Callable[[], torch.Tensor]):
+    """The tensor ``make()`` builds on ``like``'s device, built once per ``key``, device and
+    dtype and then kept: read-only, for tables a computation needs in every call.
+
+    Not kept while ``torch.compile`` traces (the graph holds its constants) or a CUDA graph is
+    captured (its memory belongs to the graph); made outside inference mode, so that autograd
+    can save it later.
+    """
+    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return make()
+    full_key = (key, like.device, like.dtype)
+    cached = _CONSTANTS.get(full_key)
+    if cached is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()  # a long-running process sweeping options: start afresh
+        with torch.inference_mode(False):
+            cached = _CONSTANTS[full_key] = make()
+    return cached
+
+
 def device_values(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """The Python numbers ``values`` as a 1-D tensor of ``like``'s dtype, filled on its device.
     Read-only: the same tensor is returned for the same numbers, device and dtype.
 
     ``torch.tensor(values, device=...)`` builds the tensor on the host and copies it, and a
     copy from pageable host memory synchronises on CUDA, once per call. Filling on the device
-    costs one kernel per number, so the result is kept (the options of a loss are few and fixed)
-    and later calls launch none; not while ``torch.compile`` traces (the graph holds the
-    constants) or a CUDA graph is captured (its memory belongs to the graph).
+    costs one kernel per number, so the result is kept (:func:`device_constant`: the options
+    of a loss are few and fixed) and later calls launch none.
     """
     values = tuple(float(v) for v in values)
-    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return torch.stack([like.new_full((), v) for v in values])
-    key = (values, like.device, like.dtype)
-    cached = _CONSTANTS.get(key)
-    if cached is None:
-        if len(_CONSTANTS) >= _MAX_CONSTANTS:
-            _CONSTANTS.clear()  # a long-running process sweeping options: start afresh
-        # a normal tensor even when first asked for under inference_mode, so that autograd can
-        # save it later
-        with torch.inference_mode(False):
-            cached = _CONSTANTS[key] = torch.stack([like.new_full((), v) for v in values])
-    return cached
+    return device_constant(
+        ("values", values), like, lambda: torch.stack([like.new_full((), v) for v in values])
+    )
 
 
 @contextlib.contextmanager

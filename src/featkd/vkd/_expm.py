@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from featkd._sync import sync_free
+from featkd._sync import device_constant, sync_free
 
 __all__ = ["expm_columns"]
 
@@ -90,20 +90,40 @@ def _squarings_on_device(
     """Fewest squarings ``s <= max_squarings`` meeting the remainder bound of :func:`_plan` at
     a fixed degree, computed on the device (no host synchronisation)."""
     q = log_norms.shape[0] - 1
-    dtype, device = log_norms.dtype, log_norms.device
-    # the terms j = degree + 1 .. degree + 79, all built on the device (no host-made tensor)
-    j = torch.arange(degree + 1, degree + 80, device=device)
-    a, b = j // q, j % q
-    gathered = log_norms[b]
-    log_nb = torch.where(b > 0, gathered, torch.zeros_like(gathered))
-    blocked = a.to(dtype) * log_norms[q] + log_nb
-    j_t = j.to(dtype)
-    power = torch.minimum(blocked, j_t * log_norms[1])
-    log_fact = torch.lgamma(j_t + 1)
-    s = torch.arange(max_squarings + 1, dtype=dtype, device=device)
-    log_scale = log_rho - s * math.log(2.0)
-    bounds = torch.logsumexp(power - log_fact + j_t * log_scale[:, None], dim=1)
-    return (bounds > math.log(tol)).sum().clamp(max=max_squarings).to(dtype)
+    rows = 20  # the terms j = degree + 1 .. degree + 20 q, as a (rows, q) grid
+    grid = rows * q
+
+    def make() -> torch.Tensor:
+        # packed [a | j | log j! | j s log 2], built on the device once (no host-made tensor)
+        j = torch.arange(
+            degree + 1, degree + 1 + grid, dtype=torch.float64, device=log_norms.device
+        )
+        s = torch.arange(max_squarings + 1, dtype=torch.float64, device=j.device)
+        parts = [
+            j // q,
+            j,
+            torch.lgamma(j + 1),
+            (s[:, None] * j * math.log(2.0)).flatten(),
+        ]
+        return torch.cat(parts).to(log_norms.dtype)
+
+    table = device_constant(("expm bound", degree, q, max_squarings), log_norms, make)
+    a, j, log_fact = (table[i * grid : (i + 1) * grid].view(rows, q) for i in range(3))
+    j_s_log2 = table[3 * grid :].view(max_squarings + 1, grid)
+    # degree is a multiple of q, so column c holds the terms j = a q + (c + 1) mod q:
+    # ||Y^j|| <= ||Y^q||^a ||Y^b|| needs log_norms[1], .., log_norms[q - 1], log_norms[0]
+    blocked = torch.addcmul(log_norms[:q].roll(-1), a, log_norms[q])
+    power = torch.minimum(blocked, j * log_norms[1])
+    per_term = torch.addcmul(power - log_fact, j, log_rho).view(1, grid)
+    bounds = torch.logsumexp(per_term - j_s_log2, dim=1)  # X = Y rho / 2^s, row s
+    return (bounds > math.log(tol)).sum().clamp(max=max_squarings).to(log_norms.dtype)
+
+
+def _start_vectors(like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Four fixed, well-spread start vectors (golden-ratio sequence; no RNG use): ``(dim, 4)``."""
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    seeds = torch.arange(1, 4 * dim + 1, dtype=like.dtype, device=like.device) * golden
+    return (seeds - seeds.floor() - 0.5).reshape(dim, 4)
 
 
 def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.Tensor:
@@ -114,16 +134,18 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
     ``Y^q`` the bound is ``min(||Y^q||_F, 1.1 * estimate)``, the estimate from a few steps of
     block power iteration on ``Y^{qT} Y^q`` (four fixed start vectors, no RNG use).
     """
-    top = powers[-1].detach()
+    tiny = torch.finfo(powers[-1].dtype).tiny
+    norms = torch.stack([p.detach().norm() for p in powers[1:]])
+    frobenius = norms[-1].clamp_min(tiny)
+    # scaled by its Frobenius norm, the Gram's top eigenvalue lies in [1 / dim, 1]: the steps
+    # need no normalisation of their own (dim^-iterations is far above float32's tiny)
+    top = powers[-1].detach() / frobenius
     dim = top.shape[-1]
-    golden = (math.sqrt(5.0) - 1.0) / 2.0
-    seeds = torch.arange(1, 4 * dim + 1, dtype=top.dtype, device=top.device) * golden
-    v = (seeds - seeds.floor() - 0.5).reshape(dim, 4)
+    v = device_constant(("power iteration start", dim), top, lambda: _start_vectors(top, dim))
     for _ in range(iterations):
         v = ((top @ v).mT @ top).mT  # Y^T Y v without transposing Y
-        v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(top.dtype).tiny)
-    estimate = (top @ v).norm(dim=0).max()
-    norms = torch.stack([p.detach().norm() for p in powers[1:]])
+    v = v / v.norm(dim=0, keepdim=True).clamp_min(tiny)
+    estimate = (top @ v).norm(dim=0).max() * frobenius
     norms = torch.cat([norms[:-1], torch.minimum(norms[-1], 1.1 * estimate)[None]])
     return torch.cat([norms.new_zeros(1), norms.log()])
 
@@ -157,18 +179,24 @@ def _taylor_coefficients(
     ``1 / (degree + shift)!``: the Taylor coefficients of ``exp`` (``shift = 0``) or ``phi1``
     (``shift = 1``) with ``scale^j`` folded into the block coefficients."""
     blocks = degree // q
-    # built on the device, not copied from the host: k! by a running product, which for
-    # k <= 27 (degrees here stop at 25) gives exactly the floats 1 / math.factorial(k) gives
-    count = degree + shift
-    k = torch.arange(count, dtype=torch.float64, device=like.device)
-    inverse_factorials = 1.0 / k.clamp_min(1).cumprod(0)
-    index = torch.arange(blocks * q, device=like.device).view(blocks, q) + shift
-    exponents = torch.arange(q, dtype=torch.float64, device=like.device)
+
+    def make() -> torch.Tensor:
+        # built on the device, not copied from the host: k! by a running product, which for
+        # k <= 27 (degrees here stop at 25) gives exactly the floats 1 / math.factorial(k) gives
+        k = torch.arange(degree + shift, dtype=torch.float64, device=like.device)
+        inverse_factorials = 1.0 / k.clamp_min(1).cumprod(0)
+        index = torch.arange(blocks * q, device=like.device) + shift
+        exponents = torch.arange(q, dtype=torch.float64, device=like.device)
+        return torch.cat([inverse_factorials[index], exponents])
+
+    table = device_constant(("taylor", degree, shift, q), like, make)
+    exponents = table[blocks * q :]
     if isinstance(scale, torch.Tensor):
         powers = scale.to(torch.float64) ** exponents
     else:
         powers = torch.pow(scale, exponents)
-    return inverse_factorials[index] * powers, 1.0 / math.factorial(degree + shift)
+    top = 1.0 / math.factorial(degree + shift)
+    return table[: blocks * q].view(blocks, q) * powers, top
 
 
 def expm_columns(
@@ -234,7 +262,39 @@ def expm_columns(
     expo = _ps_polynomial(stacked, coeffs, top, x_q, lambda v: x_q @ v)
     if max_squarings == 0:
         return expo[:, columns], None
-    for step in range(max_squarings - 1):
-        expo = torch.where(needed > step, expo @ expo, expo)
-    last = torch.where(needed > max_squarings - 1, expo @ expo[:, columns], expo[:, columns])
-    return last, None
+    steps = torch.arange(max_squarings, dtype=dtype, device=device)
+    return _MaskedSquarings.apply(expo, needed > steps, columns), None
+
+
+class _MaskedSquarings(torch.autograd.Function):
+    """``E <- E @ E`` where ``masks[i]`` (the squarings the device found needed), ``len(masks)``
+    times, the last one on ``columns`` only.
+
+    Its own backward because autograd would spend six kernels per step (two ``where``, two
+    products, two accumulations) where three do: ``G <- where(m, G E^T + E^T G, G)``.
+    """
+
+    @staticmethod
+    def forward(ctx, expo: torch.Tensor, masks: torch.Tensor, columns: slice) -> torch.Tensor:
+        inputs = []
+        for step in range(masks.shape[0] - 1):
+            inputs.append(expo)
+            expo = torch.where(masks[step], expo @ expo, expo)
+        cols = expo[:, columns]
+        ctx.save_for_backward(masks, expo, *inputs)
+        ctx.columns = columns
+        return torch.where(masks[-1], expo @ cols, cols)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        masks, expo, *inputs = ctx.saved_tensors
+        start, stop, _ = ctx.columns.indices(expo.shape[1])
+        # last step: out = E @ E[:, cols] (masked) or E[:, cols]
+        through_cols = torch.where(masks[-1], expo.mT @ grad, grad)
+        full = torch.nn.functional.pad(through_cols, (start, expo.shape[1] - stop))
+        full = torch.addmm(full, torch.where(masks[-1], grad, 0.0), expo[:, start:stop].mT)
+        for step in range(len(inputs) - 1, -1, -1):
+            e = inputs[step]
+            full = torch.where(masks[step], torch.addmm(e.mT @ full, full, e.mT), full)
+        return full, None, None

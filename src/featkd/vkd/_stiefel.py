@@ -117,12 +117,14 @@ class _Gram(torch.autograd.Function):
 def _balance_factor(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     """``r ~ sqrt(lambda_max(G))`` by power iteration, detached. Any ``r > 0`` gives the same
     exponential exactly; a good one keeps the balanced companion's norm close to ``||A||``."""
-    g = gram.detach()
-    v = torch.ones(g.shape[0], 1, dtype=g.dtype, device=g.device) / math.sqrt(g.shape[0])
+    tiny = torch.finfo(gram.dtype).tiny
+    scale = gram.detach().norm().clamp_min(tiny)
+    # G / ||G||_F has its top eigenvalue in [1 / k, 1]: the steps need no normalisation
+    g = gram.detach() / scale
+    v = g.new_full((g.shape[0], 1), 1.0 / math.sqrt(g.shape[0]))
     for _ in range(iterations):
         v = g @ v
-        v = v / v.norm().clamp_min(torch.finfo(g.dtype).tiny)
-    lam = (v.mT @ g @ v).squeeze()
+    lam = (v.mT @ (g @ v)).squeeze() / v.square().sum().clamp_min(tiny) * scale
     return lam.clamp_min(torch.finfo(g.dtype).eps ** 2).sqrt()
 
 
