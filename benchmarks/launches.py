@@ -9,6 +9,8 @@ so two versions can be compared side by side (cases it cannot build are left bla
 
     python benchmarks/launches.py                              # this checkout
     python benchmarks/launches.py --src /tmp/base/src --label base --out /tmp/base-launches
+    python benchmarks/launches.py --render benchmarks/results/launches-cpu.json \\
+        --baseline /tmp/base-launches/launches-base.json      # the two side by side
 
 Sizes are those of ``benchmarks/gpu.py`` (B=256, N=197, D_s=192, D_t=768); ``--quick`` uses
 tiny ones. Writes ``launches-<label>.{json,md}`` (default label ``cpu``, into
@@ -101,14 +103,15 @@ def cases(batch: int, tokens: int, d_s: int, d_t: int):
 
 
 def source_commit(path: Path) -> str:
-    """The git commit of the checkout ``path`` lies in (and whether it has changes)."""
+    """The git commit of the checkout the package file ``path`` lies in, and whether the
+    package has uncommitted changes."""
     git = ["git", "-C", str(path.parent)]
     try:
         commit = subprocess.run(
             [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
         dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
+            [*git, "status", "--porcelain", "--untracked-files=no", "."],
             capture_output=True,
             text=True,
             check=True,
@@ -118,7 +121,8 @@ def source_commit(path: Path) -> str:
     return commit.stdout.strip() + (" with changes" if dirty.stdout.strip() else "")
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, baseline: dict | None = None) -> str:
+    """The table of ``result``, with a column for ``baseline`` (another run's result) if given."""
     meta = result["meta"]
     lines = [
         f"# Kernel launches per forward+backward ({meta['label']})",
@@ -126,16 +130,24 @@ def markdown(result: dict) -> str:
         f"featkd at `{meta['src']}`, torch {meta['torch']}, {meta['date']}; B={meta['batch']}, "
         f"N={meta['tokens']}, D_s={meta['d_s']}, D_t={meta['d_t']}; aten operations that launch "
         "a kernel, on the accelerator path, counted on the CPU (`python benchmarks/launches.py`).",
-        "",
-        "| loss or head | launches | most frequent |",
-        "|---|---:|---|",
     ]
+    if baseline is None:
+        lines += ["", "| loss or head | launches | most frequent |", "|---|---:|---|"]
+    else:
+        base = baseline["meta"]
+        lines += [
+            f"The baseline column is featkd at `{base['src']}` ({base['label']}), same cases and sizes.",
+            "",
+            f"| loss or head | launches | {base['label']} | most frequent |",
+            "|---|---:|---:|---|",
+        ]
     for name, ops in result["launches"].items():
-        if ops is None:
-            lines.append(f"| {name} | n/a | |")  # a case this featkd cannot build
-            continue
-        top = ", ".join(f"{op} {n}" for op, n in Counter(ops).most_common(3))
-        lines.append(f"| {name} | {sum(ops.values())} | {top} |")
+        cells = [name, "n/a" if ops is None else str(sum(ops.values()))]
+        if baseline is not None:
+            old = baseline["launches"].get(name)
+            cells.append("n/a" if old is None else str(sum(old.values())))
+        top = "" if ops is None else ", ".join(f"{op} {n}" for op, n in Counter(ops).most_common(3))
+        lines.append("| " + " | ".join([*cells, top]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +157,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline", type=Path, help="another run's JSON, shown beside")
+    parser.add_argument("--render", type=Path, help="rewrite this JSON's markdown, run nothing")
     args = parser.parse_args(argv)
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(result, baseline))
+        return result
     if args.src:
         sys.path.insert(0, str(args.src.resolve()))
     sys.path.insert(0, str(Path(__file__).parent))  # gpu.py and its siblings
@@ -172,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"launches-{args.label}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
+    stem.with_suffix(".md").write_text(markdown(result, baseline))
     print(f"saved {stem}.json/.md")
     return result
 

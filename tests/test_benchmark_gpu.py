@@ -81,3 +81,8 @@ def test_launch_counts_quick(tmp_path):
     # the accelerator path reads nothing back: no host read among the counted operations
     assert not any("_local_scalar_dense" in ops for ops in result["launches"].values())
     assert "| KDLoss |" in (tmp_path / "launches-smoke.md").read_text()
+    # re-rendered beside a baseline: one more column, the baseline's numbers
+    saved = tmp_path / "launches-smoke.json"
+    launches.main(["--render", str(saved), "--baseline", str(saved)])
+    kd = f"| KDLoss | {counts['KDLoss']} | {counts['KDLoss']} |"
+    assert kd in (tmp_path / "launches-smoke.md").read_text()

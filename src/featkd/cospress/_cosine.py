@@ -71,7 +71,10 @@ class _Normalize(torch.autograd.Function):
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     """``n(x) n(x)^T`` per set, made exactly symmetric: ``(S, M, D) -> (S, M, M)``."""
-    unit = _Normalize.apply(x, None)
+    if torch.is_grad_enabled() and x.requires_grad:
+        unit = _Normalize.apply(x, None)
+    else:  # the same values; the backward's norm floor (a median per set) is not needed
+        unit = unit_and_norm(x)[0]
     sims = unit @ unit.mT
     # a batched matmul need not round (i, j) and (j, i) alike; the KL relies on symmetry
     return (sims + sims.mT) / 2
