@@ -193,3 +193,34 @@ def test_fused_on_cuda(style):
     np.testing.assert_allclose(numpy64(value), numpy64(exact), rtol=1e-4, atol=1e-6)
     scale = exact_grad.abs().max()
     np.testing.assert_allclose(numpy64(grad / scale), numpy64(exact_grad / scale), atol=1e-4)
+
+
+def test_a_kernel_that_fails_falls_back_to_torch_with_a_warning(monkeypatch):
+    """A Triton that cannot compile for this GPU must not stop a training run: the torch path
+    computes the same loss, once warned about, and the kernels stay off until asked again."""
+    import types
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTXAS error: no kernel image for this architecture")
+
+    monkeypatch.setitem(sys.modules, KERNELS, types.SimpleNamespace(neighbourhood_kl=broken))
+    monkeypatch.setattr("featkd._fused._TRITON", True)  # as if installed
+    monkeypatch.setattr("featkd._fused._ON_CPU", True)  # as on a CUDA tensor
+    torch.manual_seed(5)
+    loss_fn = CosPressLoss(student_dim=6, teacher_dim=10, temperatures=(0.05, 0.5))
+    student, teacher = torch.randn(3, 7, 6, requires_grad=True), torch.randn(3, 7, 10)
+    previous = featkd.set_fused_kernels("auto")
+    try:
+        with pytest.warns(featkd.FusedKernelWarning, match="neighbourhood_kl failed.*PTXAS"):
+            loss = loss_fn(student, teacher)
+        grads = torch.autograd.grad(loss, [student, loss_fn.head.weight])
+        assert not fused_kernels_enabled(student)  # off from now on: no warning per step
+        reference = _torch_path(lambda: loss_fn(student, teacher))
+        torch.testing.assert_close(loss, reference, rtol=0, atol=0)
+        expected = torch.autograd.grad(reference, [student, loss_fn.head.weight])
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        featkd.set_fused_kernels("auto")  # an explicit choice tries the kernels again
+        assert fused_kernels_enabled(student)
+    finally:
+        featkd.set_fused_kernels(previous)

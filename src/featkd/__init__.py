@@ -13,7 +13,7 @@ from featkd._checks import (
     ShapeError,
     set_finite_check,
 )
-from featkd._fused import set_fused_kernels
+from featkd._fused import FusedKernelWarning, set_fused_kernels
 from featkd._loss import FrozenParametersWarning, StudentGradientWarning
 from featkd.cache import (
     CachedTeacherDataset,
@@ -64,6 +64,7 @@ __all__ = [
     "FeatureSpec",
     "FeatureTap",
     "FrozenParametersWarning",
+    "FusedKernelWarning",
     "GaussianKLLoss",
     "GaussianWassersteinLoss",
     "GlobalBatch",

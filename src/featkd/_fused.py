@@ -13,18 +13,31 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 from featkd._checks import ChoiceError
 
-__all__ = ["FUSED_MODES", "fused_kernels_enabled", "interpret_on_cpu", "set_fused_kernels"]
+__all__ = [
+    "FUSED_MODES",
+    "FusedKernelWarning",
+    "fused_kernel_failed",
+    "fused_kernels_enabled",
+    "interpret_on_cpu",
+    "set_fused_kernels",
+]
 
 FUSED_MODES = ("auto", "off")
 _FUSED = "auto"
 _TRITON: bool | None = None  # found on first use, not at import
 _ON_CPU = False
+_FAILED: str | None = None  # why a kernel could not run here; the torch path is used since
+
+
+class FusedKernelWarning(UserWarning):
+    """A fused kernel could not be compiled or launched; featkd uses the torch path instead."""
 
 
 def set_fused_kernels(mode: str | bool) -> str:
@@ -42,7 +55,7 @@ def set_fused_kernels(mode: str | bool) -> str:
         >>> previous = featkd.set_fused_kernels("off")  # compare against the torch path
         >>> _ = featkd.set_fused_kernels(previous)
     """
-    global _FUSED
+    global _FUSED, _FAILED
     if isinstance(mode, bool):
         mode = "auto" if mode else "off"
     if mode not in FUSED_MODES:
@@ -51,6 +64,7 @@ def set_fused_kernels(mode: str | bool) -> str:
             f"(or True/False), got {mode!r}"
         )
     previous, _FUSED = _FUSED, mode
+    _FAILED = None  # a new choice: a kernel that failed gets another try
     return previous
 
 
@@ -63,9 +77,24 @@ def _triton_installed() -> bool:
 
 def fused_kernels_enabled(x: torch.Tensor) -> bool:
     """Whether a fused kernel may run on ``x`` under the current policy."""
-    if _FUSED == "off" or torch.compiler.is_compiling():
+    if _FUSED == "off" or _FAILED is not None or torch.compiler.is_compiling():
         return False
     return (x.is_cuda or _ON_CPU) and _triton_installed()
+
+
+def fused_kernel_failed(name: str, error: Exception) -> None:
+    """Record that the kernel ``name`` raised ``error`` (a Triton that cannot compile or launch
+    on this machine: no compiler for this GPU, too little shared memory), warn once, and turn
+    the kernels off until :func:`set_fused_kernels` is called again. The caller then computes
+    the same value on the torch path: a training run goes on, slower, and says why."""
+    global _FAILED
+    _FAILED = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"featkd's fused kernel {name} failed ({_FAILED}); using the torch path from now on. "
+        "featkd.set_fused_kernels('off') chooses the torch path without trying.",
+        FusedKernelWarning,
+        stacklevel=3,
+    )
 
 
 @contextlib.contextmanager

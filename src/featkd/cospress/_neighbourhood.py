@@ -24,7 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from featkd._checks import ChoiceError
-from featkd._fused import fused_kernels_enabled
+from featkd._fused import fused_kernel_failed, fused_kernels_enabled
 from featkd._options import check_number
 from featkd._sync import device_values
 from featkd.cospress._cosine import cosine_matrix
@@ -150,13 +150,18 @@ class _NeighbourhoodKL(torch.autograd.Function):
         num_sets, size, _ = sim_cand.shape
         ctx.fused = _fused_kl(sim_cand)
         if ctx.fused:
-            kl_triton = importlib.import_module("featkd.cospress._kl_triton")
-            per_set, grad_sim = kl_triton.neighbourhood_kl(
-                sim_ref, sim_cand, inv_tau, full, ctx.needs_input_grad[1]
-            )
-            # the gradient came with the value: the backward only scales it
-            ctx.save_for_backward(grad_sim)
-            return per_set
+            try:
+                kl_triton = importlib.import_module("featkd.cospress._kl_triton")
+                per_set, grad_sim = kl_triton.neighbourhood_kl(
+                    sim_ref, sim_cand, inv_tau, full, ctx.needs_input_grad[1]
+                )
+            except Exception as error:  # any failure of Triton here: the torch path instead
+                fused_kernel_failed("neighbourhood_kl", error)
+                ctx.fused = False
+            else:
+                # the gradient came with the value: the backward only scales it
+                ctx.save_for_backward(grad_sim)
+                return per_set
         num_temps = inv_tau.numel()
         per_set = sim_cand.new_zeros(num_sets)
         for sets, temps in _blocks(num_sets, num_temps, size, chunk_elements):
