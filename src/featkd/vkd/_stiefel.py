@@ -40,6 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from featkd._sync import sync_free
 from featkd.vkd import _expm
 
 __all__ = [
@@ -138,8 +139,11 @@ def _companion_exp_columns(
     r = _balance_factor(gram)
     z = _Companion(skew, gram, r)
     second = slice(k, 2 * k)
+    # the block product saves half the flops on CPU; on an accelerator, at these sizes, its
+    # four kernels (eight in the backward) cost more than one dense product's one (three)
+    left_mult = None if sync_free(skew) else z.matmul
     cols, squarings = _expm.expm_columns(
-        z.dense(), second, left_mult=z.matmul, max_squarings=max_squarings
+        z.dense(), second, left_mult=left_mult, max_squarings=max_squarings
     )
     return cols[:k] / r, cols[k:], squarings
 
