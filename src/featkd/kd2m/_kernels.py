@@ -5,6 +5,7 @@ Axis legend: ``G`` groups (classes), ``n`` samples per group (zero-padded), ``K`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,11 +37,11 @@ def _pair_statistic(pairs: torch.Tensor, rule: str) -> torch.Tensor:
     if rule == "median":
         resolution = mean * torch.finfo(pairs.dtype).eps ** 0.5
         # NaN marks the left-out pairs for nanmedian: a mask, not a data-dependent shape
-        apart = torch.where(pairs > resolution, pairs, torch.full_like(pairs, torch.nan))
+        apart = torch.where(pairs > resolution, pairs, math.nan)
         value = apart.nanmedian()
     else:
         value = mean
-    return torch.where(mean > 0, value, torch.ones_like(value))
+    return torch.where(mean > 0, value, 1.0)
 
 
 def pooled_pair_distances(
@@ -88,7 +89,7 @@ def squared_bandwidths(
     scale = device_values(multipliers, like).square()
     if bandwidth == "mean_distance":  # pairs: the per-group sigma (G, 1, 1); all 0 -> 1
         sigma = pairs.detach()
-        base = torch.where(sigma > 0, sigma.square(), torch.ones_like(sigma))
+        base = torch.where(sigma > 0, sigma.square(), 1.0)
         # (K, G, 1, 1): each bandwidth broadcasts over its group's (n, n) block
         return (scale[:, None, None, None] * base).clamp_min(torch.finfo(like.dtype).tiny)
     base = _pair_statistic(pairs.detach(), bandwidth)
@@ -142,6 +143,6 @@ def estimate(
     if estimator == "biased":
         return biased
     several = counts > 1
-    distinct = torch.where(several, counts * (counts - 1), torch.ones_like(counts))
+    distinct = torch.where(several, counts * (counts - 1), 1.0)
     unbiased = (sum_ss - diag_ss + sum_tt - diag_tt) / distinct - 2 * sum_st / pairs
     return torch.where(several, unbiased, biased)

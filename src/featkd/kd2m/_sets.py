@@ -159,7 +159,7 @@ def _sorted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     first = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
     group = torch.cumsum(first.long(), 0) - 1
     rows = torch.arange(labels.shape[0], device=labels.device)
-    start = torch.cummax(torch.where(first, rows, torch.zeros_like(rows)), 0).values
+    start = torch.cummax(torch.where(first, rows, 0), 0).values
     return order, group, rows - start
 
 

@@ -44,8 +44,8 @@ def ground_cost(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
     if p == 2:
         return squared
     positive = squared > 0
-    safe = torch.where(positive, squared, torch.ones_like(squared))
-    return torch.where(positive, safe.pow(p / 2), torch.zeros_like(squared))
+    safe = torch.where(positive, squared, 1.0)
+    return torch.where(positive, safe.pow(p / 2), 0.0)
 
 
 def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
     log_mass = -counts.log()[:, None].expand(counts.shape[0], n)
     if mask is None:
         return log_mass.clone()
-    return torch.where(mask, log_mass, torch.full_like(log_mass, -math.inf))
+    return torch.where(mask, log_mass, -math.inf)
 
 
 def _emd_plans_on_host(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
@@ -175,10 +175,10 @@ def sinkhorn_log(
         for _ in range(steps):
             scale_a = mass_a / _kernel_times(kernel, scale_b)
             if padded:  # 0 / 0 on padded rows, zeroed before the NaN reaches every column
-                scale_a = torch.where(real_a, scale_a, torch.zeros_like(scale_a))
+                scale_a = torch.where(real_a, scale_a, 0.0)
             scale_b = mass_b / _vector_times(scale_a, kernel)
             if padded:
-                scale_b = torch.where(real_b, scale_b, torch.zeros_like(scale_b))
+                scale_b = torch.where(real_b, scale_b, 0.0)
         valid = torch.isfinite(scale_a).all(dim=-1) & torch.isfinite(scale_b).all(dim=-1)
         valid &= ((scale_a > 0) == real_a).all(dim=-1) & ((scale_b > 0) == real_b).all(dim=-1)
         u = torch.where(valid[:, None], u + scale_a.log(), u)
@@ -310,7 +310,7 @@ def entropic_transport(
         log_plan = u[:, :, None] + v[:, None, :] - scaled
         plan = log_plan.exp()
         log_ratio = log_plan - log_mass[:, :, None] - log_mass[:, None, :]
-        kl = torch.where(plan > 0, plan * log_ratio, torch.zeros_like(plan)).sum(dim=(-2, -1))
+        kl = torch.where(plan > 0, plan * log_ratio, 0.0).sum(dim=(-2, -1))
         mass = log_mass.exp()
         row_error = (plan.sum(dim=-1) - mass).abs().sum(dim=-1)
         column_error = (plan.sum(dim=-2) - mass).abs().sum(dim=-1)

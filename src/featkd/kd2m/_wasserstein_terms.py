@@ -168,7 +168,7 @@ def wasserstein_terms(
         if label_weight > 0:
             if feature_cost_scale == "max":  # official KD2M: C / sg(max C)
                 top = cost.detach().amax(dim=(-2, -1), keepdim=True)
-                cost = cost / torch.where(top > 0, top, torch.ones_like(top))
+                cost = cost / torch.where(top > 0, top, 1.0)
             labels_part = label_cost(
                 labels, student_logits, teacher_logits, label_cost_kind, student.dtype
             )

@@ -142,8 +142,8 @@ def _std(centred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     one."""
     var = centred.square().sum(dim=-2) / counts[:, None]
     positive = var > 0
-    safe = torch.where(positive, var, torch.ones_like(var))
-    return torch.where(positive, safe.sqrt(), torch.zeros_like(var))
+    safe = torch.where(positive, var, 1.0)
+    return torch.where(positive, safe.sqrt(), 0.0)
 
 
 def gaussian_kl_loss(

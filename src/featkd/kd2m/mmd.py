@@ -131,7 +131,7 @@ def _mmd_terms(
         # divided by S >= |x.y + c| (Cauchy-Schwarz: S = max ||x||^2 + c) the kernel lies in
         # [-1, 1] and no sum overflows at a large degree; S^d goes back on at the end
         scale = torch.cat([source, target]).detach().square().sum(dim=-1).amax() + coef0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = torch.where(scale > 0, scale, 1.0)
         kernels = [
             ((matmul_nt(a, b) + coef0) / scale).pow(degree)
             for a, b in ((xs, xs), (xt, xt), (xs, xt))
