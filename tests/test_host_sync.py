@@ -14,6 +14,8 @@ The exact OT solver's copy of the cost to the host is part of the method and inv
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from host_sync import record_host_syncs
@@ -89,3 +91,17 @@ def test_device_values_first_made_under_inference_mode_serve_autograd():
     x = torch.ones(2, requires_grad=True)
     (x * device_values((0.25, 4.0), x)).sum().backward()  # autograd saves the constant
     assert x.grad.tolist() == [0.25, 4.0]
+
+
+def test_device_values_keys_tell_signed_zeros_and_nan_apart():
+    x = torch.zeros(1)
+    assert str(device_values([-0.0], x).tolist()) == str(device_values([-0.0], x).tolist())
+    assert device_values([0.0], x) is not device_values([-0.0], x)
+    assert torch.signbit(device_values([-0.0], x)).item()
+    assert device_values([math.nan], x) is device_values([float("nan")], x)  # kept, not regrown
+
+
+def test_device_values_made_inside_vmap_are_plain_tensors():
+    out = torch.func.vmap(lambda r: r * device_values([5.0], r))(torch.ones(3, 1))
+    assert out.flatten().tolist() == [5.0, 5.0, 5.0]
+    assert (torch.ones(2) * device_values([5.0], torch.ones(2))).tolist() == [5.0, 5.0]

@@ -263,10 +263,41 @@ def test_zca_whitener_gradient_with_coincident_eigenvalues():
     torch.testing.assert_close(cov.grad, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_masked_squarings_refuse_a_second_derivative():
-    """Their backward is hand-written for one derivative: a second one raises, not lies."""
-    gen = _random_generator(3, 9, 6.0).requires_grad_()
-    out = _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(gen), max_squarings=6)
-    (grad,) = torch.autograd.grad(out.sum(), gen, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.sum().backward()
+def test_masked_squarings_second_derivatives_are_exact():
+    """Their backward is hand-written; under create_graph it reruns the steps with autograd,
+    so a Hessian-vector product equals the adaptive path's (plain autograd)."""
+    gen = _random_generator(3, 9, 6.0)
+    weights = torch.randn(9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    direction = torch.randn_like(gen)
+
+    def hvp(max_squarings):
+        g = gen.clone().requires_grad_()
+        out = _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(g), max_squarings=max_squarings)
+        (grad,) = torch.autograd.grad((out * weights).sum(), g, create_graph=True)
+        return torch.autograd.grad((grad * direction).sum(), g)[0]
+
+    expected = hvp(None)
+    assert expected.norm() > 0.1
+    torch.testing.assert_close(hvp(6), expected, rtol=0, atol=1e-10)
+
+
+def test_masked_squarings_under_vmap():
+    gens = torch.stack([_random_generator(3, 9, s, seed=i) for i, s in enumerate((0.5, 6.0))])
+
+    def weight(g):
+        return _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(g), max_squarings=6)
+
+    batched = torch.func.vmap(weight)(gens)
+    for g, w in zip(gens, batched, strict=True):
+        torch.testing.assert_close(w, _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(g)))
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-14])
+def test_tiny_float32_generators_give_the_identity_columns(scale):
+    """The norm estimates scale by the largest entry first: a plain float32 norm of entries
+    near 1e-20 underflows to 0 and used to turn the power iterations into NaN."""
+    gen = _random_generator(8, 40, 1.0).float() * scale
+    for max_squarings in (None, 16):
+        out = _stiefel.stiefel_expm(*_stiefel.stiefel_blocks(gen), max_squarings=max_squarings)
+        eye = torch.eye(40, 8)
+        torch.testing.assert_close(out, eye, rtol=0, atol=1e-5)

@@ -48,7 +48,10 @@ def device_constant(key: Hashable, like: torch.Tensor, make: Callable[[], torch.
         if len(_CONSTANTS) >= _MAX_CONSTANTS:
             _CONSTANTS.clear()  # a long-running process sweeping options: start afresh
         with torch.inference_mode(False):
-            cached = _CONSTANTS[full_key] = make()
+            cached = make()
+        if torch._C._functorch.is_functorch_wrapped_tensor(cached):
+            return cached  # made inside vmap or grad: it belongs to that transform
+        _CONSTANTS[full_key] = cached
     return cached
 
 
@@ -62,9 +65,15 @@ def device_values(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     of a loss are few and fixed) and later calls launch none.
     """
     values = tuple(float(v) for v in values)
-    return device_constant(
-        ("values", values), like, lambda: torch.stack([like.new_full((), v) for v in values])
-    )
+    # float.hex, not the floats: -0.0 == 0.0 and nan != nan as keys
+    key = ("values", tuple(v.hex() for v in values))
+    return device_constant(key, like, lambda: _filled(values, like))
+
+
+def _filled(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    # torch.full, not like.new_full: inside vmap the latter makes a batched tensor
+    scalars = [torch.full((), v, dtype=like.dtype, device=like.device) for v in values]
+    return torch.stack(scalars)
 
 
 @contextlib.contextmanager

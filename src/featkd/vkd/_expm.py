@@ -119,6 +119,16 @@ def _squarings_on_device(
     return (bounds > math.log(tol)).sum().clamp(max=max_squarings).to(log_norms.dtype)
 
 
+def unit_frobenius(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x / ||x||_F`` and ``||x||_F``, safe where the plain norm under- or overflows: scaled by
+    the largest entry first (a zero ``x`` gives zero and ``0``)."""
+    tiny = torch.finfo(x.dtype).tiny
+    peak = x.abs().amax().clamp_min(tiny)
+    scaled = x / peak
+    norm = scaled.norm()  # >= 1 unless x is zero
+    return scaled / norm.clamp_min(tiny), norm * peak
+
+
 def _start_vectors(like: torch.Tensor, dim: int) -> torch.Tensor:
     """Four fixed, well-spread start vectors (golden-ratio sequence; no RNG use): ``(dim, 4)``."""
     golden = (math.sqrt(5.0) - 1.0) / 2.0
@@ -134,18 +144,16 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
     ``Y^q`` the bound is ``min(||Y^q||_F, 1.1 * estimate)``, the estimate from a few steps of
     block power iteration on ``Y^{qT} Y^q`` (four fixed start vectors, no RNG use).
     """
-    tiny = torch.finfo(powers[-1].dtype).tiny
-    norms = torch.stack([p.detach().norm() for p in powers[1:]])
-    frobenius = norms[-1].clamp_min(tiny)
-    # scaled by its Frobenius norm, the Gram's top eigenvalue lies in [1 / dim, 1]: the steps
-    # need no normalisation of their own (dim^-iterations is far above float32's tiny)
-    top = powers[-1].detach() / frobenius
+    top, scale = unit_frobenius(powers[-1].detach())
+    # with ||Y^q||_F = 1 the Gram's top eigenvalue lies in [1 / dim, 1]: the steps need no
+    # normalisation of their own (dim^-iterations is far above float32's tiny)
     dim = top.shape[-1]
     v = device_constant(("power iteration start", dim), top, lambda: _start_vectors(top, dim))
     for _ in range(iterations):
         v = ((top @ v).mT @ top).mT  # Y^T Y v without transposing Y
-    v = v / v.norm(dim=0, keepdim=True).clamp_min(tiny)
-    estimate = (top @ v).norm(dim=0).max() * frobenius
+    v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(top.dtype).tiny)
+    estimate = (top @ v).norm(dim=0).max() * scale
+    norms = torch.stack([p.detach().norm() for p in powers[1:]])
     norms = torch.cat([norms[:-1], torch.minimum(norms[-1], 1.1 * estimate)[None]])
     return torch.cat([norms.new_zeros(1), norms.log()])
 
@@ -263,38 +271,50 @@ def expm_columns(
     if max_squarings == 0:
         return expo[:, columns], None
     steps = torch.arange(max_squarings, dtype=dtype, device=device)
+    if torch._C._are_functorch_transforms_active():  # vmap, jacrev: autograd.Function-free
+        return _masked_squarings(expo, needed > steps, columns), None
     return _MaskedSquarings.apply(expo, needed > steps, columns), None
 
 
-class _MaskedSquarings(torch.autograd.Function):
+def _masked_squarings(expo: torch.Tensor, masks: torch.Tensor, columns: slice) -> torch.Tensor:
     """``E <- E @ E`` where ``masks[i]`` (the squarings the device found needed), ``len(masks)``
-    times, the last one on ``columns`` only.
+    times, the last one on ``columns`` only; autograd through every step."""
+    for step in range(masks.shape[0] - 1):
+        expo = torch.where(masks[step], expo @ expo, expo)
+    cols = expo[:, columns]
+    return torch.where(masks[-1], expo @ cols, cols)
 
-    Its own backward because autograd would spend six kernels per step (two ``where``, two
-    products, two accumulations) where three do: ``G <- where(m, G E^T + E^T G, G)``.
-    """
+
+class _MaskedSquarings(torch.autograd.Function):
+    """:func:`_masked_squarings` with its own backward: autograd would spend six kernels per
+    step (two ``where``, two products, two accumulations) where three do:
+    ``G <- where(m, G E^T + E^T G, G)``. Under ``create_graph`` the backward runs the steps
+    again with autograd, so that second derivatives are exact."""
 
     @staticmethod
     def forward(ctx, expo: torch.Tensor, masks: torch.Tensor, columns: slice) -> torch.Tensor:
-        inputs = []
+        chain = [expo]  # the input of each step
         for step in range(masks.shape[0] - 1):
-            inputs.append(expo)
-            expo = torch.where(masks[step], expo @ expo, expo)
-        cols = expo[:, columns]
-        ctx.save_for_backward(masks, expo, *inputs)
+            chain.append(torch.where(masks[step], chain[-1] @ chain[-1], chain[-1]))
+        cols = chain[-1][:, columns]
+        ctx.save_for_backward(masks, *chain)
         ctx.columns = columns
-        return torch.where(masks[-1], expo @ cols, cols)
+        return torch.where(masks[-1], chain[-1] @ cols, cols)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        masks, expo, *inputs = ctx.saved_tensors
-        start, stop, _ = ctx.columns.indices(expo.shape[1])
+        masks, *chain = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            expo = chain[0]
+            out = _masked_squarings(expo, masks, ctx.columns)
+            return torch.autograd.grad(out, expo, grad, create_graph=True)[0], None, None
+        last = chain[-1]
+        start, stop, _ = ctx.columns.indices(last.shape[1])
         # last step: out = E @ E[:, cols] (masked) or E[:, cols]
-        through_cols = torch.where(masks[-1], expo.mT @ grad, grad)
-        full = torch.nn.functional.pad(through_cols, (start, expo.shape[1] - stop))
-        full = torch.addmm(full, torch.where(masks[-1], grad, 0.0), expo[:, start:stop].mT)
-        for step in range(len(inputs) - 1, -1, -1):
-            e = inputs[step]
+        through_cols = torch.where(masks[-1], last.mT @ grad, grad)
+        full = torch.nn.functional.pad(through_cols, (start, last.shape[1] - stop))
+        full = torch.addmm(full, torch.where(masks[-1], grad, 0.0), last[:, start:stop].mT)
+        for step in range(len(chain) - 2, -1, -1):
+            e = chain[step]
             full = torch.where(masks[step], torch.addmm(e.mT @ full, full, e.mT), full)
         return full, None, None

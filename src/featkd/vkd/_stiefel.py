@@ -104,10 +104,15 @@ class _Gram(torch.autograd.Function):
     that autograd takes for ``B.mT @ B`` (the tall products dominate at VkD's shapes). The
     backward is itself differentiable."""
 
+    generate_vmap_rule = True  # torch.func transforms work through it
+
     @staticmethod
-    def forward(ctx, tall: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(tall)
+    def forward(tall: torch.Tensor) -> torch.Tensor:
         return tall.mT @ tall
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -119,9 +124,8 @@ def _balance_factor(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     """``r ~ sqrt(lambda_max(G))`` by power iteration, detached. Any ``r > 0`` gives the same
     exponential exactly; a good one keeps the balanced companion's norm close to ``||A||``."""
     tiny = torch.finfo(gram.dtype).tiny
-    scale = gram.detach().norm().clamp_min(tiny)
     # G / ||G||_F has its top eigenvalue in [1 / k, 1]: the steps need no normalisation
-    g = gram.detach() / scale
+    g, scale = _expm.unit_frobenius(gram.detach())
     v = g.new_full((g.shape[0], 1), 1.0 / math.sqrt(g.shape[0]))
     for _ in range(iterations):
         v = g @ v
