@@ -162,7 +162,7 @@ def _polar_step(p: torch.Tensor) -> torch.Tensor:
     squares the orthonormality error. ``P^T P`` is formed from ``P`` itself; a Gram built
     from the small factors would inherit their rounding when ``B^T B`` is ill-conditioned."""
     gram = p.mT @ p
-    return 1.5 * p - 0.5 * (p @ gram)
+    return torch.addmm(p, p, gram, beta=1.5, alpha=-0.5)  # one kernel for the scaled sum
 
 
 def _want_polar(polar: bool | None, dtype: torch.dtype, squarings: int | None) -> bool:
