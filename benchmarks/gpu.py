@@ -213,7 +213,12 @@ def loss_and_head_cases(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.M
     return cases
 
 
-def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeats: int) -> list:
+def loss_and_head_steps(
+    device, batch: int, tokens: int, d_s: int, d_t: int, missing_ok: bool = False
+) -> dict[str, tuple[Callable[[], None] | None, str]]:
+    """name -> (one forward+backward, input kind) for every case of
+    :func:`loss_and_head_cases`, on seeded inputs; with ``missing_ok`` a case this featkd
+    cannot build (an older checkout, counted by ``launches.py --src``) has no step."""
     gen = torch.Generator().manual_seed(0)
     raw = {
         "tokens": (
@@ -227,11 +232,15 @@ def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeat
         ),
     }
     labels = torch.randint(10, (batch,), generator=gen).to(device)
-    memory = PeakMemory(device)
-    steps: dict[str, Callable[[], None]] = {}
-    kinds: dict[str, str] = {}
+    steps: dict[str, tuple[Callable[[], None] | None, str]] = {}
     for name, (factory, kind) in loss_and_head_cases(d_s, d_t).items():
-        module = factory().to(device)
+        try:
+            module = factory().to(device)
+        except (TypeError, AttributeError):  # an option or class this featkd lacks
+            if not missing_ok:
+                raise
+            steps[name] = None, kind
+            continue
         if kind.startswith("head"):
             x = raw["pooled"][0 if kind == "head-student" else 1].to(device).requires_grad_()
 
@@ -244,7 +253,15 @@ def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeat
             def step(module=module, s=s, t=t) -> None:
                 module(s, t, labels=labels).backward()
 
-        steps[name], kinds[name] = step, kind
+        steps[name] = step, kind
+    return steps
+
+
+def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeats: int) -> list:
+    memory = PeakMemory(device)
+    built = loss_and_head_steps(device, batch, tokens, d_s, d_t)
+    steps = {name: step for name, (step, _) in built.items()}
+    kinds = {name: kind for name, (_, kind) in built.items()}
     medians = round_robin(steps, device, repeats)
     rows = []
     for name, step in steps.items():

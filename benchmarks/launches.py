@@ -75,31 +75,11 @@ def count(step) -> Counter[str]:
 
 
 def cases(batch: int, tokens: int, d_s: int, d_t: int):
-    """name -> step, from gpu.py's losses and heads (built here, so a case a featkd cannot
-    build is None)."""
+    """name -> step (None for a case this featkd cannot build), gpu.py's losses and heads."""
     import gpu
 
-    gen = torch.Generator().manual_seed(0)
-    raw = {
-        "tokens": (torch.randn(batch, tokens, d_s, generator=gen), torch.randn(batch, tokens, d_t, generator=gen)),
-        "pooled": (torch.randn(batch, d_s, generator=gen), torch.randn(batch, d_t, generator=gen)),
-        "logits": (torch.randn(batch, 1000, generator=gen), torch.randn(batch, 1000, generator=gen)),
-    }  # fmt: skip
-    labels = torch.randint(10, (batch,), generator=gen)
-    steps = {}
-    for name, (factory, kind) in gpu.loss_and_head_cases(d_s, d_t).items():
-        try:
-            module = factory()
-        except (TypeError, AttributeError):  # an option or class this featkd lacks
-            steps[name] = None
-            continue
-        if kind.startswith("head"):
-            x = raw["pooled"][0 if kind == "head-student" else 1].clone().requires_grad_()
-            steps[name] = lambda m=module, x=x: m(x).square().mean().backward()
-        else:
-            s, t = raw[kind][0].clone().requires_grad_(), raw[kind][1]
-            steps[name] = lambda m=module, s=s, t=t: m(s, t, labels=labels).backward()
-    return steps
+    built = gpu.loss_and_head_steps(torch.device("cpu"), batch, tokens, d_s, d_t, missing_ok=True)
+    return {name: step for name, (step, _) in built.items()}
 
 
 def source_commit(path: Path) -> str:

@@ -153,8 +153,9 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
         v = ((top @ v).mT @ top).mT  # Y^T Y v without transposing Y
     v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(top.dtype).tiny)
     estimate = (top @ v).norm(dim=0).max() * scale
-    norms = torch.stack([p.detach().norm() for p in powers[1:]])
-    norms = torch.cat([norms[:-1], torch.minimum(norms[-1], 1.1 * estimate)[None]])
+    # ||Y^q||_F is scale, already measured without under- or overflow
+    norms = [p.detach().norm() for p in powers[1:-1]]
+    norms = torch.stack([*norms, torch.minimum(scale, 1.1 * estimate)])
     return torch.cat([norms.new_zeros(1), norms.log()])
 
 
@@ -276,11 +277,16 @@ def expm_columns(
     return _MaskedSquarings.apply(expo, needed > steps, columns), None
 
 
-def _masked_squarings(expo: torch.Tensor, masks: torch.Tensor, columns: slice) -> torch.Tensor:
+def _masked_squarings(
+    expo: torch.Tensor, masks: torch.Tensor, columns: slice, inputs: list | None = None
+) -> torch.Tensor:
     """``E <- E @ E`` where ``masks[i]`` (the squarings the device found needed), ``len(masks)``
-    times, the last one on ``columns`` only; autograd through every step."""
+    times, the last one on ``columns`` only; each step's input is appended to ``inputs``."""
+    inputs = [] if inputs is None else inputs
     for step in range(masks.shape[0] - 1):
+        inputs.append(expo)
         expo = torch.where(masks[step], expo @ expo, expo)
+    inputs.append(expo)
     cols = expo[:, columns]
     return torch.where(masks[-1], expo @ cols, cols)
 
@@ -293,13 +299,11 @@ class _MaskedSquarings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, expo: torch.Tensor, masks: torch.Tensor, columns: slice) -> torch.Tensor:
-        chain = [expo]  # the input of each step
-        for step in range(masks.shape[0] - 1):
-            chain.append(torch.where(masks[step], chain[-1] @ chain[-1], chain[-1]))
-        cols = chain[-1][:, columns]
+        chain: list[torch.Tensor] = []  # the input of each step
+        out = _masked_squarings(expo, masks, columns, chain)
         ctx.save_for_backward(masks, *chain)
         ctx.columns = columns
-        return torch.where(masks[-1], chain[-1] @ cols, cols)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
