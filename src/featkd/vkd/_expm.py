@@ -162,22 +162,24 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
 def _ps_polynomial(
     stacked: torch.Tensor,
     block_coeffs: torch.Tensor,
-    top_coeff: float | torch.Tensor,
+    top_coeff: float,
     top_power: torch.Tensor,
-    left_mult_power,
+    power_q: torch.Tensor,
 ) -> torch.Tensor:
     """Paterson-Stockmeyer evaluation of ``sum_i (X^q)^i B_i``, ``B_i = sum_j C[i, j] X^j``.
 
     ``stacked[j] = X^j`` for ``j < q`` (or the same columns of each), ``block_coeffs`` the
     ``(r, q)`` matrix ``C``, ``top_coeff * top_power`` the degree-``q r`` term (``top_power``
-    is ``X^q`` or its columns) and ``left_mult_power(Y) = X^q @ Y``. All blocks come from one
-    contraction; Horner in ``X^q`` then takes ``r - 1`` products.
+    is ``power_q = X^q`` or its columns). All blocks come from one contraction; Horner in
+    ``X^q`` then takes ``r - 1`` fused multiply-adds.
     """
     q, m, c = stacked.shape
-    blocks = (block_coeffs.to(stacked.dtype) @ stacked.reshape(q, m * c)).reshape(-1, m, c)
-    acc = top_coeff * top_power + blocks[-1]
-    for i in range(blocks.shape[0] - 2, -1, -1):
-        acc = left_mult_power(acc) + blocks[i]
+    contracted = block_coeffs.to(stacked.dtype) @ stacked.reshape(q, m * c)
+    # unbind, not indexing: its backward is one stack instead of a zero-filled copy per block
+    *blocks, last = contracted.reshape(-1, m, c).unbind(0)
+    acc = torch.add(last, top_power, alpha=top_coeff)
+    for block in reversed(blocks):
+        acc = torch.addmm(block, power_q, acc)
     return acc
 
 
@@ -231,13 +233,14 @@ def expm_columns(
         max_squarings = SYNC_FREE_SQUARINGS
     n = matrix.shape[0]
     dtype, device = matrix.dtype, matrix.device
-    left_mult = left_mult or (lambda v: matrix @ v)
     q = _PS_BLOCK
     rho = matrix.detach().norm().clamp_min(1.0)
     eye = torch.eye(n, dtype=dtype, device=device)
-    powers = [eye, matrix / rho]
+    unit = matrix / rho
+    powers = [eye, unit]
     for _ in range(2, q + 1):
-        powers.append(left_mult(powers[-1]) / rho)
+        # a structured product needs its own scaling; the dense one multiplies by Y itself
+        powers.append(left_mult(powers[-1]) / rho if left_mult else unit @ powers[-1])
     log_norms_dev = _log_power_norms(powers)
     log_rho_dev = rho.log()
     tol = _unit_roundoff(dtype)
@@ -257,8 +260,8 @@ def expm_columns(
         x_q = powers[q] * scale**q
         if squarings == 0:
             cols = stacked[:, :, columns]
-            return _ps_polynomial(cols, coeffs, top, x_q[:, columns], lambda v: x_q @ v), 0
-        expo = _ps_polynomial(stacked, coeffs, top, x_q, lambda v: x_q @ v)
+            return _ps_polynomial(cols, coeffs, top, x_q[:, columns], x_q), 0
+        expo = _ps_polynomial(stacked, coeffs, top, x_q, x_q)
         for _ in range(squarings - 1):
             expo = expo @ expo
         return expo @ expo[:, columns], squarings
@@ -268,7 +271,7 @@ def expm_columns(
     scale_dev = rho * torch.exp2(-needed)
     coeffs, top = _taylor_coefficients(degree, 0, scale_dev, q, matrix)
     x_q = powers[q] * scale_dev**q
-    expo = _ps_polynomial(stacked, coeffs, top, x_q, lambda v: x_q @ v)
+    expo = _ps_polynomial(stacked, coeffs, top, x_q, x_q)
     if max_squarings == 0:
         return expo[:, columns], None
     steps = torch.arange(max_squarings, dtype=dtype, device=device)

@@ -149,7 +149,8 @@ def _companion_exp_columns(
     cols, squarings = _expm.expm_columns(
         z.dense(), second, left_mult=left_mult, max_squarings=max_squarings
     )
-    return cols[:k] / r, cols[k:], squarings
+    top, bottom = torch.split(cols, k)  # split: one cat in the backward, not two pads
+    return top / r, bottom, squarings
 
 
 # Scaling and squaring roughly doubles the rounding error per squaring; from this many
