@@ -31,8 +31,9 @@ _MAX_BLOCKS = 6  # degree <= 24
 # that bring the Frobenius-bound below theta_m
 _FIXED_BLOCKS = {torch.float32: 4, torch.float64: 6}
 # the squarings paid for on accelerators and under torch.compile when the caller fixes none:
-# accurate while ||M|| <~ 2^16, far beyond a trained orthogonal map's generator
-SYNC_FREE_SQUARINGS = 16
+# accurate while ||M|| <~ 2^13 (a trained orthogonal map's generator has ||M|| of a few units);
+# each one costs five kernels, in the forward and backward, whether or not it is needed
+SYNC_FREE_SQUARINGS = 12
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:

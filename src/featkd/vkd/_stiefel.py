@@ -193,7 +193,7 @@ def stiefel_expm(
         skew: ``S``, ``(k, k)`` skew-symmetric.
         tall: ``B``, ``(n - k, k)``.
         max_squarings: ``None`` chooses degree and squarings from the remainder bound (one host
-            read) on CPU, and pays for 16 masked squarings on accelerators and under
+            read) on CPU, and pays for 12 masked squarings on accelerators and under
             ``torch.compile``; an int makes the evaluation synchronisation-free everywhere,
             accurate while ``||A|| <~ 2^max_squarings``.
         polar: finish with one Newton-Schulz step ``P <- P (3 I - P^T P) / 2`` (squares the
