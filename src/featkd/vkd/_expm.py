@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featkd._sync import device_constant, sync_free
 
@@ -143,24 +144,22 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
     Frobenius norms are rigorous 2-norm bounds but overestimate by up to ``sqrt(dim)``, which
     for ``Y^q`` (whose ``q``-th root sets the number of squarings) costs a squaring. So for
     ``Y^q`` the bound is ``min(||Y^q||_F, 1.1 * estimate)``, the estimate from a few steps of
-    block power iteration on ``Y^{qT} Y^q`` (four fixed start vectors, no RNG use): six
-    steps on CPU, eight (by squaring the Gram matrix) on the synchronisation-free path.
+    block power iteration on ``Y^{qT} Y^q`` (four fixed start vectors, no RNG use). On the
+    synchronisation-free path every bound is the Frobenius norm.
     """
+    if sync_free(powers[-1]):
+        # masked squarings are paid for whether needed or not: the estimate would save
+        # arithmetic that is not done, at some twenty kernels. ||Y^j||_F <= ||Y||_F^j <= 1:
+        # no overflow, and an underflow to 0 only drops terms that are below tolerance
+        norms = torch.linalg.vector_norm(torch.stack(powers[1:]).detach(), dim=(-2, -1))
+        return F.pad(norms.log(), (1, 0))
     top, scale = unit_frobenius(powers[-1].detach())
     # with ||Y^q||_F = 1 the Gram's top eigenvalue lies in [1 / dim, 1]: the steps need no
     # normalisation of their own (dim^-iterations is far above float32's tiny)
     dim = top.shape[-1]
     v = device_constant(("power iteration start", dim), top, lambda: _start_vectors(top, dim))
-    if sync_free(top):
-        # accelerators: launches, not flops, cost; (Y^T Y)^8 by three squarings, then one
-        # product: eight steps in five kernels instead of twelve for six steps
-        gram = top.mT @ top
-        for _ in range(3):
-            gram = gram @ gram
-        v = gram @ v
-    else:
-        for _ in range(iterations):
-            v = ((top @ v).mT @ top).mT  # Y^T Y v without transposing Y
+    for _ in range(iterations):
+        v = ((top @ v).mT @ top).mT  # Y^T Y v without transposing Y
     v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(top.dtype).tiny)
     estimate = (top @ v).norm(dim=0).max() * scale
     # ||Y^q||_F is scale, already measured without under- or overflow
