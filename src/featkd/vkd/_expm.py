@@ -209,12 +209,12 @@ def _taylor_coefficients(
         exponents = torch.arange(q, dtype=torch.float64, device=like.device)
         return torch.cat([inverse_factorials[index], exponents])
 
-    table = device_constant(("taylor", degree, shift, q), like, make)
+    # a tensor scale (the synchronisation-free path) stays in the matrix's dtype, two kernels
+    # fewer than a float64 detour; a float one (CPU) rounds each coefficient once, at the end
+    dtype = like.dtype if isinstance(scale, torch.Tensor) else torch.float64
+    table = device_constant(("taylor", degree, shift, q, dtype), like, lambda: make().to(dtype))
     exponents = table[blocks * q :]
-    if isinstance(scale, torch.Tensor):
-        powers = scale.to(torch.float64) ** exponents
-    else:
-        powers = torch.pow(scale, exponents)
+    powers = torch.pow(scale, exponents)
     top = 1.0 / math.factorial(degree + shift)
     return table[: blocks * q].view(blocks, q) * powers, top
 
@@ -244,7 +244,7 @@ def expm_columns(
     dtype, device = matrix.dtype, matrix.device
     q = _PS_BLOCK
     rho = matrix.detach().norm().clamp_min(1.0)
-    eye = torch.eye(n, dtype=dtype, device=device)
+    eye = device_constant(("eye", n), matrix, lambda: torch.eye(n, dtype=dtype, device=device))
     unit = matrix / rho
     powers = [eye, unit]
     for _ in range(2, q + 1):
@@ -283,7 +283,11 @@ def expm_columns(
     expo = _ps_polynomial(stacked, coeffs, top, x_q, x_q)
     if max_squarings == 0:
         return expo[:, columns], None
-    steps = torch.arange(max_squarings, dtype=dtype, device=device)
+    steps = device_constant(
+        ("squaring steps", max_squarings),
+        matrix,
+        lambda: torch.arange(max_squarings, dtype=dtype, device=device),
+    )
     if torch._C._are_functorch_transforms_active():  # vmap, jacrev: autograd.Function-free
         return _masked_squarings(expo, needed > steps, columns), None
     return _MaskedSquarings.apply(expo, needed > steps, columns), None

@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from featkd._sync import sync_free
+from featkd._sync import device_constant, sync_free
 from featkd.vkd import _expm
 
 __all__ = [
@@ -93,10 +93,14 @@ class _Companion:
         return self.left @ v[:k] + F.pad(self.r * v[k:], (0, 0, 0, k))
 
     def dense(self) -> torch.Tensor:
-        k = self.k
-        eye = torch.eye(k, dtype=self.left.dtype, device=self.left.device)
-        right = torch.cat([self.r * eye, torch.zeros_like(eye)], dim=0)
-        return torch.cat([self.left, right], dim=1)
+        k, left = self.k, self.left
+        # [I; 0] is kept on the device: the block column is one kernel, not four
+        upper_eye = device_constant(
+            ("upper identity", k),
+            left,
+            lambda: torch.eye(2 * k, k, dtype=left.dtype, device=left.device),
+        )
+        return torch.cat([left, self.r * upper_eye], dim=1)
 
 
 class _Gram(torch.autograd.Function):
@@ -126,14 +130,15 @@ def _balance_factor(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     tiny = torch.finfo(gram.dtype).tiny
     # G / ||G||_F has its top eigenvalue in [1 / k, 1]: the steps need no normalisation
     g, scale = _expm.unit_frobenius(gram.detach())
-    v = g.new_full((g.shape[0], 1), 1.0 / math.sqrt(g.shape[0]))
+    # starting from the ones vector, whose first step is a row sum (no start vector to fill)
     if sync_free(g):  # accelerators: G^8 by three squarings, four kernels instead of eight
         power = g
         for _ in range(int(math.log2(iterations))):
             power = power @ power
-        v = power @ v
+        v = power.sum(dim=1, keepdim=True)
     else:
-        for _ in range(iterations):
+        v = g.sum(dim=1, keepdim=True)
+        for _ in range(iterations - 1):
             v = g @ v
     lam = (v.mT @ (g @ v)).squeeze() / v.square().sum().clamp_min(tiny) * scale
     return lam.clamp_min(torch.finfo(g.dtype).eps ** 2).sqrt()
