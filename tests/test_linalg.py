@@ -263,7 +263,7 @@ def test_zca_whitener_gradient_with_coincident_eigenvalues():
     torch.testing.assert_close(cov.grad, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_masked_squarings_second_derivatives_are_exact():
+def test_device_selected_squarings_second_derivatives_are_exact():
     """Their backward is hand-written; under create_graph it reruns the steps with autograd,
     so a Hessian-vector product equals the adaptive path's (plain autograd)."""
     gen = _random_generator(3, 9, 6.0)
@@ -281,7 +281,7 @@ def test_masked_squarings_second_derivatives_are_exact():
     torch.testing.assert_close(hvp(6), expected, rtol=0, atol=1e-10)
 
 
-def test_masked_squarings_under_vmap():
+def test_device_selected_squarings_under_vmap():
     gens = torch.stack([_random_generator(3, 9, s, seed=i) for i, s in enumerate((0.5, 6.0))])
 
     def weight(g):

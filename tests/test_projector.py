@@ -117,7 +117,7 @@ def test_sync_free_module_matches_default():
 @pytest.mark.parametrize("scale", [0.0, 0.1, 1.0, 4.0, 30.0, 300.0])
 @pytest.mark.parametrize("shape", [(8, 40), (40, 8), (24, 30)])
 def test_accelerator_default_is_sync_free_and_matches_cpu(shape, scale):
-    # on accelerators (simulated) max_squarings=None pays for 12 masked squarings instead of
+    # on accelerators (simulated) max_squarings=None forms 12 squares and selects one instead of
     # reading the norm bound; both must give the exponential to float64 rounding
     cpu = OrthogonalProjector(*shape, init="random", dtype=torch.float64)
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_accelerator_default_is_sync_free_and_matches_cpu(shape, scale):
 
 @pytest.mark.parametrize("shape", [(8, 40), (40, 8), (24, 30)])
 def test_accelerator_default_reaches_its_documented_range(shape):
-    # 12 masked squarings: still the exponential at ||A||_2 of 4000 to 5000 (3000 times the
+    # 12 squarings at most: still the exponential at ||A||_2 of 4000 to 5000 (3000 times the
     # random init), where the CPU path plans 11 or 12 itself
     cpu = OrthogonalProjector(*shape, init="random", dtype=torch.float64)
     with torch.no_grad():

@@ -7,7 +7,8 @@ Taylor polynomial of ``exp(Y rho / 2^s)`` is evaluated in Paterson-Stockmeyer fo
 built from the norms of the computed powers; reading that bound is one host synchronisation per
 call, like :func:`torch.linalg.matrix_exp`; that adaptive plan runs on CPU only. Passing
 ``max_squarings``, or running on an accelerator or under ``torch.compile``, makes the evaluation
-synchronisation-free (a fixed degree, the squarings chosen on the device and masked). Gradients
+synchronisation-free (a fixed degree; every square up to the maximum is formed and the device
+selects the one needed). Gradients
 come from autograd through the matrix products.
 
 :mod:`featkd.vkd._stiefel` uses it on the small companion core of the Stiefel exponential.
@@ -148,7 +149,7 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
     synchronisation-free path every bound is the Frobenius norm.
     """
     if sync_free(powers[-1]):
-        # masked squarings are paid for whether needed or not: the estimate would save
+        # every square up to the maximum is formed whether needed or not: the estimate would save
         # arithmetic that is not done, at some twenty kernels. ||Y^j||_F <= ||Y||_F^j <= 1:
         # no overflow, and an underflow to 0 only drops terms that are below tolerance
         norms = torch.linalg.vector_norm(torch.stack(powers[1:]).detach(), dim=(-2, -1))
@@ -234,7 +235,7 @@ def expm_columns(
     (detached) so they cannot overflow; then ``X = Y rho / 2^s``. ``left_mult(V) = matrix @ V``
     may exploit structure (it is used for the powers). Degree and squarings come from the
     remainder bound on ``||Y^j||_F``, read on the host (one synchronisation), or, with
-    ``max_squarings``, from a fixed degree with the squarings counted and masked on the device.
+    ``max_squarings``, from a fixed degree with the squarings counted and selected on the device.
     ``max_squarings=None`` reads the bound on CPU only: on accelerators and under
     ``torch.compile`` it means ``SYNC_FREE_SQUARINGS``.
     """
@@ -286,55 +287,54 @@ def expm_columns(
     steps = device_constant(
         ("squaring steps", max_squarings),
         matrix,
-        lambda: torch.arange(max_squarings, dtype=dtype, device=device),
+        lambda: torch.arange(max_squarings + 1, dtype=dtype, device=device),
     )
+    chosen = (steps == needed).to(dtype)  # one-hot: which of E, E^2, E^4, .. is the result
     if torch._C._are_functorch_transforms_active():  # vmap, jacrev: autograd.Function-free
-        return _masked_squarings(expo, needed > steps, columns), None
-    return _MaskedSquarings.apply(expo, needed > steps, columns), None
+        return _selected_square(expo, chosen, columns), None
+    return _SelectedSquare.apply(expo, chosen, columns), None
 
 
-def _masked_squarings(
-    expo: torch.Tensor, masks: torch.Tensor, columns: slice, inputs: list | None = None
-) -> torch.Tensor:
-    """``E <- E @ E`` where ``masks[i]`` (the squarings the device found needed), ``len(masks)``
-    times, the last one on ``columns`` only; each step's input is appended to ``inputs``."""
-    inputs = [] if inputs is None else inputs
-    for step in range(masks.shape[0] - 1):
-        inputs.append(expo)
-        expo = torch.where(masks[step], expo @ expo, expo)
-    inputs.append(expo)
-    cols = expo[:, columns]
-    return torch.where(masks[-1], expo @ cols, cols)
+def _selected_square(expo: torch.Tensor, chosen: torch.Tensor, columns: slice) -> torch.Tensor:
+    """``sum_i chosen[i] E^(2^i)`` on ``columns``, ``i = 0 .. len(chosen) - 1``: with a one-hot
+    ``chosen``, ``E`` squared as many times as the device found needed. Every square is
+    formed (no masking: one kernel per step), the unneeded ones are left out of the sum."""
+    chain = [expo]
+    for _ in range(chosen.shape[0] - 1):
+        chain.append(chain[-1] @ chain[-1])
+    return torch.tensordot(chosen, torch.stack(chain)[:, :, columns], 1)
 
 
-class _MaskedSquarings(torch.autograd.Function):
-    """:func:`_masked_squarings` with its own backward: autograd would spend six kernels per
-    step (two ``where``, two products, two accumulations) where three do:
-    ``G <- where(m, G E^T + E^T G, G)``. Under ``create_graph`` the backward runs the steps
-    again with autograd, so that second derivatives are exact."""
+class _SelectedSquare(torch.autograd.Function):
+    """:func:`_selected_square` with its own backward, two fused multiply-adds per step:
+    ``G_i = E_i^T G_{i+1} + G_{i+1} E_i^T + chosen[i] G_out``. Under ``create_graph`` the
+    backward runs the steps again with autograd, so that second derivatives are exact."""
 
     @staticmethod
-    def forward(ctx, expo: torch.Tensor, masks: torch.Tensor, columns: slice) -> torch.Tensor:
-        chain: list[torch.Tensor] = []  # the input of each step
-        out = _masked_squarings(expo, masks, columns, chain)
-        ctx.save_for_backward(masks, *chain)
+    def forward(ctx, expo: torch.Tensor, chosen: torch.Tensor, columns: slice) -> torch.Tensor:
+        squares = expo.new_empty((chosen.shape[0], *expo.shape))
+        squares[0] = expo
+        for i in range(chosen.shape[0] - 1):
+            torch.mm(squares[i], squares[i], out=squares[i + 1])
+        ctx.save_for_backward(expo, chosen, squares)
         ctx.columns = columns
-        return out
+        # the one-hot contraction: the unneeded squares, however large, do not enter the sum
+        # (they are finite: the exponential of a skew generator's core stays bounded)
+        return (chosen @ squares.flatten(1)).view(expo.shape)[:, columns]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        masks, *chain = ctx.saved_tensors
+        expo, chosen, squares = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
-            expo = chain[0]
-            out = _masked_squarings(expo, masks, ctx.columns)
+            out = _selected_square(expo, chosen, ctx.columns)
             return torch.autograd.grad(out, expo, grad, create_graph=True)[0], None, None
-        last = chain[-1]
-        start, stop, _ = ctx.columns.indices(last.shape[1])
-        # last step: out = E @ E[:, cols] (masked) or E[:, cols]
-        through_cols = torch.where(masks[-1], last.mT @ grad, grad)
-        full = torch.nn.functional.pad(through_cols, (start, last.shape[1] - stop))
-        full = torch.addmm(full, torch.where(masks[-1], grad, 0.0), last[:, start:stop].mT)
-        for step in range(len(chain) - 2, -1, -1):
-            e = chain[step]
-            full = torch.where(masks[step], torch.addmm(e.mT @ full, full, e.mT), full)
-        return full, None, None
+        n = squares.shape[-1]
+        start, stop, _ = ctx.columns.indices(n)
+        if (start, stop) != (0, n):
+            grad = F.pad(grad, (start, n - stop))
+        shares = chosen[:, None, None] * grad  # the output's gradient, at the chosen square
+        g = shares[-1]
+        for i in range(chosen.shape[0] - 2, -1, -1):
+            e = squares[i]
+            g = torch.addmm(torch.addmm(shares[i], e.mT, g), g, e.mT)
+        return g, None, None

@@ -82,8 +82,9 @@ class OrthogonalProjector(nn.Module):
         max_squarings: ``matrix_exp`` only. ``None`` (default): on CPU the Taylor degree and
             the number of squarings come from a bound on the generator's norm (a host read,
             free there); on accelerators and under ``torch.compile`` the call is
-            synchronisation-free with up to 12 squarings (fixed degree, squarings counted and
-            masked on the device, all 12 paid for; accurate while ``||A|| <~ 2 ** 13``). An integer makes every device take the
+            synchronisation-free with up to 12 squarings (fixed degree; all 12 squares are
+            formed and the device selects the one needed; accurate while
+            ``||A|| <~ 2 ** 13``). An integer makes every device take the
             synchronisation-free path with that many, accurate while
             ``||A|| <~ 2 ** max_squarings`` (fewer is faster).
         device: where the parameter lives.
