@@ -30,6 +30,8 @@ from torch import nn
 
 import featkd
 from featkd import DeviceError, DTypeError, FeatkdInputError, NonFiniteError, ShapeError
+from featkd._sync import simulate_accelerator
+from featkd.kd2m._base import MatchingLoss
 
 # FEATKD_HYPOTHESIS_SCALE=10 multiplies the drawn examples (a local stress run; CI keeps 1)
 SCALE = int(os.environ.get("FEATKD_HYPOTHESIS_SCALE", "1"))
@@ -166,6 +168,27 @@ def test_non_finite_is_reported(case, bad, where):
     with pytest.raises(NonFiniteError) as excinfo:
         case.call(case.make(), s, t, labels)
     assert_named_error(excinfo, case.names[where])
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.is_head], ids=ids([c for c in CASES if not c.is_head])
+)
+def test_non_finite_is_counted_on_the_accelerator_path(case):
+    """On an accelerator (simulated) the default policy counts NaN/Inf entries on the device
+    instead of raising: one NaN in the student and an inf and a -inf in the teacher are 3.
+    A KD2M loss with a projector counts the projected student (documented): the NaN fills the
+    projected row, one entry per output feature."""
+    s, t, labels = case.inputs(4)
+    s.view(-1)[-1] = float("nan")
+    t.view(-1)[0], t.view(-1)[-1] = float("inf"), float("-inf")
+    module = case.make()
+    with simulate_accelerator():
+        case.call(module, s, t, labels)
+    projectors = [m.projector for m in module.modules() if isinstance(m, MatchingLoss)]
+    projector = next((p for p in projectors if p is not None), None)
+    student_count = 1 if projector is None else projector.out_features
+    assert module.last_parts["nonfinite_inputs"].dtype == torch.float32
+    assert module.last_parts["nonfinite_inputs"].item() == 2 + student_count
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
