@@ -655,3 +655,42 @@ def test_convergence_warning_points_at_the_caller_through_wrappers():
         with pytest.warns(SinkhornConvergenceWarning) as record:
             call()
         assert record[0].filename == __file__, (name, record[0].filename)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sinkhorn_group_with_broken_scalings_keeps_its_exact_step(monkeypatch, padded):
+    """A group whose scaling updates under- or overflow (here: its kernel products forced to
+    0, so its scalings are inf) keeps the potentials of the exact log-domain step; the other
+    group is unaffected. The exact step is transcribed from the formula, not the code."""
+    from featkd.kd2m import _transport
+
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(2, 5, 5, generator=gen, dtype=torch.float64) * 3
+    log_a = torch.full((2, 5), -np.log(5.0), dtype=torch.float64)
+    log_b = log_a.clone()
+    if padded:  # the last member of group 1 is padding on both sides
+        log_a[1, 4] = log_b[1, 4] = -np.inf
+        log_a[1, :4] = log_b[1, :4] = -np.log(4.0)
+    kwargs = dict(max_iter=6, tol=None, check_every=5, padded=padded)
+    u_clean, v_clean, _, _ = _transport.sinkhorn_log(cost, log_a, log_b, **kwargs)
+
+    kernel_times = _transport._kernel_times
+
+    def broken(kernel, vector):
+        out = kernel_times(kernel, vector).clone()
+        out[1] = 0.0
+        return out
+
+    monkeypatch.setattr(_transport, "_kernel_times", broken)
+    u, v, _, _ = _transport.sinkhorn_log(cost, log_a, log_b, **kwargs)
+    torch.testing.assert_close(u[0], u_clean[0], rtol=0, atol=0)
+    torch.testing.assert_close(v[0], v_clean[0], rtol=0, atol=0)
+    # group 1: u = log a - LSE_j(v0_j - C_ij) with v0 = log b, then v = log b - LSE_i(u_i - C_ij)
+    real = torch.isfinite(log_a[1])
+    c = cost[1][real][:, real]
+    la, lb = log_a[1][real], log_b[1][real]
+    u_exact = la - torch.logsumexp(lb[None, :] - c, dim=1)
+    v_exact = lb - torch.logsumexp(u_exact[:, None] - c, dim=0)
+    torch.testing.assert_close(u[1][real], u_exact)
+    torch.testing.assert_close(v[1][real], v_exact)
+    assert torch.isfinite(u_clean).sum() == torch.isfinite(u).sum()

@@ -179,10 +179,19 @@ def sinkhorn_log(
             scale_b = mass_b / _vector_times(scale_a, kernel)
             if padded:
                 scale_b = torch.where(real_b, scale_b, 0.0)
-        valid = torch.isfinite(scale_a).all(dim=-1) & torch.isfinite(scale_b).all(dim=-1)
-        valid &= ((scale_a > 0) == real_a).all(dim=-1) & ((scale_b > 0) == real_b).all(dim=-1)
-        u = torch.where(valid[:, None], u + scale_a.log(), u)
-        v = torch.where(valid[:, None], v + scale_b.log(), v)
+        log_scale_a, log_scale_b = scale_a.log(), scale_b.log()
+        # a group is kept when every real scaling is positive and finite, i.e. its log finite:
+        # the logs are at most ~89 in float32, so their sum over a group is finite exactly then
+        # (padding's scalings are 0 by the where above, their logs -inf, left out of the sum)
+        if padded:
+            checked_a = torch.where(real_a, log_scale_a, 0.0)
+            checked_b = torch.where(real_b, log_scale_b, 0.0)
+        else:
+            checked_a, checked_b = log_scale_a, log_scale_b
+        total = checked_a.sum(dim=-1) + checked_b.sum(dim=-1)
+        valid = total.mul(0).eq(0)[:, None]  # x * 0 == 0 exactly when x is finite
+        u = torch.where(valid, u + log_scale_a, u)
+        v = torch.where(valid, v + log_scale_b, v)
         iterations += steps
     return u, v, iterations, error
 
