@@ -24,10 +24,13 @@ def unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x / ||x||`` over the last axis (a zero vector stays zero) and ``||x||`` (size-1 last
     axis). Scaled by the largest entry first: squaring 1e-30 underflows and 1e20 overflows in
     float32, where a plain norm gives 0 (and ``x / 0``) or inf."""
-    peak = x.abs().amax(dim=-1, keepdim=True)
-    scaled = x / torch.where(peak > 0, peak, 1.0)
-    length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # 0 or in [1, sqrt(D)]
-    return scaled / torch.where(length > 0, length, 1.0), peak * length
+    tiny = torch.finfo(x.dtype).tiny
+    # clamped at tiny, not replaced where zero: one kernel each, and a zero vector gives 0 / tiny
+    # = 0; a subnormal peak becomes tiny, so scaled entries are still at least ~1e-7 (float32)
+    peak = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True).clamp_min(tiny)
+    scaled = x / peak
+    length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # 0 or >= 1e-7
+    return scaled / length.clamp_min(tiny), peak * length
 
 
 def typical_norm(norms: torch.Tensor) -> torch.Tensor:
