@@ -35,8 +35,6 @@ complement, to one ``k x k`` solve: ``K = I - S/2 + G/4``, ``P = [2 K^{-1} - I; 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -125,23 +123,27 @@ class _Gram(torch.autograd.Function):
 
 
 def _balance_factor(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
-    """``r ~ sqrt(lambda_max(G))`` by power iteration (``iterations`` a power of two), detached. Any ``r > 0`` gives the same
-    exponential exactly; a good one keeps the balanced companion's norm close to ``||A||``."""
+    """``r ~ sqrt(lambda_max(G))``, detached. Any ``r > 0`` gives the same exponential
+    exactly; a good one keeps the balanced companion's norm close to ``||A||``.
+
+    On CPU by power iteration (a tighter ``r`` saves squarings, which cost time there). On the
+    synchronisation-free path every square is formed anyway, so ``r = ||G||_F^(1/2)`` (at
+    most ``k^(1/4)`` times too large) does as well in three kernels instead of some twenty:
+    float32 results were as close to float64 (1e-7 to 9e-6 over 24 draws up to 300 times
+    the random init).
+    """
+    eps = torch.finfo(gram.dtype).eps
+    if sync_free(gram):
+        return gram.detach().norm().sqrt().clamp_min(eps)
     tiny = torch.finfo(gram.dtype).tiny
-    # G / ||G||_F has its top eigenvalue in [1 / k, 1]: the steps need no normalisation
+    # G / ||G||_F has its top eigenvalue in [1 / k, 1]: the steps need no normalisation;
+    # they start from the ones vector, whose first step is a row sum
     g, scale = _expm.unit_frobenius(gram.detach())
-    # starting from the ones vector, whose first step is a row sum (no start vector to fill)
-    if sync_free(g):  # accelerators: G^8 by three squarings, four kernels instead of eight
-        power = g
-        for _ in range(int(math.log2(iterations))):
-            power = power @ power
-        v = power.sum(dim=1, keepdim=True)
-    else:
-        v = g.sum(dim=1, keepdim=True)
-        for _ in range(iterations - 1):
-            v = g @ v
+    v = g.sum(dim=1, keepdim=True)
+    for _ in range(iterations - 1):
+        v = g @ v
     lam = (v.mT @ (g @ v)).squeeze() / v.square().sum().clamp_min(tiny) * scale
-    return lam.clamp_min(torch.finfo(g.dtype).eps ** 2).sqrt()
+    return lam.clamp_min(eps**2).sqrt()
 
 
 def _companion_exp_columns(
