@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from featkd.kd2m._sets import Groups, matmul_nt
+from featkd.kd2m._sets import Groups
 
 __all__ = [
     "emd_plans",
@@ -27,15 +27,31 @@ __all__ = [
 ]
 
 
-def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``||x_i - y_j||^2`` ``(..., n, m)`` by the Gram expansion, clipped at zero.
+def squared_distances(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_sq: torch.Tensor | None = None,
+    y_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``||x_i - y_j||^2`` ``(..., n, m)`` by the Gram expansion, clipped at zero; ``x_sq``,
+    ``y_sq`` are the squared norms ``(..., n)``, ``(..., m)`` when the caller has them.
 
     Callers shift both sets by a common constant first (the detached teacher mean) so the
     expansion does not cancel large shared offsets.
     """
-    x_sq = x.square().sum(dim=-1)
-    y_sq = y.square().sum(dim=-1)
-    return (x_sq[..., :, None] + y_sq[..., None, :] - 2 * matmul_nt(x, y)).clamp_min(0)
+    x_sq = x.square().sum(dim=-1) if x_sq is None else x_sq
+    if y_sq is None:
+        y_sq = x_sq if y is x else y.square().sum(dim=-1)
+    outer = x_sq[..., :, None] + y_sq[..., None, :]
+    # the product, its factor -2 and the sum in one kernel; a single group as a plain 2-D
+    # product (no batched-GEMM overhead on CPU)
+    if x.ndim == 2:
+        cross = torch.addmm(outer, x, y.mT, alpha=-2)
+    elif x.ndim == 3 and x.shape[0] == 1 and y.shape[0] == 1:
+        cross = torch.addmm(outer[0], x[0], y[0].mT, alpha=-2)[None]
+    else:
+        cross = torch.baddbmm(outer, x, y.mT, alpha=-2)
+    return cross.clamp_min(0)
 
 
 def ground_cost(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:

@@ -138,7 +138,12 @@ def _mmd_terms(
         ]
         sum_ss, sum_tt, sum_st, diag_ss, diag_tt = block_sums(*kernels, mask)
     else:  # mean over bandwidths of exp(-||x - y||^2 / (2 sigma^2))
-        distances = [squared_distances(a, b) for a, b in ((xs, xs), (xt, xt), (xs, xt))]
+        sq_s, sq_t = xs.square().sum(dim=-1), xt.square().sum(dim=-1)  # each norm once
+        distances = [
+            squared_distances(xs, xs, sq_s, sq_s),
+            squared_distances(xt, xt, sq_t, sq_t),
+            squared_distances(xs, xt, sq_s, sq_t),
+        ]
         pairs = None
         if bandwidth == "mean_distance":  # official KD2M: one bandwidth per group
             with torch.no_grad():
