@@ -324,3 +324,24 @@ def test_dtype_given_as_a_string_is_a_featkd_error():
     # an AttributeError ('str' object has no attribute 'is_floating_point') before
     with pytest.raises(ChoiceError, match="dtype: expected None or one of torch.float16"):
         OrthogonalProjector(4, 8, dtype="float32")
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-2, 1.0])
+def test_unneeded_squares_stay_out_of_value_and_gradient(scale):
+    """The accelerator path forms all 12 squares and selects one; with a small, rank-1 ``B``
+    (a non-normal companion core) the squares beyond the needed one must not reach the weight
+    or its gradient: the weight is float64's to float32 rounding and the gradient finite."""
+    gen = torch.Generator().manual_seed(0)
+    proj = OrthogonalProjector(16, 64, init="random", seed=0)
+    with torch.no_grad():
+        proj.generator[16:] = (
+            torch.outer(torch.randn(48, generator=gen), torch.randn(16, generator=gen)) / 8
+        )
+        proj.generator.mul_(scale)
+    exact = OrthogonalProjector(16, 64, dtype=torch.float64)
+    exact.load_state_dict({"generator": proj.generator.double()})
+    with simulate_accelerator():
+        weight = proj.weight
+        weight.sum().backward()
+    torch.testing.assert_close(weight.double(), exact.weight, rtol=0, atol=1e-6)
+    assert torch.isfinite(proj.generator.grad).all()
