@@ -170,9 +170,7 @@ def test_non_finite_is_reported(case, bad, where):
     assert_named_error(excinfo, case.names[where])
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if not c.is_head], ids=ids([c for c in CASES if not c.is_head])
-)
+@pytest.mark.parametrize("case", PAIRS, ids=ids(PAIRS))
 def test_non_finite_is_counted_on_the_accelerator_path(case):
     """On an accelerator (simulated) the default policy counts NaN/Inf entries on the device
     instead of raising: one NaN in the student and an inf and a -inf in the teacher are 3.

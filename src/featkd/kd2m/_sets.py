@@ -112,12 +112,19 @@ def validate_pair(
         check_label_range(labels, num_classes, "num_classes")
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b^T`` over the last two axes; a single group goes through a plain 2-D matmul,
-    which avoids the batched-GEMM overhead of the common unconditional case on CPU."""
+def matmul_nt(
+    a: torch.Tensor, b: torch.Tensor, *, add: torch.Tensor | None = None, alpha: float = 1.0
+) -> torch.Tensor:
+    """``a @ b^T`` over the last two axes, or ``add + alpha a @ b^T`` in one kernel; a single
+    group goes through a plain 2-D product, which avoids the batched-GEMM overhead of the
+    common unconditional case on CPU."""
     if a.ndim == 3 and a.shape[0] == 1 and b.shape[0] == 1:
-        return (a[0] @ b[0].mT)[None]
-    return a @ b.mT
+        return matmul_nt(a[0], b[0], add=None if add is None else add[0], alpha=alpha)[None]
+    if add is None:
+        return a @ b.mT
+    if a.ndim == 2:
+        return torch.addmm(add, a, b.mT, alpha=alpha)
+    return torch.baddbmm(add, a, b.mT, alpha=alpha)
 
 
 class Groups(NamedTuple):

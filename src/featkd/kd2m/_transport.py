@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from featkd.kd2m._sets import Groups
+from featkd.kd2m._sets import Groups, matmul_nt
 
 __all__ = [
     "emd_plans",
@@ -43,15 +43,7 @@ def squared_distances(
     if y_sq is None:
         y_sq = x_sq if y is x else y.square().sum(dim=-1)
     outer = x_sq[..., :, None] + y_sq[..., None, :]
-    # the product, its factor -2 and the sum in one kernel; a single group as a plain 2-D
-    # product (no batched-GEMM overhead on CPU)
-    if x.ndim == 2:
-        cross = torch.addmm(outer, x, y.mT, alpha=-2)
-    elif x.ndim == 3 and x.shape[0] == 1 and y.shape[0] == 1:
-        cross = torch.addmm(outer[0], x[0], y[0].mT, alpha=-2)[None]
-    else:
-        cross = torch.baddbmm(outer, x, y.mT, alpha=-2)
-    return cross.clamp_min(0)
+    return matmul_nt(x, y, add=outer, alpha=-2).clamp_min(0)
 
 
 def ground_cost(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:

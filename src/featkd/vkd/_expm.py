@@ -8,8 +8,8 @@ built from the norms of the computed powers; reading that bound is one host sync
 call, like :func:`torch.linalg.matrix_exp`; that adaptive plan runs on CPU only. Passing
 ``max_squarings``, or running on an accelerator or under ``torch.compile``, makes the evaluation
 synchronisation-free (a fixed degree; every square up to the maximum is formed and the device
-selects the one needed). Gradients
-come from autograd through the matrix products.
+selects the one needed). Gradients come from autograd through the matrix products, and from a
+hand-written backward through the squares.
 
 :mod:`featkd.vkd._stiefel` uses it on the small companion core of the Stiefel exponential.
 """
@@ -34,7 +34,7 @@ _MAX_BLOCKS = 6  # degree <= 24
 _FIXED_BLOCKS = {torch.float32: 4, torch.float64: 6}
 # the squarings paid for on accelerators and under torch.compile when the caller fixes none:
 # accurate while ||M|| <~ 2^13 (a trained orthogonal map's generator has ||M|| of a few units);
-# each one costs five kernels, in the forward and backward, whether or not it is needed
+# each one costs three kernels (one product forward, two backward), needed or not
 SYNC_FREE_SQUARINGS = 12
 
 
@@ -149,8 +149,8 @@ def _log_power_norms(powers: list[torch.Tensor], iterations: int = 6) -> torch.T
     synchronisation-free path every bound is the Frobenius norm.
     """
     if sync_free(powers[-1]):
-        # every square up to the maximum is formed whether needed or not: the estimate would save
-        # arithmetic that is not done, at some twenty kernels. ||Y^j||_F <= ||Y||_F^j <= 1:
+        # a sharper bound only lowers the number of squares needed, and this path forms them
+        # all anyway: the estimate's twenty-odd kernels buy nothing. ||Y^j||_F <= ||Y||_F^j <= 1:
         # no overflow, and an underflow to 0 only drops terms that are below tolerance
         norms = torch.linalg.vector_norm(torch.stack(powers[1:]).detach(), dim=(-2, -1))
         return F.pad(norms.log(), (1, 0))
@@ -295,14 +295,24 @@ def expm_columns(
     return _SelectedSquare.apply(expo, chosen, columns), None
 
 
-def _selected_square(expo: torch.Tensor, chosen: torch.Tensor, columns: slice) -> torch.Tensor:
-    """``sum_i chosen[i] E^(2^i)`` on ``columns``, ``i = 0 .. len(chosen) - 1``: with a one-hot
-    ``chosen``, ``E`` squared as many times as the device found needed. Every square is
-    formed (no masking: one kernel per step), the unneeded ones are left out of the sum."""
+def _squares(expo: torch.Tensor, count: int) -> torch.Tensor:
+    """``E, E^2, E^4, .., E^(2^(count - 1))`` stacked: ``(count, n, n)``, one product each."""
     chain = [expo]
-    for _ in range(chosen.shape[0] - 1):
+    for _ in range(count - 1):
         chain.append(chain[-1] @ chain[-1])
-    return torch.tensordot(chosen, torch.stack(chain)[:, :, columns], 1)
+    return torch.stack(chain)
+
+
+def _select(chosen: torch.Tensor, squares: torch.Tensor, columns: slice) -> torch.Tensor:
+    """``sum_i chosen[i] squares[i]`` on ``columns``: with a one-hot ``chosen``, ``E`` squared
+    as many times as the device found needed. The unneeded squares stay out of the sum (they
+    are finite: the exponential of a skew generator's core stays bounded)."""
+    return torch.tensordot(chosen, squares, 1)[:, columns]
+
+
+def _selected_square(expo: torch.Tensor, chosen: torch.Tensor, columns: slice) -> torch.Tensor:
+    """:func:`_select` of :func:`_squares` (no masking: one kernel per square)."""
+    return _select(chosen, _squares(expo, chosen.shape[0]), columns)
 
 
 class _SelectedSquare(torch.autograd.Function):
@@ -312,15 +322,10 @@ class _SelectedSquare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, expo: torch.Tensor, chosen: torch.Tensor, columns: slice) -> torch.Tensor:
-        squares = expo.new_empty((chosen.shape[0], *expo.shape))
-        squares[0] = expo
-        for i in range(chosen.shape[0] - 1):
-            torch.mm(squares[i], squares[i], out=squares[i + 1])
+        squares = _squares(expo, chosen.shape[0])
         ctx.save_for_backward(expo, chosen, squares)
         ctx.columns = columns
-        # the one-hot contraction: the unneeded squares, however large, do not enter the sum
-        # (they are finite: the exponential of a skew generator's core stays bounded)
-        return (chosen @ squares.flatten(1)).view(expo.shape)[:, columns]
+        return _select(chosen, squares, columns)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

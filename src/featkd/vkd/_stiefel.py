@@ -201,8 +201,8 @@ def stiefel_expm(
         tall: ``B``, ``(n - k, k)``.
         max_squarings: ``None`` chooses degree and squarings from the remainder bound (one host
             read) on CPU, and forms 12 squares, the device selecting the one needed, on
-            accelerators and under ``torch.compile``; an int makes the evaluation synchronisation-free everywhere,
-            accurate while ``||A|| <~ 2^max_squarings``.
+            accelerators and under ``torch.compile``; an int makes the evaluation
+            synchronisation-free everywhere, accurate while ``||A|| <~ 2^max_squarings``.
         polar: finish with one Newton-Schulz step ``P <- P (3 I - P^T P) / 2`` (squares the
             orthonormality error; two tall-skinny products). ``None`` (default): in float32
             when 4 or more squarings were needed (``||A|| >~ 20``; always on the
