@@ -38,15 +38,17 @@ HOST_BUILT = {"lift_fresh", "lift_fresh_copy"}
 
 class HostSyncRecorder(TorchDispatchMode):
     """``with HostSyncRecorder() as recorder: ...``; then ``recorder.syncs`` lists the
-    operations, in order."""
+    syncing operations, in order, and ``recorder.ops`` every dispatched one."""
 
     def __init__(self) -> None:
         super().__init__()
         self.syncs: list[str] = []
+        self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
+        self.ops.append(name)
         if name in DATA_DEPENDENT or name in HOST_CHECKED_LINALG or name in HOST_BUILT:
             self.syncs.append(name)
         elif name == "repeat_interleave" and kwargs.get("output_size") is None:

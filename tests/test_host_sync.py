@@ -18,10 +18,11 @@ import math
 
 import pytest
 import torch
-from host_sync import record_host_syncs
-from loss_cases import CASES, Case
+from host_sync import HostSyncRecorder, record_host_syncs
+from loss_cases import CASES, PAIRS, Case
 
 import featkd
+from featkd._loss import DistillationLoss
 from featkd._sync import device_values, simulate_accelerator
 
 
@@ -44,6 +45,20 @@ def test_host_syncs_are_only_the_documented_ones(case: Case):
         assert syncs, f"{case.name}: no host sync any more; clear its host_syncs reason"
     else:
         assert not syncs, f"{case.name}: host syncs {sorted(set(syncs))}"
+
+
+@pytest.mark.parametrize("case", PAIRS, ids=lambda c: c.name)
+def test_validation_reads_shapes_only(case: Case):
+    """A loss's one validation reads shapes, dtypes and devices, and on the accelerator path
+    dispatches no operation at all: each costs host time per call (a pooled width once came
+    from pooling a ``meta`` tensor: some 150 microseconds a call, in Python)."""
+    module = case.make()
+    if getattr(type(module), "_check", DistillationLoss._check) is DistillationLoss._check:
+        pytest.skip(f"{type(module).__name__} validates in its own forward")
+    s, t, labels = case.inputs(8, generator=torch.Generator().manual_seed(0))
+    with HostSyncRecorder() as recorder:
+        module._check(s.requires_grad_(True), t, labels)
+    assert recorder.ops == []
 
 
 def test_the_recorder_sees_what_it_should():

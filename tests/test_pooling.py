@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from featkd import (
     pool,
     to_tokens,
 )
+from featkd.pooling import pooled_width
 
 
 def tokens_123():
@@ -165,6 +168,44 @@ def test_pool_is_differentiable():
     expected = torch.zeros(3, 5, 4)
     expected[:, 1:] = 0.25
     torch.testing.assert_close(x.grad, expected)
+
+
+_LAYOUTS = {
+    "mean": [(2, 6), (2, 5, 6)],
+    "cls": [(2, 6), (2, 5, 6)],
+    "patch_mean": [(2, 6), (2, 5, 6)],
+    "gap": [(2, 6), (2, 6, 3, 4)],
+    "flatten": [(2, 6), (2, 5, 6), (2, 6, 3, 4)],
+    "none": [(2, 6)],
+}
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"), [(mode, shape) for mode, shapes in _LAYOUTS.items() for shape in shapes]
+)
+def test_pooled_width_is_the_width_pool_returns(mode, shape):
+    x = torch.randn(shape)
+    assert pooled_width(x, mode) == pool(x, mode).shape[1]
+
+
+@pytest.mark.parametrize(
+    ("x", "mode", "kwargs"),
+    [
+        (torch.zeros(2, 5, 6), "gap", {}),
+        (torch.zeros(2, 6, 3, 4), "mean", {}),
+        (torch.zeros(2, 5, 6), "none", {}),
+        (torch.zeros(2, 5, 6), "cls", {"num_prefix_tokens": 0}),
+        (torch.zeros(2, 1, 6), "patch_mean", {}),
+        (torch.zeros(2, 3, 6), "mean", {"num_prefix_tokens": 4}),
+        (torch.zeros(2, 5, 6, dtype=torch.long), "mean", {}),
+        (torch.zeros(2, 5, 6), "median", {}),
+    ],
+)
+def test_pooled_width_refuses_what_pool_refuses(x, mode, kwargs):
+    with pytest.raises(FeatkdInputError) as from_pool:
+        pool(x, mode, name="feats", **kwargs)
+    with pytest.raises(type(from_pool.value), match=re.escape(str(from_pool.value))):
+        pooled_width(x, mode, name="feats", **kwargs)
 
 
 # ------------------------------------------------------------------ bad arguments (issue 11)

@@ -81,6 +81,38 @@ def pool(
         >>> pool(torch.ones(4, 8, 5, 5), "gap").shape
         torch.Size([4, 8])
     """
+    _check_pool(x, mode, num_prefix_tokens, name)
+    if x.ndim == 2:
+        return x
+    if mode == "flatten":
+        return rearrange(x, "b ... -> b (...)")
+    if mode == "gap":
+        return reduce(x, "b c h w -> b c", "mean")
+    if mode == "mean":
+        return reduce(x, "b n d -> b d", "mean")
+    if mode == "cls":
+        return x[:, 0]
+    return reduce(x[:, num_prefix_tokens:], "b n d -> b d", "mean")  # patch_mean
+
+
+def pooled_width(x: torch.Tensor, mode: str, *, num_prefix_tokens: int = 1, name: str = "x") -> int:
+    """The width of ``pool(x, mode, ...)`` after the same checks, computed from the shape
+    alone: a validation that needs the pooled width pools nothing.
+
+    Example:
+        >>> pooled_width(torch.zeros(2, 5, 8), "patch_mean")
+        8
+        >>> pooled_width(torch.zeros(2, 3, 4, 4), "flatten")
+        48
+    """
+    _check_pool(x, mode, num_prefix_tokens, name)
+    if mode == "flatten":
+        return math.prod(x.shape[1:])
+    return x.shape[-1] if x.ndim == 3 else x.shape[1]
+
+
+def _check_pool(x: Any, mode: str, num_prefix_tokens: int, name: str) -> None:
+    """Every check of :func:`pool`; reads the shape and dtype only."""
     check_choice(mode, "mode", POOL_MODES)
     check_int(num_prefix_tokens, "num_prefix_tokens", 0)
     check_floating(x, name)  # also rejects a non-tensor before its .ndim is read
@@ -95,26 +127,16 @@ def pool(
         )
     check_rank(x, name, layouts)
     if x.ndim == 2:
-        return x
+        return
     if mode in ("mean", "cls", "patch_mean"):
         _check_prefix_fits(x, num_prefix_tokens, name)
-    if mode == "flatten":
-        return rearrange(x, "b ... -> b (...)")
-    if mode == "gap":
-        return reduce(x, "b c h w -> b c", "mean")
-    if mode == "mean":
-        return reduce(x, "b n d -> b d", "mean")
-    if mode == "cls":
-        if num_prefix_tokens < 1:
-            raise ChoiceError("num_prefix_tokens: mode 'cls' needs at least 1 prefix token, got 0")
-        return x[:, 0]
-    # patch_mean
-    if x.shape[1] <= num_prefix_tokens:
+    if mode == "cls" and num_prefix_tokens < 1:
+        raise ChoiceError("num_prefix_tokens: mode 'cls' needs at least 1 prefix token, got 0")
+    if mode == "patch_mean" and x.shape[1] <= num_prefix_tokens:
         raise ShapeError(
             f"{name}: mode 'patch_mean' with num_prefix_tokens={num_prefix_tokens} expects "
             f"more than {num_prefix_tokens} tokens, got {describe_shape(x.shape)}"
         )
-    return reduce(x[:, num_prefix_tokens:], "b n d -> b d", "mean")
 
 
 def to_tokens(x: torch.Tensor, *, name: str = "x") -> torch.Tensor:

@@ -22,7 +22,7 @@ from featkd._checks import (
 )
 from featkd._loss import Terms, check_reduction, evaluate
 from featkd._options import check_choice, check_int, check_positive, renamed
-from featkd.pooling import POOL_MODES, pool
+from featkd.pooling import POOL_MODES, pool, pooled_width
 from featkd.vkd import _normalization
 from featkd.vkd.normalize import Whitening
 
@@ -73,12 +73,10 @@ def _whitening_eps(normalize: str, eps: float) -> float | None:
 
 def _pooled_width(x: Any, name: str, layouts: dict, mode: str, prefix: int) -> int:
     """Checks ``x`` (a floating tensor of one of ``layouts`` that ``pool`` takes with ``mode``)
-    and returns its width after pooling, without pooling it: pool's checks read only the
-    shape, so they run on a shape-only (meta) copy and the batch is pooled once, in the core."""
+    and returns its width after pooling, without pooling it: the batch is pooled once, in the
+    core."""
     check_rank(x, name, layouts)
-    check_floating(x, name)
-    shape_only = torch.empty(x.shape, dtype=x.dtype, device="meta")
-    return pool(shape_only, mode, num_prefix_tokens=prefix, name=name).shape[1]
+    return pooled_width(x, mode, num_prefix_tokens=prefix, name=name)
 
 
 def _check_inputs(
