@@ -13,7 +13,12 @@ so two versions can be compared side by side (cases it cannot build are left bla
         --baseline /tmp/base-launches/launches-base.json      # the two side by side
 
 Sizes are those of ``benchmarks/gpu.py`` (B=256, N=197, D_s=192, D_t=768); ``--quick`` uses
-tiny ones. Writes ``launches-<label>.{json,md}`` (default label ``cpu``, into
+tiny ones. Beside the counts, the **host time** of each case: one forward+backward at tiny sizes
+(B=16, N=4, D_s=8, D_t=16) on one thread, the fastest of 60 calls taken round-robin, where the
+arithmetic is negligible and what remains is what the CPU spends queuing the work (Python,
+dispatch, autograd). Launches do not show Python-side costs such as a check that builds
+tensors; this does. It is this machine's CPU, not a GPU host's, and a data-dependent loop (Sinkhorn
+to tolerance) may run a different number of steps at tiny sizes. Writes ``launches-<label>.{json,md}`` (default label ``cpu``, into
 ``benchmarks/results``). Fused Triton kernels do not run on CPU: CosPress is counted on its
 torch path.
 """
@@ -27,7 +32,9 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,6 +81,34 @@ def count(step) -> Counter[str]:
     return mode.ops
 
 
+HOST_SIZES = (16, 4, 8, 16)  # B, N, D_s, D_t: the arithmetic is negligible
+
+
+def host_times(steps: dict[str, Callable[[], None] | None], rounds: int = 60) -> dict:
+    """name -> the fastest of ``rounds`` calls of each step, in microseconds, on one thread,
+    on the accelerator path; the cases take turns, so a burst of load on a shared machine
+    slows them all alike."""
+    live = {name: step for name, step in steps.items() if step is not None}
+    best = dict.fromkeys(live, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with accelerator_path():
+            for step in live.values():
+                step()  # lazy buffers, warnings, kept constants
+            for _ in range(rounds):
+                for name, step in live.items():
+                    start = time.perf_counter()
+                    step()
+                    best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        name: round(1e6 * best.get(name, float("nan")), 1) if name in live else None
+        for name in steps
+    }
+
+
 def cases(batch: int, tokens: int, d_s: int, d_t: int):
     """name -> step (None for a case this featkd cannot build), gpu.py's losses and heads."""
     import gpu
@@ -111,21 +146,32 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
         f"N={meta['tokens']}, D_s={meta['d_s']}, D_t={meta['d_t']}; aten operations that launch "
         "a kernel, on the accelerator path, counted on the CPU (`python benchmarks/launches.py`).",
     ]
-    if baseline is None:
-        lines += ["", "| loss or head | launches | most frequent |", "|---|---:|---|"]
-    else:
-        base = baseline["meta"]
+    host = result.get("host_us")  # absent from runs made before it was measured
+    if host is not None:
         lines += [
-            f"The baseline column is featkd at `{base['src']}` ({base['label']}), same cases and sizes.",
-            "",
-            f"| loss or head | launches | {base['label']} | most frequent |",
-            "|---|---:|---:|---|",
+            f"The host column is the fastest of {meta.get('host_rounds', 60)} calls at B=16, N=4, "
+            "D_s=8, D_t=16 on one CPU thread, in microseconds: what queuing the work costs, the "
+            "arithmetic aside.",
         ]
+    columns = ["loss or head", "launches"]
+    if baseline is not None:
+        base = baseline["meta"]
+        lines.append(
+            f"The baseline column is featkd at `{base['src']}` ({base['label']}), same cases and "
+            "sizes."
+        )
+        columns.append(base["label"])
+    if host is not None:
+        columns.append("host µs")
+    lines += ["", "| " + " | ".join([*columns, "most frequent"]) + " |"]
+    lines.append("|---|" + "---:|" * (len(columns) - 1) + "---|")
     for name, ops in result["launches"].items():
         cells = [name, "n/a" if ops is None else str(sum(ops.values()))]
         if baseline is not None:
             old = baseline["launches"].get(name)
             cells.append("n/a" if old is None else str(sum(old.values())))
+        if host is not None:
+            cells.append("n/a" if host.get(name) is None else f"{host[name]:.0f}")
         top = "" if ops is None else ", ".join(f"{op} {n}" for op, n in Counter(ops).most_common(3))
         lines.append("| " + " | ".join([*cells, top]) + " |")
     return "\n".join(lines) + "\n"
@@ -161,11 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
         ops = result["launches"][name]
         total = "n/a" if ops is None else sum(ops.values())
         print(f"{name:<45} {total}", flush=True)
+    with warnings.catch_warnings():  # the cases never step an optimiser: FrozenParametersWarning
+        warnings.simplefilter("ignore")
+        rounds = 5 if args.quick else 60
+        result["host_us"] = host_times(cases(*HOST_SIZES), rounds)
     result["meta"] = {
         "label": args.label,
         "src": source_commit(Path(featkd.__file__)),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "host_rounds": rounds,
         **dict(zip(("batch", "tokens", "d_s", "d_t"), sizes, strict=True)),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,9 @@ def test_launch_counts_quick(tmp_path):
     # the accelerator path reads nothing back: no host read among the counted operations
     assert not any("_local_scalar_dense" in ops for ops in result["launches"].values())
     assert "| KDLoss |" in (tmp_path / "launches-smoke.md").read_text()
+    # every case also has a host time, the fastest of its calls at tiny sizes
+    assert set(result["host_us"]) == set(counts)
+    assert all(us > 0 for us in result["host_us"].values())
     # re-rendered beside a baseline: one more column, the baseline's numbers
     saved = tmp_path / "launches-smoke.json"
     launches.main(["--render", str(saved), "--baseline", str(saved)])

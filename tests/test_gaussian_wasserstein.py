@@ -290,11 +290,16 @@ def test_scaling_law_up_to_the_range_of_the_result(rng, batch, width, covariance
         assert float(got) == pytest.approx(c**2 * unit, rel=1e-6), c
 
 
-@pytest.mark.parametrize(("batch", "width"), [(256, 384), (256, 256), (512, 64)])
-def test_float32_accuracy_at_training_sizes(rng, batch, width):
+@pytest.mark.parametrize(
+    ("batch", "width", "seed"), [(256, 384, 0), (256, 256, 0), (512, 64, 0), (1024, 1024, 1)]
+)
+def test_float32_accuracy_at_training_sizes(batch, width, seed):
     # issue 13's target: float32 within 1e-4 of float64 at ViT-sized features (B < D through
     # the batch-sized cross-Gram, B = D the hardest for the Newton-Schulz polar factor, B > D
-    # through the QR factors), correlated like a student and its teacher
+    # through the QR factors), correlated like a student and its teacher. The mixing makes the
+    # covariances ill-conditioned: at B = D = 1024 (seed 1) the polar steps tuned to the SVD
+    # path's tolerance were off by 1.2e-4
+    rng = np.random.default_rng(seed)
     s = rng.standard_normal((batch, width)) @ rng.standard_normal((width, width)) / width**0.5
     t = 0.8 * s + 0.6 * rng.standard_normal((batch, width)) + 0.1
     s32, t32 = (torch.tensor(x, dtype=torch.float32) for x in (s, t))

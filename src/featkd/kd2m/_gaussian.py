@@ -92,16 +92,22 @@ def _polar_factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.T
 
 # The polar factor on accelerators, by matrix products only. Each Newton-Schulz step multiplies
 # a small singular value (relative to the largest) by 1.5 until it nears 1, then converges
-# quadratically. The number of steps sets which singular values count as zero, as the SVD path's
-# tolerance does (size * eps of the largest): a value at that tolerance grows to about 0.8 and
-# the polishing steps below send it to 0, larger ones to 1. Zero singular values are unstable
-# fixed points of the steps (rounding noise grows by 1.5 per step too), and the polishing also
-# sends that noise to 0: s -> 2.5 s^3 - 1.5 s^5 has 0 and 1 as attracting fixed points.
+# quadratically. The number of steps sets which singular values count as zero: a value at the
+# tolerance grows to about 0.8 and the polishing steps below send it to 0, larger ones to 1.
+# Zero singular values are unstable fixed points of the steps (rounding noise grows by 1.5 per
+# step too), and the polishing also sends that noise to 0: s -> 2.5 s^3 - 1.5 s^5 has 0 and 1
+# as attracting fixed points.
 POLISH_STEPS = 6
 
 
 def _polar_steps(size: int, dtype: torch.dtype) -> int:
-    tolerance = size * torch.finfo(dtype).eps
+    # Singular values below the tolerance (relative to the largest) are dropped, each costing
+    # the value twice itself (the SVD path's value keeps every direction). Rounding moves the
+    # singular values of a computed size x size cross-Gram by about sqrt(size) eps of the
+    # largest (Weyl), so 8 sqrt(size) eps still leaves that noise out; the SVD path's size * eps
+    # dropped enough to cost 1.2e-4 in float32 at B = D = 1024 with ill-conditioned features
+    # (1.4e-5 with this one: four more steps)
+    tolerance = min(size, 8 * math.sqrt(size)) * torch.finfo(dtype).eps
     return math.ceil(math.log(0.8 / tolerance) / math.log(1.5))
 
 
