@@ -151,7 +151,8 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
         lines += [
             f"The host column is the fastest of {meta.get('host_rounds', 60)} calls at B=16, N=4, "
             "D_s=8, D_t=16 on one CPU thread, in microseconds: what queuing the work costs, the "
-            "arithmetic aside.",
+            "arithmetic aside. At those sizes a case may launch another number of kernels "
+            "(CosPress chunks differently, Sinkhorn runs its own number of iterations).",
         ]
     columns = ["loss or head", "launches"]
     if baseline is not None:
