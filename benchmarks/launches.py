@@ -11,6 +11,9 @@ so two versions can be compared side by side (cases it cannot build are left bla
     python benchmarks/launches.py --src /tmp/base/src --label base --out /tmp/base-launches
     python benchmarks/launches.py --render benchmarks/results/launches-cpu.json \\
         --baseline /tmp/base-launches/launches-base.json      # the two side by side
+    python benchmarks/launches.py --render benchmarks/results/launches-cpu.json \\
+        --baseline benchmarks/results/launches-base-6cda0fe.json \\
+        --calibrate benchmarks/results/gpu-nvidia-h200.json    # + host-calibration.md
 
 Sizes are those of ``benchmarks/gpu.py`` (B=256, N=197, D_s=192, D_t=768); ``--quick`` uses
 tiny ones. Beside the counts, the **host time** of each case: one forward+backward at tiny sizes
@@ -162,8 +165,11 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
             "sizes."
         )
         columns.append(base["label"])
+    base_host = None if baseline is None else baseline.get("host_us")
     if host is not None:
         columns.append("host µs")
+        if base_host is not None:
+            columns.append(f"{baseline['meta']['label']} host µs")
     lines += ["", "| " + " | ".join([*columns, "most frequent"]) + " |"]
     lines.append("|---|" + "---:|" * (len(columns) - 1) + "---|")
     for name, ops in result["launches"].items():
@@ -173,8 +179,44 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
             cells.append("n/a" if old is None else str(sum(old.values())))
         if host is not None:
             cells.append("n/a" if host.get(name) is None else f"{host[name]:.0f}")
+            if base_host is not None:
+                old_us = base_host.get(name)
+                cells.append("n/a" if old_us is None else f"{old_us:.0f}")
         top = "" if ops is None else ", ".join(f"{op} {n}" for op, n in Counter(ops).most_common(3))
         lines.append("| " + " | ".join([*cells, top]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration(gpu: dict, baseline: dict, result: dict) -> str:
+    """How the baseline's GPU times (``gpu``, a ``benchmarks/gpu.py`` result of the baseline's
+    code) compare with its host times here (``baseline``), and this code's host times
+    (``result``) beside them: a markdown table. The ratio is what this machine's host time
+    must be multiplied by to give that GPU's time, for code of that shape; it is not a
+    prediction of this code's GPU time."""
+    base_host, host = baseline.get("host_us") or {}, result.get("host_us") or {}
+    lines = [
+        f"# Host time here against the GPU time of featkd at `{baseline['meta']['src']}`",
+        "",
+        f"GPU: {gpu['meta'].get('device', '?')} (`benchmarks/gpu.py`, eager forward+backward at "
+        f"B={baseline['meta']['batch']}, N={baseline['meta']['tokens']}, "
+        f"D_s={baseline['meta']['d_s']}, D_t={baseline['meta']['d_t']}). Host: the fastest of "
+        "the calls at tiny sizes on one thread of this machine's CPU (`benchmarks/launches.py`).",
+        "",
+        f"| loss or head | GPU ms ({baseline['meta']['label']}) | GPU syncs | host µs "
+        f"({baseline['meta']['label']}) | GPU / host | host µs ({result['meta']['label']}) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in gpu["losses"]:
+        name, old_us = row["name"], base_host.get(row["name"])
+        if old_us is None:
+            continue
+        ratio = 1000 * row["ms"] / old_us
+        now = host.get(name)
+        lines.append(
+            f"| {name} | {row['ms']:.2f} | {row['syncs']} | {old_us:.0f} | {ratio:.1f} | "
+            + ("n/a" if now is None else f"{now:.0f}")
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -186,11 +228,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--baseline", type=Path, help="another run's JSON, shown beside")
     parser.add_argument("--render", type=Path, help="rewrite this JSON's markdown, run nothing")
+    parser.add_argument(
+        "--calibrate",
+        type=Path,
+        help="with --render and --baseline: a gpu.py JSON of the baseline's code; writes "
+        "host-calibration.md beside the rendered JSON",
+    )
     args = parser.parse_args(argv)
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     if args.render:
         result = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(markdown(result, baseline))
+        if args.calibrate and baseline is not None:
+            table = calibration(json.loads(args.calibrate.read_text()), baseline, result)
+            (args.render.parent / "host-calibration.md").write_text(table)
         return result
     if args.src:
         sys.path.insert(0, str(args.src.resolve()))
@@ -211,7 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():  # the cases never step an optimiser: FrozenParametersWarning
         warnings.simplefilter("ignore")
         rounds = 5 if args.quick else 60
-        result["host_us"] = host_times(cases(*HOST_SIZES), rounds)
+        # the cases counted above (an older featkd may lack a function one of them calls)
+        counted = {name for name, ops in result["launches"].items() if ops is not None}
+        small = {
+            name: step if name in counted else None for name, step in cases(*HOST_SIZES).items()
+        }
+        result["host_us"] = host_times(small, rounds)
     result["meta"] = {
         "label": args.label,
         "src": source_commit(Path(featkd.__file__)),

@@ -89,3 +89,37 @@ def test_launch_counts_quick(tmp_path):
     launches.main(["--render", str(saved), "--baseline", str(saved)])
     kd = f"| KDLoss | {counts['KDLoss']} | {counts['KDLoss']} |"
     assert kd in (tmp_path / "launches-smoke.md").read_text()
+
+
+def test_host_calibration_table():
+    launches = load_launch_counter()
+    meta = {"src": "abc", "label": "base", "batch": 256, "tokens": 197, "d_s": 192, "d_t": 768}
+    baseline = {"meta": meta, "host_us": {"KDLoss": 400.0, "LinearHead": 200.0}}
+    current = {"meta": {**meta, "label": "cpu"}, "host_us": {"KDLoss": 300.0}}
+    gpu = {
+        "meta": {"device": "NVIDIA H200"},
+        "losses": [
+            {"name": "KDLoss", "ms": 1.2, "syncs": 2},
+            {"name": "LinearHead", "ms": 1.0, "syncs": 1},
+            {"name": "Whitening (cholesky)", "ms": 3.0, "syncs": 2},  # no host time: left out
+        ],
+    }
+    table = launches.calibration(gpu, baseline, current)
+    assert "| KDLoss | 1.20 | 2 | 400 | 3.0 | 300 |" in table  # 1200 us / 400 us
+    assert "| LinearHead | 1.00 | 1 | 200 | 5.0 | n/a |" in table
+    assert "Whitening" not in table
+
+
+def test_launch_counts_leave_out_a_case_this_featkd_cannot_run(tmp_path, monkeypatch):
+    # what --src meets in an older checkout: a step calling a function it lacks
+    launches = load_launch_counter()
+    every = launches.cases
+
+    def missing() -> None:
+        raise AttributeError("module 'featkd' has no attribute 'set_fused_kernels'")
+
+    monkeypatch.setattr(launches, "cases", lambda *sizes: {**every(*sizes), "Missing": missing})
+    result = launches.main(["--quick", "--out", str(tmp_path), "--label", "old"])
+    assert result["launches"]["Missing"] is None
+    assert result["host_us"]["Missing"] is None
+    assert result["host_us"]["KDLoss"] > 0

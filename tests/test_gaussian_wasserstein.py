@@ -308,7 +308,9 @@ def test_float32_accuracy_at_training_sizes(batch, width, seed):
     assert float(got) == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize(("batch", "width", "rank"), [(32, 64, 8), (128, 384, 16), (32, 64, 1)])
+@pytest.mark.parametrize(
+    ("batch", "width", "rank"), [(32, 64, 8), (128, 384, 16), (32, 64, 1), (512, 512, 32)]
+)
 def test_students_of_lower_rank_than_the_teacher(rng, batch, width, rank):
     # a collapsed or narrow student: its covariance has a smaller rank than the teacher's, so
     # the cross-Gram has null directions the Newton-Schulz steps must leave out (found in

@@ -51,7 +51,7 @@ def test_host_syncs_are_only_the_documented_ones(case: Case):
 def test_validation_reads_shapes_only(case: Case):
     """A loss's one validation reads shapes, dtypes and devices, and on the accelerator path
     dispatches no operation at all: each costs host time per call (a pooled width once came
-    from pooling a ``meta`` tensor: some 150 microseconds a call, in Python)."""
+    from pooling a ``meta`` tensor: some 150 microseconds per tensor, two a call, in Python)."""
     module = case.make()
     if getattr(type(module), "_check", DistillationLoss._check) is DistillationLoss._check:
         pytest.skip(f"{type(module).__name__} validates in its own forward")

@@ -92,8 +92,9 @@ def _polar_factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.T
 
 # The polar factor on accelerators, by matrix products only. Each Newton-Schulz step multiplies
 # a small singular value (relative to the largest) by 1.5 until it nears 1, then converges
-# quadratically. The number of steps sets which singular values count as zero: a value at the
-# tolerance grows to about 0.8 and the polishing steps below send it to 0, larger ones to 1.
+# quadratically. The number of steps sets which singular values count as zero: a value well
+# below the tolerance stays below 0.8 and the polishing steps below send it to 0, one at or
+# above it reaches 0.8 or more (the count is rounded up) and is sent to 1.
 # Zero singular values are unstable fixed points of the steps (rounding noise grows by 1.5 per
 # step too), and the polishing also sends that noise to 0: s -> 2.5 s^3 - 1.5 s^5 has 0 and 1
 # as attracting fixed points.
@@ -112,8 +113,9 @@ def _polar_steps(size: int, dtype: torch.dtype) -> int:
 
 
 def _polar_newton_schulz(m: torch.Tensor) -> torch.Tensor:
-    """The polar factor of ``m`` ``(..., k, k)`` over its singular values above ``k * eps`` of
-    the largest, by matrix products only (no SVD, so no host synchronisation):
+    """The polar factor of ``m`` ``(..., k, k)`` over its singular values above about
+    ``min(k, 8 sqrt(k)) eps`` of the largest (up to ``k^(1/8)`` times that: the start scale
+    below), by matrix products only (no SVD, so no host synchronisation):
     ``X <- 1.5 X - 0.5 X X^T X`` from ``X_0 = m / s``, ``s >= sigma_max`` within a factor
     ``k^(1/8)`` (the 8th root of the sum of ``sigma^8``), then the polishing steps."""
     tiny = torch.finfo(m.dtype).tiny
