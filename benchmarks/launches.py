@@ -45,12 +45,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).parent / "results"
 # operations that launch no kernel although torch does not mark them as views: allocations,
-# metadata changes in place, and Python scalars wrapped as host tensors (``where(c, x, 0.0)``)
+# metadata changes in place, Python scalars wrapped as host tensors (``where(c, x, 0.0)``), and
+# dtype arithmetic (``promote_types`` returns a dtype)
 NO_KERNEL = {
     "aten._unsafe_view", "aten.scalar_tensor", "aten.lift_fresh",
     "aten.empty", "aten.empty_like", "aten.new_empty", "aten.empty_strided",
     "aten.new_empty_strided", "aten.squeeze_", "aten.unsqueeze_", "aten.t_", "aten.transpose_",
-    "aten.as_strided_",
+    "aten.as_strided_", "aten.promote_types",
 }  # fmt: skip
 
 

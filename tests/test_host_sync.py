@@ -61,6 +61,20 @@ def test_validation_reads_shapes_only(case: Case):
     assert recorder.ops == []
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_identities_and_index_tables_are_kept(case: Case):
+    """After a first call, no forward+backward builds an identity or an index table again: each
+    would be a kernel launch per call for a constant (kept by ``featkd._sync.device_eye`` and
+    ``device_constant``)."""
+    module = case.make()
+    s, t, labels = case.inputs(8, generator=torch.Generator().manual_seed(0))
+    s.requires_grad_(True)
+    case.scalar(module, s, t, labels).backward()
+    with HostSyncRecorder() as recorder:
+        case.scalar(module, s, t, labels).backward()
+    assert not {"eye", "triu_indices", "tril_indices"} & set(recorder.ops)
+
+
 def test_the_recorder_sees_what_it_should():
     x = torch.randn(6)
     with record_host_syncs() as syncs:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-__all__ = ["device_constant", "device_values", "simulate_accelerator", "sync_free"]
+__all__ = ["device_constant", "device_eye", "device_values", "simulate_accelerator", "sync_free"]
 
 _SIMULATED = False
 
@@ -53,6 +53,18 @@ def device_constant(key: Hashable, like: torch.Tensor, make: Callable[[], torch.
             return cached  # made inside vmap or grad: it belongs to that transform
         _CONSTANTS[full_key] = cached
     return cached
+
+
+def device_eye(rows: int, like: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """The ``rows x columns`` identity (square by default) in ``like``'s dtype, on its device,
+    built once and kept (:func:`device_constant`): one kernel fewer in every call that needs
+    it. Read-only."""
+    cols = rows if columns is None else columns
+    return device_constant(
+        ("eye", rows, cols),
+        like,
+        lambda: torch.eye(rows, cols, dtype=like.dtype, device=like.device),
+    )
 
 
 def device_values(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from featkd._sync import sync_free
+from featkd._sync import device_eye, sync_free
 from featkd.kd2m._sets import matmul_nt
 
 __all__ = [
@@ -242,7 +242,7 @@ def shrunk_covariance(
     small = n < d
     top = factor.mT if small else factor
     size = n if small else d
-    eye = torch.eye(size, dtype=factor.dtype, device=factor.device) * eps**0.5
+    eye = device_eye(size, factor) * eps**0.5
     stacked = torch.cat([top, eye.expand(*top.shape[:-2], size, size)], dim=-2)
     basis = None
     if small and invertible:
@@ -312,8 +312,9 @@ def shrunk_trace_inverse_product(
     n, d = inverted.factor.shape[-2], inverted.factor.shape[-1]
     eps = inverted.eps
     rows = _inverse_quadratic(inverted, other.factor.mT)
-    eye = torch.eye(n, dtype=inverted.upper.dtype, device=inverted.upper.device)
-    inverse_upper = torch.linalg.solve_triangular(inverted.upper, eye, upper=True)
+    inverse_upper = torch.linalg.solve_triangular(
+        inverted.upper, device_eye(n, inverted.upper), upper=True
+    )
     scaled_trace = (d - n) + eps * inverse_upper.square().sum(dim=(-2, -1))
     # tr(Sq^-1 Sp) = tr(Sq^-1 F_p^T F_p) + (eps_p / eps) eps tr(Sq^-1)
     return rows + (other.eps / eps) * scaled_trace

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from featkd._sync import device_values
+from featkd._sync import device_constant, device_values
 
 __all__ = [
     "block_sums",
@@ -49,7 +49,12 @@ def pooled_pair_distances(
 ) -> torch.Tensor:
     """The squared distances between distinct points of the pooled ``2B`` rows, from the three
     ``(B, B)`` blocks: the upper triangles of the within-set blocks and the whole cross block."""
-    i, j = torch.triu_indices(*d_ss.shape, offset=1, device=d_ss.device)
+    rows, cols = d_ss.shape
+    i, j = device_constant(
+        ("upper pairs", rows, cols),
+        d_ss,
+        lambda: torch.triu_indices(rows, cols, offset=1, device=d_ss.device),
+    )
     return torch.cat([d_ss[i, j], d_tt[i, j], d_st.flatten()])
 
 
@@ -66,7 +71,9 @@ def group_mean_distances(
     ``3 n^2`` real pairs. The diagonals are set to exactly 0 (the Gram expansion leaves a
     rounding there, whose square root would not be negligible)."""
     n = d_ss.shape[-1]
-    off = ~torch.eye(n, dtype=torch.bool, device=d_ss.device)
+    off = device_constant(
+        ("off the diagonal", n), d_ss, lambda: ~torch.eye(n, dtype=torch.bool, device=d_ss.device)
+    )
     blocks = [d_ss * off, d_tt * off, d_st]
     if mask is not None:
         pair = mask[:, :, None] & mask[:, None, :]

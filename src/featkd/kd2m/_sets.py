@@ -29,6 +29,7 @@ from featkd._checks import (
     validate_features,
 )
 from featkd._options import check_choice, check_int
+from featkd._sync import device_constant
 
 __all__ = [
     "CLASS_REDUCTIONS",
@@ -187,7 +188,11 @@ def make_groups(
     """
     batch = student.shape[0]
     if not conditional:
-        counts = torch.full((1,), float(batch), dtype=student.dtype, device=student.device)
+        counts = device_constant(
+            ("batch count", batch),
+            student,
+            lambda: torch.full((1,), float(batch), dtype=student.dtype, device=student.device),
+        )
         return Groups(student[None], teacher[None], None, counts)
     order, group, position = _sorted_positions(labels)
     if num_classes is None:

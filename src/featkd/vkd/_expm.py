@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featkd._sync import device_constant, sync_free
+from featkd._sync import device_constant, device_eye, sync_free
 
 __all__ = ["expm_columns"]
 
@@ -245,7 +245,7 @@ def expm_columns(
     dtype, device = matrix.dtype, matrix.device
     q = _PS_BLOCK
     rho = matrix.detach().norm().clamp_min(1.0)
-    eye = device_constant(("eye", n), matrix, lambda: torch.eye(n, dtype=dtype, device=device))
+    eye = device_eye(n, matrix)
     unit = matrix / rho
     powers = [eye, unit]
     for _ in range(2, q + 1):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from featkd._sync import sync_free
+from featkd._sync import device_eye, sync_free
 
 __all__ = [
     "WHITENING_METHODS",
@@ -70,8 +70,7 @@ def cholesky_whitener(cov: torch.Tensor, shift: float | torch.Tensor) -> torch.T
 
     Whitening is ``(x - mu) W``; returns the upper-triangular ``L^{-T}``.
     """
-    d = cov.shape[0]
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    eye = device_eye(cov.shape[0], cov)
     shifted = cov + shift * eye
     if sync_free(shifted):  # positive definite by the shift; checking info would sync
         lower = torch.linalg.cholesky_ex(shifted)[0]
@@ -110,5 +109,4 @@ class _InverseSqrtPSD(torch.autograd.Function):
 def zca_whitener(cov: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
     """``(cov + shift I)^{-1/2}`` (symmetric, the ZCA whitening matrix) by an eigendecomposition;
     its gradient stays finite when eigenvalues coincide (see :class:`_InverseSqrtPSD`)."""
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return _InverseSqrtPSD.apply(cov + shift * eye)
+    return _InverseSqrtPSD.apply(cov + shift * device_eye(cov.shape[-1], cov))

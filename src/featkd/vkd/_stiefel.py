@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from featkd._sync import device_constant, sync_free
+from featkd._sync import device_eye, sync_free
 from featkd.vkd import _expm
 
 __all__ = [
@@ -93,12 +93,7 @@ class _Companion:
     def dense(self) -> torch.Tensor:
         k, left = self.k, self.left
         # [I; 0] is kept on the device: the block column is one kernel, not four
-        upper_eye = device_constant(
-            ("upper identity", k),
-            left,
-            lambda: torch.eye(2 * k, k, dtype=left.dtype, device=left.device),
-        )
-        return torch.cat([left, self.r * upper_eye], dim=1)
+        return torch.cat([left, self.r * device_eye(2 * k, left, k)], dim=1)
 
 
 class _Gram(torch.autograd.Function):
@@ -240,7 +235,7 @@ def stiefel_cayley(skew: torch.Tensor, tall: torch.Tensor) -> torch.Tensor:
         - output: ``(n, k)``
     """
     k = skew.shape[0]
-    eye = torch.eye(k, dtype=skew.dtype, device=skew.device)
+    eye = device_eye(k, skew)
     gram = _Gram.apply(tall)
     # K is never singular (symmetric part >= I), so the unchecked solve: no host sync on CUDA
     inverse = torch.linalg.solve_ex(eye - 0.5 * skew + 0.25 * gram, eye)[0]
