@@ -123,3 +123,19 @@ def test_launch_counts_leave_out_a_case_this_featkd_cannot_run(tmp_path, monkeyp
     assert result["launches"]["Missing"] is None
     assert result["host_us"]["Missing"] is None
     assert result["host_us"]["KDLoss"] > 0
+
+
+def test_accelerator_error_quick(tmp_path):
+    load_benchmark()  # puts benchmarks/ on sys.path for gpu.py
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_accelerator_error", ROOT / "benchmarks" / "accelerator_error.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--out", str(tmp_path)])
+    names = {row["name"] for row in result["rows"]}
+    assert {"KDLoss", "GaussianWassersteinLoss (full)", "OrthogonalProjector (matrix_exp)"} <= names
+    assert "WassersteinLoss (sliced)" not in names  # its draws differ by dtype
+    for row in result["rows"]:  # tiny, well-scaled cases: float32 rounding only
+        assert row["cpu_value"] < 1e-3 and row["accelerator_value"] < 1e-3, row
+    assert "| KDLoss | standard normal |" in (tmp_path / "accelerator-error-cpu.md").read_text()
