@@ -122,6 +122,38 @@ def test_device_values_first_made_under_inference_mode_serve_autograd():
     assert x.grad.tolist() == [0.25, 4.0]
 
 
+@pytest.mark.parametrize("fake_first", [True, False])
+def test_kept_constants_and_fake_tensor_tracing_do_not_mix(fake_first):
+    """A trace with fake tensors (``make_fx``, export) neither keeps its fake constants nor
+    meets a kept real one, whichever comes first (found in review: the Gaussian losses'
+    kept identities broke both orders)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from featkd.functional import gaussian_kl_loss, gaussian_wasserstein_loss
+
+    s, t = torch.randn(16, 8), torch.randn(16, 8)
+    for loss in (gaussian_kl_loss, gaussian_wasserstein_loss):
+
+        def call(a, b, loss=loss):
+            return loss(a, b)
+
+        steps = [lambda: make_fx(lambda a, b: call(a, b), tracing_mode="fake")(s, t)]
+        steps.append(lambda: call(s, t))
+        for step in steps if fake_first else steps[::-1]:
+            step()
+        assert torch.isfinite(call(s, t))
+
+
+def test_large_constants_are_not_kept():
+    """An identity or index table above 16 MiB is rebuilt in each call rather than held."""
+    from featkd._sync import device_eye
+
+    small = torch.zeros(1)
+    assert device_eye(64, small) is device_eye(64, small)
+    big = device_eye(2100, small)  # 2100^2 float32 entries: 17.6 MB
+    assert big.shape == (2100, 2100) and device_eye(2100, small) is not big
+
+
 def test_device_values_keys_tell_signed_zeros_and_nan_apart():
     x = torch.zeros(1)
     assert str(device_values([-0.0], x).tolist()) == str(device_values([-0.0], x).tolist())

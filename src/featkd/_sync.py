@@ -30,27 +30,49 @@ def sync_free(x: torch.Tensor) -> bool:
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _MAX_CONSTANTS = 64
+# a constant this large is rebuilt in each call instead (an index table at a large batch would
+# hold hundreds of MiB); the kept ones together stay under _MAX_BYTES
+_MAX_KEPT_BYTES = 16 << 20
+_MAX_BYTES = 64 << 20
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _plain(t: torch.Tensor) -> bool:
+    # a fake, functional or other subclass tensor belongs to a trace (make_fx, export): it must
+    # neither be kept nor meet a kept real tensor
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def device_constant(key: Hashable, like: torch.Tensor, make: Callable[[], torch.Tensor]):
     """The tensor ``make()`` builds on ``like``'s device, built once per ``key``, device and
     dtype and then kept: read-only, for tables a computation needs in every call.
 
-    Not kept while ``torch.compile`` traces (the graph holds its constants) or a CUDA graph is
-    captured (its memory belongs to the graph); made outside inference mode, so that autograd
-    can save it later.
+    Not kept while ``torch.compile`` traces (the graph holds its constants), a CUDA graph is
+    captured (its memory belongs to the graph) or ``like`` is a tracing tensor (fake,
+    functional); nor above 16 MiB. Made outside inference mode, so that autograd can save it.
     """
-    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if (
+        torch.compiler.is_compiling()
+        or not _plain(like)
+        or (like.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
         return make()
     full_key = (key, like.device, like.dtype)
     cached = _CONSTANTS.get(full_key)
     if cached is None:
-        if len(_CONSTANTS) >= _MAX_CONSTANTS:
-            _CONSTANTS.clear()  # a long-running process sweeping options: start afresh
         with torch.inference_mode(False):
             cached = make()
-        if torch._C._functorch.is_functorch_wrapped_tensor(cached):
-            return cached  # made inside vmap or grad: it belongs to that transform
+        if torch._C._functorch.is_functorch_wrapped_tensor(cached) or not _plain(cached):
+            return cached  # made inside vmap, grad or a trace: it belongs to that transform
+        size = _bytes(cached)
+        if size > _MAX_KEPT_BYTES:
+            return cached
+        kept = sum(_bytes(t) for t in _CONSTANTS.values())
+        if len(_CONSTANTS) >= _MAX_CONSTANTS or kept + size > _MAX_BYTES:
+            _CONSTANTS.clear()  # a long-running process sweeping options or sizes: start afresh
         _CONSTANTS[full_key] = cached
     return cached
 

@@ -94,31 +94,33 @@ def _polar_factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.T
 # its singular vectors and move each singular value s on its own.
 # 1. Growth: s -> a s + b s^3 + c s^5 with (a, b, c) = (3.4445, -4.7750, 2.0315), the quintic of
 #    the Muon optimiser (Jordan et al., 2024). It multiplies a small value by about 3.4 per step
-#    (three kernels), where a Newton-Schulz step multiplies it by 1.5 (two kernels), is monotone
-#    below 0.53, and keeps every value it lifts above about 0.2 within [0.68, 1.19].
-# 2. Two Newton-Schulz steps s -> 1.5 s - 0.5 s^3: [0.68, 1.19] to within 4e-2 of 1.
+#    (three kernels), where a Newton-Schulz step multiplies it by 1.5 (two kernels); it is
+#    monotone below 0.55 and keeps every value it lifts above 0.2 within [0.65, 1.21].
+# 2. Two Newton-Schulz steps s -> 1.5 s - 0.5 s^3: [0.65, 1.21] to within 4e-2 of 1.
 # 3. Polishing s -> 2.5 s^3 - 1.5 s^5: 0 and 1 attract, 0.816 repels; it converges what is near 1
 #    quadratically and sends the rest to 0.
-# A value at the tolerance is still small after step 1 (about 0.36, in the monotone range) and
-# reaches about 0.8 after step 2: the number of growth steps sets which singular values count as
-# zero, as the SVD path's tolerance does. Zero singular values are unstable fixed points of steps
-# 1 and 2 (rounding noise grows too) and the polishing sends that noise to 0.
+# The growth is scaled so that a value at the tolerance ends step 1 at _CUT = 0.45 (in the
+# monotone range), which step 2 takes to 0.816: values above the tolerance are kept, values
+# below it sent to 0, as the SVD path's tolerance does. Zero singular values are unstable fixed
+# points of steps 1 and 2 (rounding noise grows too) and the polishing sends that noise to 0.
 _GROWTH = (3.4445, -4.7750, 2.0315)
+_CUT = 0.45
 _SETTLE_STEPS = 2
 POLISH_STEPS = 6
 
 
-def _polar_steps(size: int, dtype: torch.dtype) -> int:
-    """The number of growth steps for a ``size x size`` cross-Gram in ``dtype``."""
+def _polar_growth(size: int, dtype: torch.dtype) -> tuple[int, float]:
+    """The number of growth steps for a ``size x size`` cross-Gram in ``dtype``, and the factor
+    ``r`` in ``(1 / a, 1]`` on the start that sends the tolerance to ``_CUT`` exactly."""
     # Singular values below the tolerance (relative to the largest) are dropped, each costing
     # the value twice itself (the SVD path's value keeps every direction). Rounding moves the
     # singular values of a computed size x size cross-Gram by about sqrt(size) eps of the
     # largest (Weyl), so 8 sqrt(size) eps still leaves that noise out; the SVD path's size * eps
     # dropped enough to cost 1.2e-4 in float32 at B = D = 1024 with ill-conditioned features
-    # (at most 8e-6 with this one)
     tolerance = min(size, 8 * math.sqrt(size)) * torch.finfo(dtype).eps
-    growth = 0.8 / (tolerance * 1.5**_SETTLE_STEPS)
-    return max(0, math.ceil(math.log(growth) / math.log(_GROWTH[0])))
+    a = _GROWTH[0]
+    steps = max(0, math.ceil(math.log(_CUT / tolerance) / math.log(a)))
+    return steps, min(1.0, _CUT / (tolerance * a**steps))
 
 
 def _polar_newton_schulz(m: torch.Tensor) -> torch.Tensor:
@@ -135,9 +137,13 @@ def _polar_newton_schulz(m: torch.Tensor) -> torch.Tensor:
     # (latency is what these steps cost on a GPU)
     x = x.reshape(-1, *x.shape[-2:])
     a, b, c = _GROWTH
-    for _ in range(_polar_steps(m.shape[-1], m.dtype)):
+    steps, r = _polar_growth(m.shape[-1], m.dtype)
+    for step in range(steps):
+        # the first step takes X_0 r: r folded into its scalars, no kernel of its own
+        scale = r if step == 0 else 1.0
         gram = x.mT @ x
-        x = torch.baddbmm(x, x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), beta=a)
+        inner = torch.baddbmm(gram, gram, gram, beta=b * scale**2, alpha=c * scale**4)
+        x = torch.baddbmm(x, x, inner, beta=a * scale, alpha=scale)
     for _ in range(_SETTLE_STEPS):
         x = torch.baddbmm(x, x, x.mT @ x, beta=1.5, alpha=-0.5)
     for _ in range(POLISH_STEPS):
