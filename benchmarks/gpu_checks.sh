@@ -3,6 +3,7 @@
 # parallel (every device-parametrised test gets its cuda case), then benchmarks/gpu.py.
 # Logs and results go to $OUT (default ./gpu-out). POT is installed from .whl/ when present.
 #   QUICK=1 bash benchmarks/gpu_checks.sh   # a dry run on the CPU: a few tests, gpu.py --quick
+#   COMPILED=1 ...                          # also benchmarks/compiled.py (eager vs CUDA graphs)
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -28,3 +29,10 @@ timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu.py "${bench[@]}" --out "$
     >"$out/gpu-bench.log" 2>&1
 echo "gpu.py exit $? after $(($(date +%s) - start)) s" | tee -a "$out/gpu-bench.log"
 tail -60 "$out/gpu-bench.log"
+# eager against torch.compile (CUDA graphs) for the host-bound losses: opt-in, mostly compiling
+if [ -n "${COMPILED:-}" ]; then
+    timeout "${COMPILED_TIMEOUT:-240}" python3 benchmarks/compiled.py "${bench[@]}" --out "$out" \
+        >"$out/compiled.log" 2>&1
+    echo "compiled.py exit $? after $(($(date +%s) - start)) s" | tee -a "$out/compiled.log"
+    tail -20 "$out/compiled.log"
+fi

@@ -139,3 +139,17 @@ def test_accelerator_error_quick(tmp_path):
     for row in result["rows"]:  # tiny, well-scaled cases: float32 rounding only
         assert row["cpu_value"] < 1e-3 and row["accelerator_value"] < 1e-3, row
     assert "| KDLoss | standard normal |" in (tmp_path / "accelerator-error-cpu.md").read_text()
+
+
+def test_compiled_benchmark_quick(tmp_path):
+    load_benchmark()  # puts benchmarks/ on sys.path for gpu.py
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_compiled", ROOT / "benchmarks" / "compiled.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    (row,) = result["rows"]
+    assert row["name"] == "KDLoss" and row["mode"] == "default"
+    assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
+    assert "| KDLoss |" in (tmp_path / "compiled-quick.md").read_text()
