@@ -1,10 +1,13 @@
-"""Measurement helpers shared by the benchmark scripts: one timed call, and the peak memory
-of one call (CUDA allocator statistics, or the rise of the CPU process's resident set)."""
+"""Measurement helpers shared by the benchmark scripts: one timed call, the peak memory of one
+call (CUDA allocator statistics, or the rise of the CPU process's resident set), and the naming
+and saving of a run's results."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import platform
 import re
 import time
 from collections.abc import Callable
@@ -99,3 +102,19 @@ def time_once(fn: Callable[[], None], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def device_label(device: torch.device, quick: bool = False) -> tuple[str, str]:
+    """The device's name for a report, and the slug of its results' file names (``quick`` for
+    a smoke run, which must not overwrite the real results)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = name or device.type
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
+    return name, "quick" if quick else slug
+
+
+def save_results(stem: Path, result: dict, table: str) -> None:
+    """``stem.json`` (the result) and ``stem.md`` (its table), the folder made if needed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(table)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 import warnings
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # gpu.py
+sys.path.insert(0, str(Path(__file__).parent))  # gpu.py, _measure.py
+
+from _measure import save_results
 
 RESULTS = Path(__file__).parent / "results"
 SKIPPED = {"WassersteinLoss (sliced)"}  # random directions drawn in the working dtype
@@ -152,10 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
             **dict(zip(("batch", "tokens", "d_s", "d_t"), (batch, tokens, d_s, d_t), strict=True)),
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "accelerator-error-cpu"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
+    save_results(stem, result, markdown(result))
     print(f"saved {stem}.json/.md")
     return result
 

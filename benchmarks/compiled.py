@@ -18,9 +18,6 @@ after ``gpu.py`` when ``COMPILED=1``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
 import sys
 import time
 import warnings
@@ -33,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import gpu
 import overhead
+from _measure import device_label, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = (
@@ -130,12 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():  # never stepped: FrozenParametersWarning
         warnings.simplefilter("ignore")
         rows = measure(device, args.quick, repeats)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name, slug = device_label(device, args.quick)
     batch, tokens, d_s, d_t = (8, 5, 12, 24) if args.quick else (256, 197, 192, 768)
     result = {
         "rows": rows,
         "meta": {
-            "device": name or device.type,
+            "device": name,
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/compiled.py" + (" --quick" if args.quick else ""),
@@ -145,12 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
             "d_t": d_t,
         },
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["meta"]["device"].lower()).strip("-")
-    slug = "quick" if args.quick else slug or device.type
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"compiled-{slug}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
+    save_results(stem, result, markdown(result))
     print(f"saved {stem}.json/.md")
     return result
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 import time
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import losses as pot_cases
 import orthogonal
 import overhead
-from _measure import PeakMemory
+from _measure import PeakMemory, device_label, save_results
 
 import featkd
 
@@ -468,9 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
         "anchors": anchors(device, sizes, max(2, repeats // 3)),
         "orthogonal": orthogonal_maps(device, shapes, repeats),
     }
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name, slug = device_label(device, args.quick)
     result["meta"] = {
-        "device": name or device.type,
+        "device": name,
         "torch": torch.__version__,
         "featkd": featkd.__version__,
         "triton": triton_version(),
@@ -484,12 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.perf_counter() - start,
         **step_meta,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["meta"]["device"].lower()).strip("-")
-    slug = "quick" if args.quick else slug or device.type
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"gpu-{slug}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
+    save_results(stem, result, markdown(result))
     print(markdown(result))
     print(f"saved {stem}.json/.md in {result['meta']['seconds']:.0f} s")
     return result

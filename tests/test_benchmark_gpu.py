@@ -51,14 +51,19 @@ def test_sync_counter_sees_a_host_read():
     assert count == 0
 
 
-def load_launch_counter():
-    load_benchmark()  # puts benchmarks/ on sys.path for gpu.py
+def load_script(stem: str):
+    """``benchmarks/<stem>.py`` as a module (gpu.py's siblings on ``sys.path`` first)."""
+    load_benchmark()
     spec = importlib.util.spec_from_file_location(
-        "benchmark_launches", ROOT / "benchmarks" / "launches.py"
+        f"benchmark_{stem}", ROOT / "benchmarks" / f"{stem}.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_launch_counter():
+    return load_script("launches")
 
 
 def test_launch_counter_counts_kernels_not_views():
@@ -126,13 +131,7 @@ def test_launch_counts_leave_out_a_case_this_featkd_cannot_run(tmp_path, monkeyp
 
 
 def test_accelerator_error_quick(tmp_path):
-    load_benchmark()  # puts benchmarks/ on sys.path for gpu.py
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_accelerator_error", ROOT / "benchmarks" / "accelerator_error.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--quick", "--out", str(tmp_path)])
+    result = load_script("accelerator_error").main(["--quick", "--out", str(tmp_path)])
     names = {row["name"] for row in result["rows"]}
     assert {"KDLoss", "GaussianWassersteinLoss (full)", "OrthogonalProjector (matrix_exp)"} <= names
     assert "WassersteinLoss (sliced)" not in names  # its draws differ by dtype
@@ -142,13 +141,7 @@ def test_accelerator_error_quick(tmp_path):
 
 
 def test_compiled_benchmark_quick(tmp_path):
-    load_benchmark()  # puts benchmarks/ on sys.path for gpu.py
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_compiled", ROOT / "benchmarks" / "compiled.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    result = load_script("compiled").main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     (row,) = result["rows"]
     assert row["name"] == "KDLoss" and row["mode"] == "default"
     assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
