@@ -42,35 +42,23 @@ CASES = (
 )
 
 
-def steps(name: str, device: torch.device, sizes: tuple[int, int, int, int], mode: str):
-    """``(eager step, compiled step)`` of one case, on the same module and inputs."""
-    batch, tokens, d_s, d_t = sizes
-    factory, kind = gpu.loss_and_head_cases(d_s, d_t)[name]
+def steps(name: str, device: torch.device, sizes: tuple[int, int, int, int], mode: str, inputs):
+    """``(eager step, compiled step)`` of one case, on the same module and on ``inputs`` (from
+    ``gpu.seeded_inputs``)."""
+    factory, kind = gpu.loss_and_head_cases(*sizes[2:])[name]
     torch.manual_seed(0)
     module = factory().to(device)
     compiled = torch.compile(module, mode=mode)
-    gen = torch.Generator().manual_seed(0)
-    widths = {"logits": (1000, 1000), "head-student": (d_s, None), "head-teacher": (d_t, None)}
-    w_s, w_t = widths.get(kind, (d_s, d_t))
-    lead = (batch, tokens) if kind == "tokens" else (batch,)
-    s = torch.randn(*lead, w_s, generator=gen).to(device).requires_grad_()
-    t = None if w_t is None else torch.randn(*lead, w_t, generator=gen).to(device)
-    labels = torch.randint(10, (batch,), generator=gen).to(device)
-
-    def make(fn):
-        if t is None:
-            return lambda: fn(s).square().mean().backward()
-        return lambda: fn(s, t, labels=labels).backward()
-
-    return make(module), make(compiled)
+    return tuple(gpu.forward_backward(fn, kind, *inputs, device) for fn in (module, compiled))
 
 
 def measure(device: torch.device, quick: bool, repeats: int) -> list[dict]:
     sizes = (8, 5, 12, 24) if quick else (256, 197, 192, 768)
     mode = "reduce-overhead" if device.type == "cuda" else "default"
+    inputs = gpu.seeded_inputs(device, *sizes)
     rows = []
     for name in CASES[:1] if quick else CASES:
-        eager, compiled = steps(name, device, sizes, mode)
+        eager, compiled = steps(name, device, sizes, mode, inputs)
         start = time.perf_counter()
         for _ in range(3):  # compiling, then the CUDA graph's warm-up and recording
             compiled()

@@ -212,12 +212,9 @@ def loss_and_head_cases(d_s: int, d_t: int) -> dict[str, tuple[Callable[[], nn.M
     return cases
 
 
-def loss_and_head_steps(
-    device, batch: int, tokens: int, d_s: int, d_t: int, missing_ok: bool = False
-) -> dict[str, tuple[Callable[[], None] | None, str]]:
-    """name -> (one forward+backward, input kind) for every case of
-    :func:`loss_and_head_cases`, on seeded inputs; with ``missing_ok`` a case this featkd
-    cannot build (an older checkout, counted by ``launches.py --src``) has no step."""
+def seeded_inputs(device, batch: int, tokens: int, d_s: int, d_t: int) -> tuple[dict, torch.Tensor]:
+    """The seeded ``(student, teacher)`` features of each input kind (``tokens``, ``pooled``,
+    ``logits``; on the CPU) and the labels (on ``device``)."""
     gen = torch.Generator().manual_seed(0)
     raw = {
         "tokens": (
@@ -230,7 +227,28 @@ def loss_and_head_steps(
             torch.randn(batch, 1000, generator=gen),
         ),
     }
-    labels = torch.randint(10, (batch,), generator=gen).to(device)
+    return raw, torch.randint(10, (batch,), generator=gen).to(device)
+
+
+def forward_backward(fn, kind: str, raw: dict, labels: torch.Tensor, device) -> Callable[[], None]:
+    """One forward+backward of ``fn`` (a loss or head module, or its compiled form) on the
+    inputs of ``kind`` from :func:`seeded_inputs`: a head's output squared and averaged, a
+    loss with the labels."""
+    if kind.startswith("head"):
+        x = raw["pooled"][0 if kind == "head-student" else 1].to(device).requires_grad_()
+        return lambda: fn(x).square().mean().backward()
+    s = raw[kind][0].to(device).requires_grad_()
+    t = raw[kind][1].to(device)
+    return lambda: fn(s, t, labels=labels).backward()
+
+
+def loss_and_head_steps(
+    device, batch: int, tokens: int, d_s: int, d_t: int, missing_ok: bool = False
+) -> dict[str, tuple[Callable[[], None] | None, str]]:
+    """name -> (one forward+backward, input kind) for every case of
+    :func:`loss_and_head_cases`, on seeded inputs; with ``missing_ok`` a case this featkd
+    cannot build (an older checkout, counted by ``launches.py --src``) has no step."""
+    raw, labels = seeded_inputs(device, batch, tokens, d_s, d_t)
     steps: dict[str, tuple[Callable[[], None] | None, str]] = {}
     for name, (factory, kind) in loss_and_head_cases(d_s, d_t).items():
         try:
@@ -240,19 +258,7 @@ def loss_and_head_steps(
                 raise
             steps[name] = None, kind
             continue
-        if kind.startswith("head"):
-            x = raw["pooled"][0 if kind == "head-student" else 1].to(device).requires_grad_()
-
-            def step(module=module, x=x) -> None:
-                module(x).square().mean().backward()
-        else:
-            s = raw[kind][0].to(device).requires_grad_()
-            t = raw[kind][1].to(device)
-
-            def step(module=module, s=s, t=t) -> None:
-                module(s, t, labels=labels).backward()
-
-        steps[name] = step, kind
+        steps[name] = forward_backward(module, kind, raw, labels, device), kind
     return steps
 
 
