@@ -20,9 +20,9 @@ tiny ones. Beside the counts, the **host time** of each case: one forward+backwa
 (B=16, N=4, D_s=8, D_t=16) on one thread, the fastest of 60 calls taken round-robin, where the
 arithmetic is negligible and what remains is what the CPU spends queuing the work (Python,
 dispatch, autograd). Launches do not show Python-side costs such as a check that builds
-tensors; this does. It is this machine's CPU, not a GPU host's, and a data-dependent loop (Sinkhorn
-to tolerance) may run a different number of steps at tiny sizes. Writes ``launches-<label>.{json,md}`` (default label ``cpu``, into
-``benchmarks/results``). Fused Triton kernels do not run on CPU: CosPress is counted on its
+tensors; this does. It is this machine's CPU, not a GPU host's, and a data-dependent loop
+(Sinkhorn to tolerance) may run a different number of steps at tiny sizes. Writes
+``launches-<label>.{json,md}`` (default label ``cpu``, into ``benchmarks/results``). Fused Triton kernels do not run on CPU: CosPress is counted on its
 torch path.
 """
 
@@ -107,10 +107,7 @@ def host_times(steps: dict[str, Callable[[], None] | None], rounds: int = 60) ->
                     best[name] = min(best[name], time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return {
-        name: round(1e6 * best.get(name, float("nan")), 1) if name in live else None
-        for name in steps
-    }
+    return {name: round(1e6 * best[name], 1) if name in live else None for name in steps}
 
 
 def cases(batch: int, tokens: int, d_s: int, d_t: int):
@@ -152,12 +149,14 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
     ]
     host = result.get("host_us")  # absent from runs made before it was measured
     if host is not None:
-        lines += [
-            f"The host column is the fastest of {meta.get('host_rounds', 60)} calls at B=16, N=4, "
-            "D_s=8, D_t=16 on one CPU thread, in microseconds: what queuing the work costs, the "
-            "arithmetic aside. At those sizes a case may launch another number of kernels "
-            "(CosPress chunks differently, Sinkhorn runs its own number of iterations).",
-        ]
+        batch, tokens, d_s, d_t = HOST_SIZES
+        lines.append(
+            f"The host column is the fastest of {meta.get('host_rounds', 60)} calls at "
+            f"B={batch}, N={tokens}, D_s={d_s}, D_t={d_t} on one CPU thread, in microseconds: "
+            "what queuing the work costs, the arithmetic aside. At those sizes a case may launch "
+            "another number of kernels (CosPress chunks differently, Sinkhorn runs its own "
+            "number of iterations)."
+        )
     columns = ["loss or head", "launches"]
     if baseline is not None:
         base = baseline["meta"]
