@@ -59,7 +59,7 @@ def inputs(kind: str, batch: int, tokens: int, d_s: int, d_t: int, ill: bool, se
     return features(batch, d_s), features(batch, d_t)
 
 
-def value_and_gradient(module, kind, student, teacher, labels, dtype, accelerator: bool):
+def value_and_gradient(module, student, teacher, labels, dtype, accelerator: bool):
     """The loss (a head: a fixed weighted sum of its output) and the student's gradient, in
     ``dtype`` on the chosen path, as float64."""
     from featkd._sync import simulate_accelerator
@@ -78,13 +78,11 @@ def value_and_gradient(module, kind, student, teacher, labels, dtype, accelerato
     return value.detach().double(), s.grad.double()
 
 
-def errors(module, kind, student, teacher, labels) -> dict[str, float]:
-    v64, g64 = value_and_gradient(module, kind, student, teacher, labels, torch.float64, False)
+def errors(module, student, teacher, labels) -> dict[str, float]:
+    v64, g64 = value_and_gradient(module, student, teacher, labels, torch.float64, False)
     row = {}
     for path, accelerator in (("cpu", False), ("accelerator", True)):
-        v, g = value_and_gradient(
-            module, kind, student, teacher, labels, torch.float32, accelerator
-        )
+        v, g = value_and_gradient(module, student, teacher, labels, torch.float32, accelerator)
         row[f"{path}_value"] = float((v - v64).abs() / v64.abs().clamp_min(1e-30))
         row[f"{path}_gradient"] = float((g - g64).norm() / g64.norm().clamp_min(1e-30))
     return row
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                 student, teacher = inputs(kind, batch, tokens, d_s, d_t, ill)
                 case_labels = labels[: student.shape[0]]
                 row = {"name": name, "inputs": "ill-conditioned" if ill else "standard normal"}
-                row.update(errors(module, kind, student, teacher, case_labels))
+                row.update(errors(module, student, teacher, case_labels))
                 rows.append(row)
                 print(
                     f"{name:<45} {row['inputs']:<16} cpu {row['cpu_value']:.1e} "
