@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_sync import record_host_syncs
 
 import featkd
 from featkd._sync import simulate_accelerator
@@ -106,18 +107,77 @@ def test_labels_past_num_classes_are_refused_on_cpu():
         loss(s, t, labels=labels)
 
 
-def test_labels_past_num_classes_are_not_read_on_an_accelerator():
-    # no host read: the classes past the first num_classes found are left out, silently
+def test_labels_past_num_classes_are_counted_on_an_accelerator():
+    # no host read: the classes past the first num_classes found are left out, and the labels
+    # out of range are counted on the device instead of raising
     s, t, labels = _batch()
-    with simulate_accelerator():
-        value = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=3)(
-            s, t, labels=labels
-        )
+    loss_fn = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=3)
+    with simulate_accelerator(), record_host_syncs() as syncs:
+        value = loss_fn(s, t, labels=labels)
+    assert syncs == []
     kept = labels < 9  # the three smallest classes present: 1, 4 and 6
     reference = featkd.GaussianWassersteinLoss("diag", conditional=True)(
         s[kept], t[kept], labels=labels[kept]
     )
     torch.testing.assert_close(value, reference)
+    outside = sum(1 for label in labels.tolist() if not 0 <= label < 3)  # every 4, 6 and 9
+    assert outside == 16
+    count = loss_fn.last_parts["labels_out_of_range"]
+    assert count.dtype == torch.float32 and count.item() == outside
+
+
+@pytest.mark.parametrize("name", list(CONDITIONAL))
+def test_every_conditional_loss_counts_labels_out_of_range(name):
+    s, t, labels = _batch()
+    labels = labels.clone()
+    labels[[0, 5]] = torch.tensor([12, -1])  # out of range both ways; 9 is the largest valid
+    expected = sum(1 for label in labels.tolist() if not 0 <= label < 10)
+    with simulate_accelerator():
+        loss_fn = CONDITIONAL[name](conditional=True, num_classes=10)
+        loss_fn(s, t, labels=labels)
+        assert loss_fn.last_parts["labels_out_of_range"].item() == expected == 2
+        loss_fn(s, t, labels=labels.clamp(0, 9))
+        assert loss_fn.last_parts["labels_out_of_range"].item() == 0
+    loss_fn(s, t, labels=labels.clamp(0, 9))  # CPU, eager: read and checked exactly instead
+    assert "labels_out_of_range" not in loss_fn.last_parts
+
+
+def test_label_counts_follow_the_policy():
+    s, t, labels = _batch()
+    loss_fn = featkd.MMDLoss("linear", conditional=True, num_classes=3)
+    previous = featkd.set_finite_check("off")
+    try:
+        with simulate_accelerator():
+            loss_fn(s, t, labels=labels)
+    finally:
+        featkd.set_finite_check(previous)
+    assert "labels_out_of_range" not in loss_fn.last_parts
+    with simulate_accelerator():  # without num_classes any label is a class: nothing to count
+        featkd.MMDLoss("linear", conditional=True)(s, t, labels=labels - 5)
+        unconditional = featkd.MMDLoss("linear")
+        unconditional(s, t, labels=labels)
+    assert "labels_out_of_range" not in unconditional.last_parts
+
+
+def test_joint_cost_counts_labels_past_the_logits_width_on_an_accelerator():
+    # one side one-hot from the labels, the other softmax of 5-wide logits: labels must be < 5
+    s, t, labels = _batch()
+    teacher_logits = torch.randn(20, 5, dtype=torch.float64, generator=torch.Generator())
+    loss_fn = featkd.JointWassersteinLoss(label_weight=1.0)
+    with pytest.raises(featkd.ChoiceError, match="< 5"):
+        loss_fn(s, t, labels=labels, teacher_logits=teacher_logits)
+    with simulate_accelerator(), record_host_syncs() as syncs:
+        value = loss_fn(s, t, labels=labels, teacher_logits=teacher_logits)
+    assert syncs == [] and torch.isfinite(value)
+    expected = sum(1 for label in labels.tolist() if not 0 <= label < 5)
+    assert loss_fn.last_parts["labels_out_of_range"].item() == expected == 8  # the 6s and the 9s
+    # a label out of range is a zero row of the one-hot side: the student's label term of
+    # ||y_i - p_j||^2 is then ||p_j||^2, whatever the label's value
+    moved = torch.where(labels >= 5, labels + 100, labels)
+    with simulate_accelerator():
+        torch.testing.assert_close(
+            loss_fn(s, t, labels=moved, teacher_logits=teacher_logits), value
+        )
 
 
 def test_raising_policy_checks_labels_on_an_accelerator():

@@ -10,8 +10,9 @@ shape error from deep inside torch. Shapes, dtypes and devices are known on the 
 checked. Checks that read values (NaN/Inf in the features, the range of class labels) follow one
 policy, :func:`set_finite_check`: by default (``"auto"``) they are exact and raise on CPU, where
 reading a value is free; on an accelerator and under ``torch.compile`` they cost no host
-synchronisation (a loss module reports non-finite inputs in ``last_parts["nonfinite_inputs"]``,
-computed on the device); ``"raise"`` makes them exact everywhere, ``"off"`` skips them.
+synchronisation (a loss module reports non-finite inputs in ``last_parts["nonfinite_inputs"]``
+and a KD2M module labels out of range in ``last_parts["labels_out_of_range"]``, both computed
+on the device); ``"raise"`` makes them exact everywhere, ``"off"`` skips them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "check_same_batch",
     "check_same_device",
     "check_width",
+    "count_bad_labels",
     "count_nonfinite",
     "deferred_value_checks",
     "describe_shape",
@@ -87,7 +89,8 @@ def set_finite_check(mode: str | bool) -> str:
     - ``"auto"`` (default): exact and raising on CPU in eager mode. On an accelerator, and
       under ``torch.compile``, no host synchronisation: a loss module reports the number of
       non-finite input entries in ``last_parts["nonfinite_inputs"]`` (a device tensor; log it,
-      or test it every few hundred steps), and label ranges are not read.
+      or test it every few hundred steps), and a KD2M module the number of class labels out of
+      range in ``last_parts["labels_out_of_range"]``.
     - ``"raise"``: exact and raising everywhere (a :class:`NonFiniteError` or a
       :class:`ChoiceError` at the bad input), at one host synchronisation per checked tensor.
     - ``"off"``: no value checks at all.
@@ -142,6 +145,16 @@ def count_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
     for count in counts[1:]:
         total = total + count
     return total
+
+
+def count_bad_labels(labels: torch.Tensor | None, limit: int | None) -> torch.Tensor | None:
+    """The number of ``labels`` outside ``[0, limit)``, as a float32 device tensor, when the
+    ``"auto"`` policy deferred their range check (``None`` otherwise, or without labels or a
+    limit): what a KD2M module reports as ``last_parts["labels_out_of_range"]``. No host
+    synchronisation."""
+    if labels is None or limit is None or not _counted_on_device(labels):
+        return None
+    return (labels.clamp(0, limit - 1) != labels).sum(dtype=torch.float32)
 
 
 def describe_shape(shape: Iterable[int]) -> str:

@@ -13,6 +13,7 @@ from featkd._checks import (
     check_rank,
     check_same_device,
     check_width,
+    count_bad_labels,
 )
 from featkd._loss import DistillationLoss, evaluate
 from featkd.kd2m._sets import FEATURES
@@ -27,7 +28,10 @@ class MatchingLoss(DistillationLoss):
     """Base of the KD2M modules: the owned ``projector`` of the student and the common call.
 
     ``forward`` projects the student (outside the precision fence: the projector is the user's
-    layer and follows autocast), checks the inputs once, then evaluates the core.
+    layer and follows autocast), checks the inputs once, then evaluates the core. A subclass's
+    ``_check`` returns the bound class labels must respect (``None`` where none applies):
+    where the value-check policy does not read the labels, ``last_parts`` ends with
+    ``"labels_out_of_range"``, their device-side count beyond it.
     """
 
     def __init__(self, projector: nn.Module | None = None) -> None:
@@ -73,8 +77,11 @@ class MatchingLoss(DistillationLoss):
     ) -> torch.Tensor:
         self._guard(student, teacher)
         projected = self.project(student)
-        self._check(projected, teacher, labels, **inputs)
+        limit = self._check(projected, teacher, labels, **inputs)
         loss, self.last_parts = evaluate(self._terms, projected, teacher, labels, **inputs)
+        bad_labels = count_bad_labels(labels, limit)
+        if bad_labels is not None:  # the range check was deferred to the device
+            self.last_parts["labels_out_of_range"] = bad_labels
         return loss
 
 

@@ -80,12 +80,13 @@ def validate_pair(
     *,
     batch_statistic: str | None = None,
     num_classes: int | None = None,
-) -> None:
+) -> int | None:
     """The front door of every KD2M loss: two finite float ``(B, D)`` tensors of one batch size,
     width and device, and integer labels ``(B,)`` when given (needed with ``conditional``),
     below ``num_classes`` when given. ``batch_statistic`` says why the loss needs two
     samples: then ``B >= 2`` unless ``conditional`` (a class seen once has its own closed
-    form)."""
+    form). Returns the bound the labels must respect (``num_classes``), ``None`` without labels
+    or bound: for :func:`featkd._checks.count_bad_labels` where the range is not read."""
     validate_features(student, "student", FEATURES)
     validate_features(teacher, "teacher", FEATURES)
     check_same_batch(student, teacher, "student", "teacher")
@@ -106,11 +107,12 @@ def validate_pair(
                 f"labels: expected class indices of shape ({batch},) because "
                 "conditional=True matches the classes one by one, got None"
             )
-        return
+        return None
     check_labels(labels, batch)
     check_same_device({"student": student, "labels": labels})
     if num_classes is not None:
         check_label_range(labels, num_classes, "num_classes")
+    return num_classes
 
 
 def matmul_nt(
@@ -235,9 +237,10 @@ def check_joint_inputs(
     student_logits: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
     kind: str,
-) -> None:
+) -> int | None:
     """The inputs of the joint feature-label cost: logits ``(B, K)`` of one width, and
-    ``labels`` for any side without logits (class indices below ``K``)."""
+    ``labels`` for any side without logits (class indices below ``K``). Returns ``K`` when
+    the labels must be below it (one side one-hot, the other logits), else ``None``."""
     _check_logits(student_logits, "student_logits", student)
     _check_logits(teacher_logits, "teacher_logits", student)
     if (
@@ -273,3 +276,5 @@ def check_joint_inputs(
     if missing_side and (student_logits is not None or teacher_logits is not None):
         classes = (student_logits if student_logits is not None else teacher_logits).shape[1]
         check_label_range(labels, classes, "the width of the logits")
+        return classes
+    return None

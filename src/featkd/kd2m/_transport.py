@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from featkd._sync import device_constant
 from featkd.kd2m._sets import Groups, matmul_nt
 
 __all__ = [
@@ -239,6 +240,16 @@ def sliced_wasserstein(
     return per_direction.mean(dim=-1)
 
 
+def _one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    # a comparison rather than F.one_hot: on an accelerator the label range is counted, not
+    # read (featkd.set_finite_check), and a label out of range gives a zero row where
+    # one_hot's scatter would stop the device with an assert
+    indices = device_constant(
+        ("class indices", classes), labels, lambda: torch.arange(classes, device=labels.device)
+    )
+    return (labels[:, None] == indices).to(dtype)
+
+
 def label_cost(
     labels: torch.Tensor | None,
     student_logits: torch.Tensor | None,
@@ -271,14 +282,14 @@ def label_cost(
     if teacher_logits is not None:
         teacher_y = torch.softmax(teacher_logits.detach().to(dtype), dim=1)
     else:
-        teacher_y = torch.nn.functional.one_hot(labels, classes).to(dtype)
+        teacher_y = _one_hot(labels, classes, dtype)
     if kind == "cross_entropy":
         log_p = torch.log_softmax(student_logits.to(dtype), dim=1)
         return -(log_p @ teacher_y.mT)
     if student_logits is not None:
         student_y = torch.softmax(student_logits.to(dtype), dim=1)
     else:
-        student_y = torch.nn.functional.one_hot(labels, classes).to(dtype)
+        student_y = _one_hot(labels, classes, dtype)
     return squared_distances(student_y, teacher_y)
 
 

@@ -108,18 +108,20 @@ def check_inputs(
     label_weight: float,
     label_cost: str,
     num_classes: int | None = None,
-) -> None:
-    """The features (and, for the joint cost, labels and logits), checked once."""
-    validate_pair(student, teacher, labels, conditional, num_classes=num_classes)
+) -> int | None:
+    """The features (and, for the joint cost, labels and logits), checked once; the bound the
+    labels must respect (``num_classes``, the logits' width), ``None`` where none applies."""
+    limit = validate_pair(student, teacher, labels, conditional, num_classes=num_classes)
     if label_weight > 0:
-        check_joint_inputs(student, labels, student_logits, teacher_logits, label_cost)
-        return
+        classes = check_joint_inputs(student, labels, student_logits, teacher_logits, label_cost)
+        return limit if classes is None else min(classes, limit or classes)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if logits is not None:
             raise FeatkdInputError(
                 f"{name}: only the joint feature-label cost uses logits, and label_weight is 0; "
                 "pass label_weight > 0 (or JointWassersteinLoss) to use them, or drop them"
             )
+    return limit
 
 
 def wasserstein_terms(

@@ -320,8 +320,8 @@ class GaussianKLLoss(MatchingLoss):
         self.direction = direction
         self.conditional = conditional
 
-    def _check(self, student, teacher, labels) -> None:
-        validate_pair(
+    def _check(self, student, teacher, labels) -> int | None:
+        return validate_pair(
             *(student, teacher, labels, self.conditional),
             batch_statistic=_COVARIANCE,
             num_classes=self.num_classes,

@@ -206,8 +206,8 @@ class GaussianWassersteinLoss(MatchingLoss):
         self.class_reduction = class_reduction
         self.num_classes = num_classes
 
-    def _check(self, student, teacher, labels) -> None:
-        validate_pair(
+    def _check(self, student, teacher, labels) -> int | None:
+        return validate_pair(
             *(student, teacher, labels, self.conditional),
             batch_statistic=_COVARIANCE,
             num_classes=self.num_classes,

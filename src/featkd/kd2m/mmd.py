@@ -81,13 +81,10 @@ def _check_inputs(
     estimator: str,
     conditional: bool,
     num_classes: int | None,
-) -> None:
+) -> int | None:
     pairs = "the unbiased estimator needs pairs of distinct samples"
-    validate_pair(
-        student,
-        teacher,
-        labels,
-        conditional,
+    return validate_pair(
+        *(student, teacher, labels, conditional),
         batch_statistic=pairs if estimator == "unbiased" else None,
         num_classes=num_classes,
     )
@@ -366,8 +363,10 @@ class MMDLoss(MatchingLoss):
         self.class_reduction = class_reduction
         self.num_classes = num_classes
 
-    def _check(self, student, teacher, labels) -> None:
-        _check_inputs(student, teacher, labels, self.estimator, self.conditional, self.num_classes)
+    def _check(self, student, teacher, labels) -> int | None:
+        return _check_inputs(
+            student, teacher, labels, self.estimator, self.conditional, self.num_classes
+        )
 
     def _terms(self, student, teacher, labels) -> Terms:
         return _mmd_terms(

@@ -320,8 +320,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
             student, teacher, labels, student_logits=student_logits, teacher_logits=teacher_logits
         )
 
-    def _check(self, student, teacher, labels, student_logits=None, teacher_logits=None) -> None:
-        check_inputs(
+    def _check(self, student, teacher, labels, student_logits=None, teacher_logits=None):
+        return check_inputs(
             *(student, teacher, labels, student_logits, teacher_logits),
             *(self.conditional, self.label_weight, self.label_cost, self.num_classes),
         )
