@@ -262,8 +262,9 @@ def _sgd_steps(model, params: nn.Module, inputs, steps: int = STEPS) -> list[dic
     """``steps`` SGD steps of ``model(*inputs)`` over ``params``: the state before the first
     step and after each."""
 
-    def state():
-        return {k: v.detach().clone() for k, v in params.state_dict().items()}
+    def state():  # the tensors: a seeded loss's generator position is not one
+        items = params.state_dict().items()
+        return {k: v.detach().clone() for k, v in items if isinstance(v, torch.Tensor)}
 
     optimizer = torch.optim.SGD(params.parameters(), lr=LR)
     states = [state()]

@@ -4,6 +4,7 @@ path sampling, a ViT student with a CNN teacher, training, autocast and input er
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import re
 from pathlib import Path
@@ -414,7 +415,8 @@ def test_bridges_are_the_only_parameters():
     owned = {id(p) for p in fcfd.parameters()}
     networks = {id(p) for p in [*student.parameters(), *teacher.parameters()]}
     assert owned and not owned & networks
-    assert all(key.startswith(("s2t.", "t2s.")) for key in fcfd.state_dict())
+    # the bridges, and the path sampler's position (the networks' weights are not the loss's)
+    assert all(key.startswith(("s2t.", "t2s.", "_extra_state")) for key in fcfd.state_dict())
     # s2t bridges at every stage (appearance), t2s bridges only where a path crosses
     assert list(fcfd.s2t) == ["stage1", "stage2", "stage3"]
     assert list(fcfd.t2s) == ["stage1", "stage2"]
@@ -452,6 +454,22 @@ def test_path_sampling_is_uniform_and_seeded():
     # each path is in half of the draws: 200 expected, binomial sd 10
     assert all(150 < c < 250 for c in counts.values()), counts
     assert len({tuple(d) for d in draws}) == 6  # every pair occurs
+
+
+def test_path_sampling_resumes_from_state_dict():
+    student, teacher, images = make_pair("cpu")
+    fcfd = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
+    for _ in range(5):
+        fcfd.sample_paths()
+    buffer = io.BytesIO()
+    torch.save(fcfd.state_dict(), buffer)
+    expected = [fcfd.sample_paths() for _ in range(20)]
+    resumed = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    assert [resumed.sample_paths() for _ in range(20)] == expected
+    fresh = FCFDLoss(student, teacher, example_input=(images, images), seed=7)
+    assert [fresh.sample_paths() for _ in range(20)] != expected
 
 
 def test_only_sampled_paths_are_computed():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -210,6 +212,9 @@ def test_statistics_are_saved_in_the_state_dict():
     copy = MultiTeacherLoss(8, {"t": Teacher(8, normalize="phi_s", tokens="both")})
     copy.load_state_dict(loss_fn.state_dict())
     for key, value in loss_fn.state_dict().items():
+        if key == "_extra_state":  # the dropping generator's position: none without seed=
+            assert value == copy.state_dict()[key] == {"generator_state": None}
+            continue
         assert torch.equal(copy.state_dict()[key], value), key
     assert any(key.endswith("rotation") for key in loss_fn.state_dict())
 
@@ -235,6 +240,34 @@ def test_teacher_dropping_is_seeded_and_keeps_one_teacher_per_sample():
     dropped = runs[0][0][None, :] - per_teacher
     assert (runs[0][0] > 0).all()
     assert ((dropped.abs() < 1e-5) | (dropped > 0)).any(dim=0).all()
+
+
+def _reloaded(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)  # weights_only: the generator state is a plain uint8 tensor
+
+
+def test_teacher_drops_resume_from_state_dict():
+    specs = {name: Teacher(4, head="identity") for name in ("a", "b")}
+    student = torch.randn(64, 4)
+    teachers = {name: torch.randn(64, 4) for name in specs}
+
+    def make(seed=3):
+        return MultiTeacherLoss(4, specs, teacher_drop=0.5, seed=seed, reduction="none")
+
+    run = make()
+    for _ in range(3):
+        run(student, teachers)
+    checkpoint = _reloaded(run.state_dict())
+    expected = torch.stack([run(student, teachers) for _ in range(2)])
+    resumed = make()
+    resumed.load_state_dict(checkpoint)
+    assert torch.equal(torch.stack([resumed(student, teachers) for _ in range(2)]), expected)
+    assert not torch.equal(make()(student, teachers), expected[0])  # a fresh run restarts
+    with pytest.raises(featkd.FeatkdInputError, match="sequence of teacher drops"):
+        make(seed=None).load_state_dict(checkpoint)
 
 
 def test_no_dropping_in_eval_mode():

@@ -12,6 +12,7 @@ from torch import nn
 from featkd._checks import ChoiceError, ShapeError, describe_shape
 from featkd._loss import DistillationLoss, check_reduction, user_stacklevel
 from featkd._options import check_choice, check_int, check_positive, renamed, seeded_generator
+from featkd._seeded import GeneratorState
 from featkd.fcfd._inputs import check_stage_outputs
 from featkd.fcfd._options import (
     DIRECTIONS,
@@ -43,7 +44,7 @@ class WarmupSkippedWarning(UserWarning):
     """
 
 
-class FCFDLoss(DistillationLoss):
+class FCFDLoss(GeneratorState, DistillationLoss):
     """Function-consistent feature distillation through cross-network feeds; see
     :func:`~featkd.fcfd.fcfd_loss` for the terms.
 
@@ -98,8 +99,8 @@ class FCFDLoss(DistillationLoss):
             device, in float64 for a float64 probe and float32 otherwise.
         num_paths: mixed paths sampled (uniformly, without replacement) per call, or ``"all"``.
         seed: randomness of the path sampling: an integer seed ``>= 0``, a ``torch.Generator``,
-            or ``None`` (torch's global RNG). Was ``generator=`` (kept one release, with a
-            ``FutureWarning``).
+            or ``None`` (torch's global RNG); its position is saved in ``state_dict()``. Was
+            ``generator=`` (kept one release, with a ``FutureWarning``).
         temperature: ``T`` of the KL terms (4; 8 for some pairs in the paper).
         weights: by term, ``{"kl": beta, "mse": ...}``; terms not named keep their default
             (1 and 5). ``kl_weight=`` / ``mse_weight=`` still work one release (FutureWarning).
@@ -167,6 +168,8 @@ class FCFDLoss(DistillationLoss):
         >>> fcfd.last_paths
         ['s2t@1', 't2s@1']
     """
+
+    random_draws = "sampled paths"
 
     def __init__(
         self,

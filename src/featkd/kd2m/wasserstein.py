@@ -15,7 +15,8 @@ import torch
 
 from featkd._loss import check_reduction, evaluate, user_stacklevel
 from featkd._options import renamed, seeded_generator
-from featkd.kd2m._base import BATCH_LEVEL, GeneratorState, MatchingLoss
+from featkd._seeded import GeneratorState
+from featkd.kd2m._base import BATCH_LEVEL, MatchingLoss
 from featkd.kd2m._wasserstein_terms import (
     SINKHORN_MAX_ITER,
     check_inputs,
@@ -253,6 +254,8 @@ class WassersteinLoss(GeneratorState, MatchingLoss):
         >>> {"classes", "entropy", "iterations"} <= set(loss_fn.last_parts)
         True
     """
+
+    random_draws = "sliced directions"
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from featkd._options import (
     check_seed,
     seeded_generator,
 )
+from featkd._seeded import GeneratorState
 from featkd.multiteacher._terms import TERMS, terms_core
 from featkd.multiteacher.parts import TeacherParts, draw_keep, sections
 
@@ -200,7 +201,7 @@ class Teacher:
             )
 
 
-class MultiTeacherLoss(DistillationLoss):
+class MultiTeacherLoss(GeneratorState, DistillationLoss):
     """One student, several named teachers; see :class:`Teacher` and :func:`multi_teacher_loss`.
 
     The module owns every teacher's head (add ``loss_fn.parameters()`` to the optimiser) and
@@ -220,7 +221,9 @@ class MultiTeacherLoss(DistillationLoss):
         teachers: ``{name: Teacher(...)}``.
         student_summary_tokens: the student's prefix tokens ``P_s`` before its patches.
         teacher_drop: probability that a sample skips a teacher.
-        seed: the dropping's randomness: an integer seed, a ``torch.Generator`` or None.
+        seed: the dropping's randomness: an integer seed, a ``torch.Generator`` or None. The
+            generator's position is saved in ``state_dict()``, so a resumed run continues the
+            same drops.
         mix: the weights of ``"cosine_smooth_l1"``.
         reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"``.
 
@@ -245,6 +248,8 @@ class MultiTeacherLoss(DistillationLoss):
         >>> list(loss_fn.last_parts)
         ['total', 'dino/summary', 'dino/patches', 'clip/summary']
     """
+
+    random_draws = "teacher drops"
 
     def __init__(
         self,
