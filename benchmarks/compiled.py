@@ -1,12 +1,19 @@
-"""Eager against ``torch.compile`` for the losses whose GPU time is host-bound: does capturing
-the call (CUDA graphs, ``mode="reduce-overhead"``) bring them under the budget?
+"""Eager against captured calls for the losses whose GPU time is host-bound: does capturing
+the call in CUDA graphs bring them under the budget?
 
 ``docs/benchmarks-gpu.md`` infers from the baseline's GPU run that eager calls at these sizes are
 bound by the host queuing kernels, so that trimming kernels cannot reach the budget and graph
 capture could. This script measures that on the GPU: forward+backward of each case at
-``B=256, N=197, D_s=192, D_t=768``, eager and compiled, timed round-robin (medians), with the
-compile time. On CUDA the compiled mode is ``reduce-overhead``; elsewhere (``--quick`` on the
-CPU, a smoke run) the default mode.
+``B=256, N=197, D_s=192, D_t=768``, timed round-robin (medians), three ways:
+
+- eager;
+- ``torch.compile`` (on CUDA ``mode="reduce-overhead"``: fused kernels in CUDA graphs; elsewhere
+  the default mode), with its compile time;
+- graphed: featkd's own eager kernels captured as they are, forward and backward, by
+  ``torch.cuda.make_graphed_callables`` (CUDA only): what capture alone gives, and a check that
+  each case can be captured at all (no host synchronisation, static shapes).
+
+A way that fails for a case is recorded with its error and the other cases go on.
 
     python benchmarks/compiled.py                 # CUDA: a few minutes, mostly compiling
     python benchmarks/compiled.py --quick         # tiny sizes, KD only, on the CPU
@@ -21,9 +28,11 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -42,14 +51,55 @@ CASES = (
 )
 
 
+class Objective(nn.Module):
+    """The scalar one step differentiates, as a module of tensor arguments only (what
+    ``torch.cuda.make_graphed_callables`` takes, with the loss's parameters as its own): a
+    head's output squared and averaged, or a loss with the labels bound."""
+
+    def __init__(self, fn: nn.Module, kind: str, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.fn, self.kind, self.labels = fn, kind, labels
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.kind.startswith("head"):
+            return self.fn(*inputs).square().mean()
+        return self.fn(*inputs, labels=self.labels)
+
+
+def _warmed(build: Callable[[], Callable[[], None]], device) -> tuple[Callable | None, dict]:
+    """``build()``'s step run three times (compiling, warming up, recording a graph), and its
+    seconds; or no step and the error, so that one failing case does not end the run."""
+    start = time.perf_counter()
+    try:
+        step = build()
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as error:  # recorded, and the other cases go on
+        return None, {"error": f"{type(error).__name__}: {error}"[:300]}
+    return step, {"seconds": time.perf_counter() - start}
+
+
 def steps(name: str, device: torch.device, sizes: tuple[int, int, int, int], mode: str, inputs):
-    """``(eager step, compiled step)`` of one case, on the same module and on ``inputs`` (from
-    ``gpu.seeded_inputs``)."""
+    """The eager step of one case and builders of its compiled and graphed steps, on one module
+    and on ``inputs`` (from ``gpu.seeded_inputs``)."""
     factory, kind = gpu.loss_and_head_cases(*sizes[2:])[name]
     torch.manual_seed(0)
     module = factory().to(device)
-    compiled = torch.compile(module, mode=mode)
-    return tuple(gpu.forward_backward(fn, kind, *inputs, device) for fn in (module, compiled))
+    raw, labels = inputs
+
+    def compiled() -> Callable[[], None]:
+        return gpu.forward_backward(torch.compile(module, mode=mode), kind, raw, labels, device)
+
+    def graphed() -> Callable[[], None]:
+        args = gpu.step_inputs(kind, raw, device)
+        objective = torch.cuda.make_graphed_callables(
+            Objective(module, kind, labels), args, allow_unused_input=True
+        )
+        return lambda: objective(*args).backward()
+
+    return gpu.forward_backward(module, kind, raw, labels, device), compiled, graphed
 
 
 def measure(device: torch.device, quick: bool, repeats: int) -> list[dict]:
@@ -58,50 +108,72 @@ def measure(device: torch.device, quick: bool, repeats: int) -> list[dict]:
     inputs = gpu.seeded_inputs(device, *sizes)
     rows = []
     for name in CASES[:1] if quick else CASES:
-        eager, compiled = steps(name, device, sizes, mode, inputs)
-        start = time.perf_counter()
-        for _ in range(3):  # compiling, then the CUDA graph's warm-up and recording
-            compiled()
+        eager, compile_step, graph_step = steps(name, device, sizes, mode, inputs)
+        compiled, compiling = _warmed(compile_step, device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        compile_s = time.perf_counter() - start
+            graphed, graphing = _warmed(graph_step, device)
+        else:
+            graphed, graphing = None, {"error": "CUDA only"}
+        timed = {"eager": eager, "compiled": compiled, "graphed": graphed}
         medians = overhead.timed_round_robin(
-            {"eager": eager, "compiled": compiled}, device, repeats, warmup=2
+            {way: step for way, step in timed.items() if step is not None}, device, repeats, 2
         )
-        row = {
-            "name": name,
-            "mode": mode,
-            "eager_ms": 1000 * medians["eager"],
-            "compiled_ms": 1000 * medians["compiled"],
-            "compile_s": compile_s,
-        }
+        row = {"name": name, "mode": mode, "compile_s": compiling.get("seconds")}
+        row.update({f"{way}_ms": 1000 * medians[way] if way in medians else None for way in timed})
+        row.update({f"{way}_error": got["error"] for way, got in (("compiled", compiling),
+                    ("graphed", graphing)) if "error" in got})  # fmt: skip
         rows.append(row)
         print(
-            f"{name:<36} eager {row['eager_ms']:7.2f} ms  compiled {row['compiled_ms']:7.2f} ms "
-            f"(compiling {compile_s:.0f} s)",
+            f"{name:<36} "
+            + "  ".join(f"{way} {_ms(row[way + '_ms'])}" for way in timed)
+            + "".join(f"\n    {key}: {row[key]}" for key in row if key.endswith("_error")),
             flush=True,
         )
     return rows
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms"
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
-        f"# Eager against torch.compile: {meta['device']}",
+        f"# Eager against captured calls: {meta['device']}",
         "",
         f"torch {meta['torch']}, {meta['date']}; `{meta['command']}`; forward+backward, "
-        f"B={meta['batch']}, N={meta['tokens']}, D_s={meta['d_s']}, D_t={meta['d_t']}.",
+        f"B={meta['batch']}, N={meta['tokens']}, D_s={meta['d_s']}, D_t={meta['d_t']}, "
+        "medians of calls taken round-robin. Compiled: `torch.compile` in the mode shown; "
+        "graphed: the eager kernels captured by `torch.cuda.make_graphed_callables` (CUDA only).",
         "",
-        "| loss or head | eager ms | compiled ms | eager / compiled | compile mode | compile s |",
-        "|---|---:|---:|---:|---|---:|",
+        "| loss or head | eager ms | compiled ms | graphed ms | eager / compiled "
+        "| eager / graphed | compile mode | compile s |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
+    notes = []
     for row in result["rows"]:
-        ratio = row["eager_ms"] / row["compiled_ms"]
+        cells = [_number(row.get(f"{way}_ms")) for way in ("eager", "compiled", "graphed")]
+        ratios = [_ratio(row["eager_ms"], row.get(f"{way}_ms")) for way in ("compiled", "graphed")]
         lines.append(
-            f"| {row['name']} | {row['eager_ms']:.2f} | {row['compiled_ms']:.2f} | {ratio:.1f}x "
-            f"| {row['mode']} | {row['compile_s']:.0f} |"
+            f"| {row['name']} | {' | '.join(cells)} | {' | '.join(ratios)} | {row['mode']} "
+            f"| {_number(row.get('compile_s'), '.0f')} |"
         )
+        notes += [
+            f"- {row['name']}, {way}: {row[way + '_error']}"
+            for way in ("compiled", "graphed")
+            if row.get(way + "_error") and row[way + "_error"] != "CUDA only"
+        ]
+    if notes:
+        lines += ["", "Failures:", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _ratio(eager: float, other: float | None) -> str:
+    return "n/a" if other is None else f"{eager / other:.1f}x"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -230,16 +230,23 @@ def seeded_inputs(device, batch: int, tokens: int, d_s: int, d_t: int) -> tuple[
     return raw, torch.randint(10, (batch,), generator=gen).to(device)
 
 
+def step_inputs(kind: str, raw: dict, device) -> tuple[torch.Tensor, ...]:
+    """The tensor arguments of one step on the inputs of ``kind`` from :func:`seeded_inputs`,
+    on ``device``: ``(x,)`` for a head, ``(student, teacher)`` for a loss; the first requires
+    a gradient."""
+    if kind.startswith("head"):
+        return (raw["pooled"][0 if kind == "head-student" else 1].to(device).requires_grad_(),)
+    return raw[kind][0].to(device).requires_grad_(), raw[kind][1].to(device)
+
+
 def forward_backward(fn, kind: str, raw: dict, labels: torch.Tensor, device) -> Callable[[], None]:
     """One forward+backward of ``fn`` (a loss or head module, or its compiled form) on the
     inputs of ``kind`` from :func:`seeded_inputs`: a head's output squared and averaged, a
     loss with the labels."""
+    inputs = step_inputs(kind, raw, device)
     if kind.startswith("head"):
-        x = raw["pooled"][0 if kind == "head-student" else 1].to(device).requires_grad_()
-        return lambda: fn(x).square().mean().backward()
-    s = raw[kind][0].to(device).requires_grad_()
-    t = raw[kind][1].to(device)
-    return lambda: fn(s, t, labels=labels).backward()
+        return lambda: fn(*inputs).square().mean().backward()
+    return lambda: fn(*inputs, labels=labels).backward()
 
 
 def loss_and_head_steps(

@@ -146,3 +146,36 @@ def test_compiled_benchmark_quick(tmp_path):
     assert row["name"] == "KDLoss" and row["mode"] == "default"
     assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
     assert "| KDLoss |" in (tmp_path / "compiled-quick.md").read_text()
+    assert row["graphed_ms"] is None and row["graphed_error"] == "CUDA only"  # no CUDA here
+
+
+def test_compiled_benchmark_graphs_the_losses_parameters_and_survives_a_failing_case():
+    """What CPU can check of the graphed way: the module handed to make_graphed_callables owns
+    the loss's parameters (else their gradients would not be captured) and computes the eager
+    step's scalar; a way that fails is recorded, and its table lists the failure."""
+    compiled = load_script("compiled")
+    gpu = compiled.gpu
+    cpu = torch.device("cpu")
+    raw, labels = gpu.seeded_inputs(cpu, 8, 5, 12, 24)
+    for name in ("MMDLoss (rbf)", "OrthogonalProjector (matrix_exp)"):
+        factory, kind = gpu.loss_and_head_cases(12, 24)[name]
+        module = factory()
+        objective = compiled.Objective(module, kind, labels)
+        owned = list(module.parameters())
+        assert owned and list(objective.parameters()) == owned
+        args = gpu.step_inputs(kind, raw, cpu)
+        objective(*args).backward()
+        graphed_grads = [p.grad.clone() for p in owned]
+        module.zero_grad()
+        gpu.forward_backward(module, kind, raw, labels, cpu)()
+        for got, expected in zip(graphed_grads, [p.grad for p in owned], strict=True):
+            torch.testing.assert_close(got, expected)
+    step, got = compiled._warmed(lambda: 1 / 0, cpu)
+    assert step is None and got["error"].startswith("ZeroDivisionError")
+    row = {"name": "X", "mode": "default", "eager_ms": 1.0, "compiled_ms": None,
+           "graphed_ms": None, "compile_s": None, "compiled_error": got["error"]}  # fmt: skip
+    table = compiled.markdown({"rows": [row], "meta": {
+        "device": "cpu", "torch": "t", "date": "d", "command": "c",
+        "batch": 1, "tokens": 1, "d_s": 1, "d_t": 1}})  # fmt: skip
+    assert "| X | 1.00 | n/a | n/a | n/a | n/a |" in table
+    assert "- X, compiled: ZeroDivisionError" in table
