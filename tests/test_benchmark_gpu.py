@@ -179,3 +179,13 @@ def test_compiled_benchmark_graphs_the_losses_parameters_and_survives_a_failing_
         "batch": 1, "tokens": 1, "d_s": 1, "d_t": 1}})  # fmt: skip
     assert "| X | 1.00 | n/a | n/a | n/a | n/a |" in table
     assert "- X, compiled: ZeroDivisionError" in table
+
+
+def test_exact_ot_benchmark_quick(tmp_path):
+    result = load_script("exact_ot").main(["--quick", "--out", str(tmp_path)])
+    assert [row["kind"] for row in result["rows"]] == ["correlated", "independent", "clustered",
+                                                       "conditional"]  # fmt: skip
+    for row in result["rows"]:  # two exact solvers: the same transport cost
+        assert row["assignment_ms"] > 0 and row["network_simplex_ms"] > 0
+        assert row["relative_difference"] < 1e-12
+    assert "| 64 | clustered | 1 |" in (tmp_path / "exact-ot-quick.md").read_text()

@@ -80,6 +80,34 @@ def test_emd_gradient_is_through_the_cost(rng):
     np.testing.assert_allclose(s.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["random", "clustered", "integer"])
+def test_emd_plan_is_an_optimal_assignment_even_with_ties(rng, kind):
+    """Between uniform measures on n points each, featkd's exact plan is an optimal assignment
+    (a permutation over n), not the network simplex's plan: the same value as POT's, also where
+    many plans are optimal (clustered points, integer coordinates)."""
+    if kind == "clustered":  # 4 distinct points, repeated: ties everywhere
+        s = np.repeat(rng.standard_normal((4, 6)), 10, axis=0)
+        t = np.repeat(rng.standard_normal((4, 6)), 10, axis=0)[rng.permutation(40)]
+    elif kind == "integer":
+        s, t = rng.integers(0, 3, (40, 5)).astype(float), rng.integers(0, 3, (40, 5)).astype(float)
+    else:
+        s, t = _batches(rng, n=40)
+    expected = ot.emd2(ref_uniform(40), ref_uniform(40), ot.dist(s, t))
+    student = torch.tensor(s, requires_grad=True)
+    loss_fn = WassersteinLoss("emd")
+    loss = loss_fn(student, torch.tensor(t))
+    assert float(loss) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # the gradient is that of sum_ij P_ij ||s_i - t_j||^2 with P a permutation / n: each
+    # student row moves towards exactly one teacher row
+    loss.backward()
+    moves = s - student.grad.numpy() * 40 / 2
+    matched = [np.flatnonzero((np.abs(t - row) < 1e-9).all(axis=1)) for row in moves]
+    assert all(len(rows) >= 1 for rows in matched)
+    # an iteration cap asks for POT's network simplex instead: the same value
+    capped = WassersteinLoss("emd", max_iter=10**6)(torch.tensor(s), torch.tensor(t))
+    assert float(capped) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
 def test_emd_gradcheck(rng):
     s = torch.tensor(rng.standard_normal((6, 3)), requires_grad=True)
     t = torch.tensor(rng.standard_normal((6, 3)))

@@ -67,24 +67,43 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
 
 def _emd_plans_on_host(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
     import numpy as np
-    import ot
 
     host = cost.to(device="cpu", dtype=torch.float64).numpy()
     # copied out with the cost: the same synchronisation, the one exact OT is allowed
     sizes = np.rint(counts.to(device="cpu", dtype=torch.float64).numpy()).astype(int)
     plans = np.zeros_like(host)
     for g, size in enumerate(sizes):
-        if size == 1:  # a single point on each side: the plan is that pair
-            plans[g, 0, 0] = 1.0
-            continue
-        mass = np.full(size, 1.0 / size)
-        iterations = max_iter if max_iter > 0 else max(100_000, 20 * size * size)
-        plans[g, :size, :size] = ot.emd(mass, mass, host[g, :size, :size], numItermax=iterations)
+        plans[g, :size, :size] = _exact_plan(host[g, :size, :size], max_iter)
     return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
 
 
+def _exact_plan(cost, max_iter: int):
+    """An optimal plan between two uniform measures on ``n`` points each (``cost`` ``(n, n)``,
+    numpy float64). Such a plan may always be taken a permutation over ``n`` (Birkhoff), so an
+    optimal assignment is an exact solution, found several times faster than by the network
+    simplex; ``max_iter > 0`` asks for POT's network simplex with that cap instead."""
+    import numpy as np
+
+    size = cost.shape[0]
+    if max_iter > 0:
+        import ot
+
+        mass = np.full(size, 1.0 / size)
+        return ot.emd(mass, mass, cost, numItermax=max_iter)
+    if not np.isfinite(cost).all():
+        # non-finite inputs that the device-side check counted instead of raising: any plan
+        # carries the NaN into the loss, the independent one as well as another
+        return np.full_like(cost, 1.0 / size**2)
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    plan = np.zeros_like(cost)
+    plan[rows, cols] = 1.0 / size
+    return plan
+
+
 # A custom op is opaque to torch.compile: one node in the graph, no graph break, no tracing of
-# POT's numpy code.
+# the host solver's numpy code.
 _emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
 
 
@@ -94,8 +113,9 @@ def _(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
 
 
 def emd_plans(cost: torch.Tensor, counts: torch.Tensor, max_iter: int | None) -> torch.Tensor:
-    """Exact OT plans (POT's network simplex, float64 on the host) for each group ``(G, n, n)``
-    of ``counts`` ``(G,)`` real rows (the first ones).
+    """Exact OT plans (an optimal assignment, or POT's network simplex capped at ``max_iter``;
+    float64 on the host) for each group ``(G, n, n)`` of ``counts`` ``(G,)`` real rows (the
+    first ones).
 
     The plan is a constant of the loss: its gradient flows through the cost only. One copy to
     the host and one back: the documented host synchronisation of exact OT.

@@ -112,7 +112,7 @@ class KD2MLoss(DistillationLoss):
     costs on 512-d features. Metrics:
 
     ============================  ==================================================================
-    ``"w2_emd"``                  exact ``W_2^2`` (POT network simplex), :class:`WassersteinLoss`
+    ``"w2_emd"``                  exact ``W_2^2`` (optimal assignment), :class:`WassersteinLoss`
     ``"w2_sinkhorn"``             entropic OT in torch (log domain)
     ``"w2_sliced"``               sliced Wasserstein (random 1-D projections)
     ``"w2_gaussian"``             squared Bures-Wasserstein, :class:`GaussianWassersteinLoss`
