@@ -17,8 +17,8 @@ from featkd._sync import device_constant
 from featkd.kd2m._sets import Groups, matmul_nt
 
 __all__ = [
-    "emd_plans",
     "entropic_transport",
+    "exact_transport_costs",
     "ground_cost",
     "label_cost",
     "log_marginals",
@@ -65,62 +65,73 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
     return torch.where(mask, log_mass, -math.inf)
 
 
-def _emd_plans_on_host(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
+def _assignments_on_host(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
     import numpy as np
 
     host = cost.to(device="cpu", dtype=torch.float64).numpy()
     # copied out with the cost: the same synchronisation, the one exact OT is allowed
     sizes = np.rint(counts.to(device="cpu", dtype=torch.float64).numpy()).astype(int)
-    plans = np.zeros_like(host)
+    matches = np.zeros(host.shape[:-1], dtype=np.int64)
     for g, size in enumerate(sizes):
-        plans[g, :size, :size] = _exact_plan(host[g, :size, :size], max_iter)
-    return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
+        matches[g, :size] = _optimal_assignment(host[g, :size, :size], max_iter)
+    return torch.from_numpy(matches).to(cost.device)
 
 
-def _exact_plan(cost, max_iter: int):
-    """An optimal plan between two uniform measures on ``n`` points each (``cost`` ``(n, n)``,
-    numpy float64). Such a plan may always be taken a permutation over ``n`` (Birkhoff), so an
-    optimal assignment is an exact solution, found several times faster than by the network
-    simplex; ``max_iter > 0`` asks for POT's network simplex with that cap instead."""
+def _optimal_assignment(cost, max_iter: int):
+    """The column matched to each row by an optimal plan between two uniform measures on ``n``
+    points each (``cost`` ``(n, n)``, numpy float64).
+
+    Such a plan may always be taken a permutation over ``n`` (Birkhoff), so an optimal
+    assignment is an exact solution, found several times faster than by the network simplex.
+    ``max_iter > 0`` asks for POT's network simplex with that cap instead; its plans are
+    vertices of the transport polytope, permutations here, read back row by row.
+    """
     import numpy as np
 
-    size = cost.shape[0]
     if max_iter > 0:
         import ot
 
-        mass = np.full(size, 1.0 / size)
-        return ot.emd(mass, mass, cost, numItermax=max_iter)
+        mass = np.full(cost.shape[0], 1.0 / cost.shape[0])
+        return ot.emd(mass, mass, cost, numItermax=max_iter).argmax(axis=1)
     if not np.isfinite(cost).all():
-        # non-finite inputs that the device-side check counted instead of raising: any plan
-        # carries the NaN into the loss, the independent one as well as another
-        return np.full_like(cost, 1.0 / size**2)
+        # non-finite inputs that the device-side check counted instead of raising: every
+        # permutation meets each non-finite row and column of the cost, so any one carries them
+        # into the loss
+        return np.arange(cost.shape[0])
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(cost)
-    plan = np.zeros_like(cost)
-    plan[rows, cols] = 1.0 / size
-    return plan
+    return linear_sum_assignment(cost)[1]
 
 
 # A custom op is opaque to torch.compile: one node in the graph, no graph break, no tracing of
 # the host solver's numpy code.
-_emd_op = torch.library.custom_op("featkd::emd_plans", mutates_args=())(_emd_plans_on_host)
+_assignment_op = torch.library.custom_op("featkd::emd_assignments", mutates_args=())(
+    _assignments_on_host
+)
 
 
-@_emd_op.register_fake
+@_assignment_op.register_fake
 def _(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
-    return torch.empty_like(cost)
+    return cost.new_empty(cost.shape[:-1], dtype=torch.long)
 
 
-def emd_plans(cost: torch.Tensor, counts: torch.Tensor, max_iter: int | None) -> torch.Tensor:
-    """Exact OT plans (an optimal assignment, or POT's network simplex capped at ``max_iter``;
-    float64 on the host) for each group ``(G, n, n)`` of ``counts`` ``(G,)`` real rows (the
-    first ones).
+def exact_transport_costs(
+    cost: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor, max_iter: int | None
+) -> torch.Tensor:
+    """Exact OT between uniform measures, ``<P, C>`` per group ``(G,)``, for costs
+    ``(G, n, n)`` whose first ``counts`` ``(G,)`` rows and columns are real (``mask`` ``(G, n)``,
+    None when all are).
 
-    The plan is a constant of the loss: its gradient flows through the cost only. One copy to
-    the host and one back: the documented host synchronisation of exact OT.
+    An optimal plan is a permutation over each group's rows scaled by ``1 / count``, computed
+    on the host (:func:`_optimal_assignment`; the plan is a constant of the loss, so the
+    gradient flows through the cost only). One copy of the cost to the host and one of the
+    matched columns back: the documented host synchronisation of exact OT.
     """
-    return _emd_op(cost.detach(), counts.detach(), 0 if max_iter is None else max_iter)
+    matches = _assignment_op(cost.detach(), counts.detach(), 0 if max_iter is None else max_iter)
+    matched = cost.gather(-1, matches[..., None])[..., 0]
+    if mask is not None:
+        matched = torch.where(mask, matched, 0.0)
+    return matched.sum(dim=-1) / counts
 
 
 def _kernel_times(kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from featkd.kd2m._sets import (
     validate_pair,
 )
 from featkd.kd2m._transport import (
-    emd_plans,
     entropic_transport,
+    exact_transport_costs,
     ground_cost,
     label_cost,
     sliced_wasserstein,
@@ -178,8 +178,7 @@ def wasserstein_terms(
             diagnostics["label_cost"] = labels_part.mean()
             cost = cost + label_weight * labels_part[None]
         if solver == "emd":
-            plan = emd_plans(cost, groups.counts, max_iter)
-            per_group = (plan * cost).sum(dim=(-2, -1))
+            per_group = exact_transport_costs(cost, groups.mask, groups.counts, max_iter)
         else:
             self_costs = None
             if debias:

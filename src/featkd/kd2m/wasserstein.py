@@ -78,7 +78,7 @@ def wasserstein_loss(
     * ``solver="emd"``: the exact plan, float64, on the host (one device-to-host copy of the
       ``B x B`` cost per call). Between uniform measures on ``B`` points each an optimal plan
       is a permutation over ``B``, so featkd solves an assignment problem
-      (``scipy.optimize.linear_sum_assignment``): the value of ``ot.emd``'s plan, 1.3x to 11x
+      (``scipy.optimize.linear_sum_assignment``): the value of ``ot.emd``'s plan, 1.4x to 11x
       faster (``benchmarks/exact_ot.py``); where several plans are optimal it may pick another.
       ``max_iter`` runs POT's network simplex (``ot.emd``) with that cap instead.
     * ``solver="sinkhorn"``: entropic OT in torch, on the features' device, log-stabilised
