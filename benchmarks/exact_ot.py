@@ -4,7 +4,7 @@ Between two uniform measures on ``n`` points each (every batch, and every class 
 class-conditional batch, in featkd's exact OT), an optimal plan may be taken a permutation over
 ``n``, so an optimal assignment (``scipy.optimize.linear_sum_assignment``) is an exact solution.
 This script times, on the same float64 cost matrices and in one run, the plans featkd computes
-(``featkd.kd2m._transport``, what ``WassersteinLoss("emd")`` calls on the host) against
+(``featkd.kd2m._exact``, what ``WassersteinLoss("emd")`` calls on the host) against
 ``ot.emd`` called once per group as featkd did before, and checks that both give the same
 transport cost. Feature kinds at ``D = 768``: ``correlated`` (the student a noisy copy of the
 teacher, as late in training), ``independent`` (as at the start), ``clustered`` (8 distinct
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _measure import save_results
 
-from featkd.kd2m._transport import _assignments_on_host
+from featkd.kd2m._exact import _assignments_on_host
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("correlated", "independent", "clustered", "conditional")
@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
             "numpy": np.__version__,
             "pot": ot.__version__,
             "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/exact_ot.py" + (" --quick" if args.quick else ""),
+            "command": "python benchmarks/exact_ot.py"
+            + (" --quick" if args.quick else "")
+            + (f" --repeats {args.repeats}" if args.repeats else ""),
             "repeats": repeats,
         },
     }

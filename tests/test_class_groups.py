@@ -108,14 +108,14 @@ def test_labels_past_num_classes_are_refused_on_cpu():
 
 
 def test_labels_past_num_classes_are_counted_on_an_accelerator():
-    # no host read: the classes past the first num_classes found are left out, and the labels
-    # out of range are counted on the device instead of raising
+    # no host read: the rows whose labels are out of range are left out, and counted on the
+    # device instead of raising
     s, t, labels = _batch()
     loss_fn = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=3)
     with simulate_accelerator(), record_host_syncs() as syncs:
         value = loss_fn(s, t, labels=labels)
     assert syncs == []
-    kept = labels < 9  # the three smallest classes present: 1, 4 and 6
+    kept = labels < 3  # class 1 only
     reference = featkd.GaussianWassersteinLoss("diag", conditional=True)(
         s[kept], t[kept], labels=labels[kept]
     )
@@ -140,6 +140,38 @@ def test_every_conditional_loss_counts_labels_out_of_range(name):
         assert loss_fn.last_parts["labels_out_of_range"].item() == 0
     loss_fn(s, t, labels=labels.clamp(0, 9))  # CPU, eager: read and checked exactly instead
     assert "labels_out_of_range" not in loss_fn.last_parts
+
+
+def test_labels_out_of_range_never_take_a_valid_class_slot():
+    # a -1 sorts first: it must go to the discarded slot, not push class 9 out of the 4 slots
+    s, t, labels = _batch()
+    labels = labels.clone()
+    labels[3] = -1
+    loss_fn = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=4 + 6)
+    small = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=10)
+    with simulate_accelerator():
+        value = loss_fn(s, t, labels=labels)
+        # ten classes but a batch of 20 and four classes present: tighten the slots to four
+        tight = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=10)
+        tight(s[:4], t[:4], labels=torch.tensor([9, -1, 4, 9]))
+    kept = labels >= 0
+    reference = small(s[kept], t[kept], labels=labels[kept])  # CPU: the classes present
+    torch.testing.assert_close(value, reference)
+    assert loss_fn.last_parts["labels_out_of_range"].item() == 1
+    assert tight.last_parts["classes"].item() == 2.0  # 4 and 9; the -1 is not a class
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16])
+def test_small_label_dtypes_with_many_classes(dtype):
+    # 200 classes do not fit an int8: the bound must not wrap around
+    s, t, labels = _batch()
+    loss_fn = featkd.MMDLoss("linear", conditional=True, num_classes=200)
+    expected = loss_fn(s, t, labels=labels)  # int64, CPU
+    small = labels.to(dtype)
+    torch.testing.assert_close(loss_fn(s, t, labels=small), expected)  # CPU: not refused
+    with simulate_accelerator():
+        torch.testing.assert_close(loss_fn(s, t, labels=small), expected)
+    assert loss_fn.last_parts["labels_out_of_range"].item() == 0
 
 
 def test_label_counts_follow_the_policy():

@@ -7,8 +7,8 @@ non-finite inputs on the device (no graph break); ``set_finite_check("raise")`` 
 at the check. Most tests turn the check off to compare bare maths.
 
 What compiles to one graph (``fullgraph=True`` asserts it) and why the others break it is each
-case's ``graph_break`` (in ``tests/loss_cases.py``), explained in ``docs/reliability.md``: POT's exact solver runs on the host in
-numpy, Sinkhorn's stopping test and the class grouping of ``conditional=True`` read values on
+case's ``graph_break`` (in ``tests/loss_cases.py``), explained in ``docs/reliability.md``: exact OT's solver runs on the host in
+numpy (one opaque custom op, which does not break the graph), Sinkhorn's stopping test and the class grouping of ``conditional=True`` read values on
 the host, and the sliced directions come from a ``torch.Generator``.
 """
 

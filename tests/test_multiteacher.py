@@ -266,7 +266,9 @@ def test_teacher_drops_resume_from_state_dict():
     resumed.load_state_dict(checkpoint)
     assert torch.equal(torch.stack([resumed(student, teachers) for _ in range(2)]), expected)
     assert not torch.equal(make()(student, teachers), expected[0])  # a fresh run restarts
-    with pytest.raises(featkd.FeatkdInputError, match="sequence of teacher drops"):
+    # rebuilt without seed= (to evaluate, say): everything else loads, and a warning says why
+    # the drops do not resume
+    with pytest.warns(UserWarning, match="sequence of teacher drops"):
         make(seed=None).load_state_dict(checkpoint)
 
 

@@ -118,8 +118,8 @@ def test_packaging_files():
 
 def test_import_loads_neither_dynamo_nor_pot():
     """``import featkd`` costs little more than ``import torch``: dynamo (about as long to
-    import as torch), POT and Triton load only when compile, the exact solver or a fused kernel
-    is used."""
+    import as torch), POT and Triton load only when compile, the capped network simplex
+    (``WassersteinLoss("emd", max_iter=N)``) or a fused kernel is used."""
     import subprocess
     import sys
 

@@ -96,7 +96,7 @@ def test_emd_plan_is_an_optimal_assignment_even_with_ties(rng, kind):
     student = torch.tensor(s, requires_grad=True)
     loss_fn = WassersteinLoss("emd")
     loss = loss_fn(student, torch.tensor(t))
-    assert float(loss) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12, abs=1e-12)
     # the gradient is that of sum_ij P_ij ||s_i - t_j||^2 with P a permutation / n: each
     # student row moves towards exactly one teacher row
     loss.backward()
@@ -106,6 +106,10 @@ def test_emd_plan_is_an_optimal_assignment_even_with_ties(rng, kind):
     # an iteration cap asks for POT's network simplex instead: the same value
     capped = WassersteinLoss("emd", max_iter=10**6)(torch.tensor(s), torch.tensor(t))
     assert float(capped) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # a cap that stops it before its plan is a coupling: the assignment, and a warning
+    with pytest.warns(UserWarning, match="stopped at max_iter=3"):
+        stopped = WassersteinLoss("emd", max_iter=3)(torch.tensor(s), torch.tensor(t))
+    assert float(stopped) == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
 def test_emd_gradcheck(rng):
@@ -359,13 +363,19 @@ def test_unseeded_sliced_state_dict_round_trips():
     first = unseeded(s, t)
     torch.manual_seed(1)
     assert torch.equal(other(s, t), first)
-    # a seeded module keeps its own generator; a seeded state has no place in an unseeded one
-    seeded = WassersteinLoss("sliced", seed=0)
+    # a seeded module keeps its own generator; an unseeded one takes a seeded state's
+    # parameters and says that the sequence is not resumed
+    seeded = WassersteinLoss("sliced", seed=0, projector=torch.nn.Linear(4, 4))
     before = seeded.generator.get_state()
-    seeded.load_state_dict(state)
+    seeded.load_state_dict({**state, **seeded.state_dict(), "_extra_state": state["_extra_state"]})
     assert torch.equal(seeded.generator.get_state(), before)
-    with pytest.raises(FeatkdInputError, match="state_dict: expected no generator state"):
-        WassersteinLoss("sliced").load_state_dict(seeded.state_dict())
+    unseeded = WassersteinLoss("sliced", projector=torch.nn.Linear(4, 4))
+    global_state = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="generator's position, which is not restored") as got:
+        unseeded.load_state_dict(seeded.state_dict())
+    assert got[0].filename == __file__  # the user's line, not torch's load_state_dict
+    torch.testing.assert_close(unseeded.projector.weight, seeded.projector.weight)
+    assert torch.equal(torch.get_rng_state(), global_state)
 
 
 # ---------------------------------------------------------------- class-conditional

@@ -154,6 +154,7 @@ def count_bad_labels(labels: torch.Tensor | None, limit: int | None) -> torch.Te
     synchronisation."""
     if labels is None or limit is None or not _counted_on_device(labels):
         return None
+    labels = labels.long()  # a bound past a small dtype's range must not wrap
     return (labels.clamp(0, limit - 1) != labels).sum(dtype=torch.float32)
 
 
@@ -275,7 +276,8 @@ def check_labels(labels: Any, batch_size: int, name: str = "labels") -> torch.Te
 def check_label_range(labels: torch.Tensor, limit: int, why: str) -> None:
     """Class labels below ``limit`` (``why`` says where the limit comes from), read under the
     policy of :func:`set_finite_check` like the other value checks."""
-    if not deferred_value_checks(labels) and bool((labels >= limit).any()):
+    # int64 first: a bound past a small dtype's range (int8 labels, 200 classes) must not wrap
+    if not deferred_value_checks(labels) and bool((labels.long() >= limit).any()):
         raise ChoiceError(
             f"labels: expected class indices < {limit} ({why}), got a maximum of "
             f"{int(labels.max())}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from featkd._checks import FeatkdInputError
+from featkd._loss import user_stacklevel
 
 __all__ = ["GeneratorState"]
 
@@ -15,10 +17,10 @@ class GeneratorState:
     """Mixin of a module with an owned ``generator`` (``None`` with ``seed=None``): saves its
     position in ``state_dict()`` so that a resumed run continues the same random draws.
 
-    Loading a seeded module's state into a ``seed=None`` one raises an error (its sequence
-    could not be resumed); loading a ``seed=None`` state into a seeded module leaves that
-    module's generator as it is. ``random_draws`` names what the generator draws, for that
-    error.
+    Loading a seeded module's state into a ``seed=None`` one loads everything else and warns
+    that the sequence is not resumed (the module draws from torch's global generator, which it
+    does not own); loading a ``seed=None`` state into a seeded module leaves that module's
+    generator as it is. ``random_draws`` names what the generator draws, for that warning.
     """
 
     generator: torch.Generator | None
@@ -45,12 +47,16 @@ class GeneratorState:
         saved = state.get("generator_state") if isinstance(state, dict) else None
         if saved is None:
             return  # saved with seed=None: no sequence of its own to resume
-        if self.generator is None:
-            raise FeatkdInputError(
-                "state_dict: expected no generator state (this module has seed=None and draws "
-                "from torch's global generator), got the state of a seeded module's generator; "
-                f"build the module with seed= to resume its sequence of {self.random_draws}"
+        if self.generator is None:  # e.g. a trained loss rebuilt without seed= to evaluate
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: the checkpoint holds a seeded "
+                "generator's position, which is not restored: this module has seed=None and "
+                "draws from torch's global generator. Its parameters and buffers loaded as usual; "
+                f"build it with seed= to resume the sequence of {self.random_draws}",
+                UserWarning,
+                stacklevel=user_stacklevel(),
             )
+            return
         device = state.get("generator_device", "cpu")
         if device != self.generator.device.type:
             raise FeatkdInputError(

@@ -161,16 +161,17 @@ class Groups(NamedTuple):
         return self.mean(values)
 
 
-def _sorted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rows sorted by label ``order``, each sorted row's dense class number ``group``
-    (0, 1, ... in label order) and its ``position`` in its class; all on the device."""
+def _sorted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows sorted by label ``order``, each sorted row's label, its dense class number
+    ``group`` (0, 1, ... in label order) and its ``position`` in its class; all on the
+    device."""
     order = torch.argsort(labels, stable=True)
     ordered = labels[order]
     first = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
     group = torch.cumsum(first.long(), 0) - 1
     rows = torch.arange(labels.shape[0], device=labels.device)
     start = torch.cummax(torch.where(first, rows, 0), 0).values
-    return order, group, rows - start
+    return order, ordered, group, rows - start
 
 
 def make_groups(
@@ -196,12 +197,17 @@ def make_groups(
             lambda: torch.full((1,), float(batch), dtype=student.dtype, device=student.device),
         )
         return Groups(student[None], teacher[None], None, counts)
-    order, group, position = _sorted_positions(labels)
+    labels = labels.long()  # one dtype for the keys below (no copy for int64 labels)
+    if num_classes is not None:
+        # a label out of range (counted, not read, on accelerators) is keyed past every class:
+        # it sorts last, and its rows go to the discarded slot instead of taking a class's
+        labels = torch.where(labels.clamp(0, num_classes - 1) == labels, labels, num_classes)
+    order, ordered, group, position = _sorted_positions(labels)
     if num_classes is None:
         n_groups, longest = torch.stack([group[-1] + 1, position.max() + 1]).tolist()
-    else:  # classes past the first num_classes (labels out of range) go to a discarded slot
+    else:  # at most min(num_classes, B) classes in range: the slot n_groups is the discard
         n_groups, longest = min(num_classes, batch), batch
-        group = group.clamp_max(n_groups)
+        group = torch.where(ordered == num_classes, n_groups, group)
     index = torch.zeros(n_groups + 1, longest, dtype=torch.long, device=labels.device)
     mask = torch.zeros(n_groups + 1, longest, dtype=torch.bool, device=labels.device)
     index[group, position] = order

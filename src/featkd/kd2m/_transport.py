@@ -1,9 +1,10 @@
-"""Optimal-transport numerics for the KD2M losses: costs, exact plans, entropic plans, slicing.
+"""Optimal-transport numerics for the KD2M losses: costs, entropic plans, slicing (exact plans
+are in :mod:`featkd.kd2m._exact`).
 
 Axis legend: ``G`` groups (classes), ``n`` samples per group (zero-padded), ``D`` width,
 ``L`` random projections. Masses are uniform over the real rows of each group.
 
-The exact and entropic solvers return a *plan* without gradient; the losses take the gradient
+The solvers return a *plan* without gradient; the losses take the gradient
 through the cost only (envelope theorem), so no solver iteration is ever differentiated.
 """
 
@@ -18,7 +19,6 @@ from featkd.kd2m._sets import Groups, matmul_nt
 
 __all__ = [
     "entropic_transport",
-    "exact_transport_costs",
     "ground_cost",
     "label_cost",
     "log_marginals",
@@ -63,75 +63,6 @@ def log_marginals(mask: torch.Tensor | None, counts: torch.Tensor, n: int) -> to
     if mask is None:
         return log_mass.clone()
     return torch.where(mask, log_mass, -math.inf)
-
-
-def _assignments_on_host(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
-    import numpy as np
-
-    host = cost.to(device="cpu", dtype=torch.float64).numpy()
-    # copied out with the cost: the same synchronisation, the one exact OT is allowed
-    sizes = np.rint(counts.to(device="cpu", dtype=torch.float64).numpy()).astype(int)
-    matches = np.zeros(host.shape[:-1], dtype=np.int64)
-    for g, size in enumerate(sizes):
-        matches[g, :size] = _optimal_assignment(host[g, :size, :size], max_iter)
-    return torch.from_numpy(matches).to(cost.device)
-
-
-def _optimal_assignment(cost, max_iter: int):
-    """The column matched to each row by an optimal plan between two uniform measures on ``n``
-    points each (``cost`` ``(n, n)``, numpy float64).
-
-    Such a plan may always be taken a permutation over ``n`` (Birkhoff), so an optimal
-    assignment is an exact solution, found several times faster than by the network simplex.
-    ``max_iter > 0`` asks for POT's network simplex with that cap instead; its plans are
-    vertices of the transport polytope, permutations here, read back row by row.
-    """
-    import numpy as np
-
-    if max_iter > 0:
-        import ot
-
-        mass = np.full(cost.shape[0], 1.0 / cost.shape[0])
-        return ot.emd(mass, mass, cost, numItermax=max_iter).argmax(axis=1)
-    if not np.isfinite(cost).all():
-        # non-finite inputs that the device-side check counted instead of raising: every
-        # permutation meets each non-finite row and column of the cost, so any one carries them
-        # into the loss
-        return np.arange(cost.shape[0])
-    from scipy.optimize import linear_sum_assignment
-
-    return linear_sum_assignment(cost)[1]
-
-
-# A custom op is opaque to torch.compile: one node in the graph, no graph break, no tracing of
-# the host solver's numpy code.
-_assignment_op = torch.library.custom_op("featkd::emd_assignments", mutates_args=())(
-    _assignments_on_host
-)
-
-
-@_assignment_op.register_fake
-def _(cost: torch.Tensor, counts: torch.Tensor, max_iter: int) -> torch.Tensor:
-    return cost.new_empty(cost.shape[:-1], dtype=torch.long)
-
-
-def exact_transport_costs(
-    cost: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor, max_iter: int | None
-) -> torch.Tensor:
-    """Exact OT between uniform measures, ``<P, C>`` per group ``(G,)``, for costs
-    ``(G, n, n)`` whose first ``counts`` ``(G,)`` rows and columns are real (``mask`` ``(G, n)``,
-    None when all are).
-
-    An optimal plan is a permutation over each group's rows scaled by ``1 / count``, computed
-    on the host (:func:`_optimal_assignment`; the plan is a constant of the loss, so the
-    gradient flows through the cost only). One copy of the cost to the host and one of the
-    matched columns back: the documented host synchronisation of exact OT.
-    """
-    matches = _assignment_op(cost.detach(), counts.detach(), 0 if max_iter is None else max_iter)
-    matched = cost.gather(-1, matches[..., None])[..., 0]
-    if mask is not None:
-        matched = torch.where(mask, matched, 0.0)
-    return matched.sum(dim=-1) / counts
 
 
 def _kernel_times(kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

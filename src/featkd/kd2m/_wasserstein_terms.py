@@ -13,6 +13,7 @@ import torch
 from featkd._checks import ChoiceError, FeatkdInputError
 from featkd._loss import Terms
 from featkd._options import check_bool, check_choice, check_int, check_number, check_positive
+from featkd.kd2m._exact import exact_transport_costs
 from featkd.kd2m._sets import (
     check_class_reduction,
     check_joint_inputs,
@@ -21,7 +22,6 @@ from featkd.kd2m._sets import (
 )
 from featkd.kd2m._transport import (
     entropic_transport,
-    exact_transport_costs,
     ground_cost,
     label_cost,
     sliced_wasserstein,
