@@ -114,7 +114,9 @@ def device_label(device: torch.device, quick: bool = False) -> tuple[str, str]:
 
 
 def save_results(stem: Path, result: dict, table: str) -> None:
-    """``stem.json`` (the result) and ``stem.md`` (its table), the folder made if needed."""
+    """``stem.json`` (the result) and ``stem.md`` (its table), the folder made if needed; says
+    where they went."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(table)
+    print(f"saved {stem}.json/.md")

@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     stem = args.out / "accelerator-error-cpu"
     save_results(stem, result, markdown(result))
-    print(f"saved {stem}.json/.md")
     return result
 
 

@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     stem = args.out / f"compiled-{slug}"
     save_results(stem, result, markdown(result))
-    print(f"saved {stem}.json/.md")
     return result
 
 

@@ -170,7 +170,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     stem = args.out / f"exact-ot-{'quick' if args.quick else 'cpu'}"
     save_results(stem, result, markdown(result))
-    print(f"saved {stem}.json/.md")
     return result
 
 
