@@ -6,8 +6,8 @@ Everything is measured side by side in one process, on one device:
   ``vit_tiny_patch16_224`` at batch 256 in float32 and under bfloat16 autocast (on a machine
   without timm, or with ``--quick``, the plain ViT of ``overhead.py``);
 - **losses and heads**: forward+backward of each at ``B=256, N=197, D_s=192, D_t=768`` in eager
-  mode, float32 features: median time, share of the bfloat16 step, peak memory and the host
-  synchronisations of one call (CUDA: ``torch.cuda.set_sync_debug_mode``; CPU: the aten ops that
+  mode, float32 features: median time, the time the host spends queuing it, share of the
+  bfloat16 step, peak memory and the host synchronisations of one call (CUDA: ``torch.cuda.set_sync_debug_mode``; CPU: the aten ops that
   would force one on a GPU, recorded by a dispatch mode);
 - **anchors**: Gaussian W2 (full covariance) against POT's ``bures_wasserstein_distance`` and
   entropic OT to tolerance against POT's ``sinkhorn2`` (log domain; both at featkd's defaults,
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import time
 import warnings
@@ -269,12 +270,30 @@ def loss_and_head_steps(
     return steps
 
 
+def host_times(fns: dict[str, Callable[[], None]], device, repeats: int) -> dict[str, float]:
+    """Median seconds each call takes to hand control back to the host, the device drained
+    before it, round-robin: on a GPU what queuing the call's kernels costs the CPU. Where it
+    is close to the device time, the call is bound by the host, not by its arithmetic."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeats: int) -> list:
     memory = PeakMemory(device)
     built = loss_and_head_steps(device, batch, tokens, d_s, d_t)
     steps = {name: step for name, (step, _) in built.items()}
     kinds = {name: kind for name, (_, kind) in built.items()}
     medians = round_robin(steps, device, repeats)
+    queued = host_times(steps, device, repeats)
     rows = []
     for name, step in steps.items():
         syncs, where = count_syncs(step, device)
@@ -283,6 +302,7 @@ def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeat
                 "name": name,
                 "input": kinds[name],
                 "ms": 1000 * medians[name],
+                "host_ms": 1000 * queued[name],
                 "peak_mib": memory.measure(step),
                 "syncs": syncs,
                 "sync_ops": where,
@@ -403,14 +423,27 @@ def markdown(result: dict) -> str:
         f"## Losses and heads (B={meta['batch']}, N={meta['tokens']}, D_s={meta['d_s']}, "
         f"D_t={meta['d_t']}; float32 features, eager, forward+backward)",
         "",
-        "| loss or head | input | ms | share of bf16 step | peak MiB | host syncs | where |",
-        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    timed_host = all("host_ms" in r for r in result["losses"])  # not in runs before it was
+    if timed_host:
+        lines += [
+            "ms: the device's time of one call (CUDA events); host ms: the time the call takes "
+            "to return to the host, the device idle before it (what queuing its kernels costs "
+            "the CPU; close to ms where the call is bound by the host).",
+            "",
+        ]
+    lines += [
+        "| loss or head | input | ms | "
+        + ("host ms | " if timed_host else "")
+        + "share of bf16 step | peak MiB | host syncs | where |",
+        "|---|---|---:|" + ("---:|" if timed_host else "") + "---:|---:|---:|---|",
     ]
     for r in result["losses"]:
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        host = f"{r['host_ms']:.2f} | " if timed_host else ""
         where = ", ".join(r["sync_ops"][:3])
         lines.append(
-            f"| {r['name']} | {r['input']} | {r['ms']:.2f} | "
+            f"| {r['name']} | {r['input']} | {r['ms']:.2f} | {host}"
             f"{100 * r['ms'] / step['bfloat16']:.1f}% | {peak} | {r['syncs']} | {where} |"
         )
     lines += [

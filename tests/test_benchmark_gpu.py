@@ -27,7 +27,7 @@ def test_gpu_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "gpu-quick.json").read_text())
     names = {row["name"] for row in result["losses"]}
     assert {"KDLoss", "CosPressLoss (tokens)", "OrthogonalProjector (matrix_exp)"} <= names
-    assert all(row["ms"] > 0 for row in result["losses"])
+    assert all(row["ms"] > 0 and row["host_ms"] > 0 for row in result["losses"])
     # with the finite-input check on (the default), KD reads its inputs' check on the host
     kd = next(row for row in result["losses"] if row["name"] == "KDLoss")
     assert kd["syncs"] >= 1 and "aten::_local_scalar_dense" in kd["sync_ops"]
@@ -36,7 +36,8 @@ def test_gpu_benchmark_quick(tmp_path):
     for row in result["anchors"]:
         assert row["featkd_float32_error"] < 1e-3 and row["POT_float32_error"] < 1e-3
     assert set(result["student_step_ms"]) == {"float32", "bfloat16"}
-    assert "| KDLoss |" in (tmp_path / "gpu-quick.md").read_text()
+    table = (tmp_path / "gpu-quick.md").read_text()
+    assert "| KDLoss |" in table and "| ms | host ms |" in table
 
 
 def test_sync_counter_sees_a_host_read():
