@@ -154,20 +154,6 @@ def test_large_constants_are_not_kept():
     assert big.shape == (2100, 2100) and device_eye(2100, small) is not big
 
 
-def test_kept_constants_are_never_released(monkeypatch):
-    """Once the store is full a new constant is the caller's alone: a kept one is never let go
-    (the allocator could reuse its memory under a kernel on another CUDA stream)."""
-    from featkd import _sync
-
-    monkeypatch.setattr(_sync, "_CONSTANTS", {})
-    monkeypatch.setattr(_sync, "_MAX_CONSTANTS", 3)
-    x = torch.zeros(1)
-    kept = [_sync.device_values([float(v)], x) for v in range(3)]
-    extra = _sync.device_values([3.0], x)
-    assert extra.tolist() == [3.0] and _sync.device_values([3.0], x) is not extra
-    assert all(_sync.device_values([float(v)], x) is k for v, k in enumerate(kept))
-
-
 def test_device_values_keys_tell_signed_zeros_and_nan_apart():
     x = torch.zeros(1)
     assert str(device_values([-0.0], x).tolist()) == str(device_values([-0.0], x).tolist())

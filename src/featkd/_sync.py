@@ -52,11 +52,7 @@ def device_constant(key: Hashable, like: torch.Tensor, make: Callable[[], torch.
 
     Not kept while ``torch.compile`` traces (the graph holds its constants), a CUDA graph is
     captured (its memory belongs to the graph) or ``like`` is a tracing tensor (fake,
-    functional); nor above 16 MiB, nor once 64 constants or 64 MiB are kept (a process sweeping
-    options or sizes then rebuilds the new ones in each call). A kept constant is never
-    released: the caching allocator could otherwise hand its memory to a new tensor while a
-    kernel on another CUDA stream still reads it. Made outside inference mode, so that autograd
-    can save it.
+    functional); nor above 16 MiB. Made outside inference mode, so that autograd can save it.
     """
     if (
         torch.compiler.is_compiling()
@@ -76,7 +72,7 @@ def device_constant(key: Hashable, like: torch.Tensor, make: Callable[[], torch.
             return cached
         kept = sum(_bytes(t) for t in _CONSTANTS.values())
         if len(_CONSTANTS) >= _MAX_CONSTANTS or kept + size > _MAX_BYTES:
-            return cached  # full: kept ones stay (see above), this one is the caller's
+            _CONSTANTS.clear()  # a long-running process sweeping options or sizes: start afresh
         _CONSTANTS[full_key] = cached
     return cached
 
