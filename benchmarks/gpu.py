@@ -530,9 +530,9 @@ def main(argv: list[str] | None = None) -> dict:
         **step_meta,
     }
     stem = args.out / f"gpu-{slug}"
-    save_results(stem, result, markdown(result))
     print(markdown(result))
-    print(f"saved {stem}.json/.md in {result['meta']['seconds']:.0f} s")
+    print(f"{result['meta']['seconds']:.0f} s in all")
+    save_results(stem, result, markdown(result))
     return result
 
 

@@ -143,29 +143,41 @@ def test_every_conditional_loss_counts_labels_out_of_range(name):
 
 
 def test_labels_out_of_range_never_take_a_valid_class_slot():
-    # a -1 sorts first: it must go to the discarded slot, not push class 9 out of the 4 slots
+    # a label out of range is neither a class of its own nor one that pushes a valid class out
     s, t, labels = _batch()
     labels = labels.clone()
     labels[3] = -1
-    loss_fn = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=4 + 6)
-    small = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=10)
+    loss_fn = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=10)
     with simulate_accelerator():
         value = loss_fn(s, t, labels=labels)
-        # ten classes but a batch of 20 and four classes present: tighten the slots to four
-        tight = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=10)
-        tight(s[:4], t[:4], labels=torch.tensor([9, -1, 4, 9]))
     kept = labels >= 0
-    reference = small(s[kept], t[kept], labels=labels[kept])  # CPU: the classes present
+    reference = featkd.GaussianWassersteinLoss("diag", conditional=True)(
+        s[kept], t[kept], labels=labels[kept]
+    )  # CPU: grouped by the classes present
     torch.testing.assert_close(value, reference)
     assert loss_fn.last_parts["labels_out_of_range"].item() == 1
-    assert tight.last_parts["classes"].item() == 2.0  # 4 and 9; the -1 is not a class
+    assert loss_fn.last_parts["classes"].item() == 4.0  # 1, 4, 6 and 9; the -1 is not a class
+    # three slots and three valid classes: the -1 sorts first and once took the first slot,
+    # pushing class 2 into the discarded one
+    three = featkd.GaussianWassersteinLoss("diag", conditional=True, num_classes=3)
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    few = torch.tensor([-1, 0, 0, 1, 1, 2, 2])
+    with simulate_accelerator():
+        value = three(s[rows], t[rows], labels=few)
+    assert three.last_parts["classes"].item() == 3.0
+    reference = featkd.GaussianWassersteinLoss("diag", conditional=True)(
+        s[rows[1:]], t[rows[1:]], labels=few[1:]
+    )
+    torch.testing.assert_close(value, reference)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16])
-def test_small_label_dtypes_with_many_classes(dtype):
-    # 200 classes do not fit an int8: the bound must not wrap around
+@pytest.mark.parametrize(
+    ("dtype", "classes"), [(torch.int8, 200), (torch.uint8, 300), (torch.int16, 40_000)]
+)
+def test_small_label_dtypes_with_many_classes(dtype, classes):
+    # more classes than the labels' dtype can hold: the bound must not wrap around
     s, t, labels = _batch()
-    loss_fn = featkd.MMDLoss("linear", conditional=True, num_classes=200)
+    loss_fn = featkd.MMDLoss("linear", conditional=True, num_classes=classes)
     expected = loss_fn(s, t, labels=labels)  # int64, CPU
     small = labels.to(dtype)
     torch.testing.assert_close(loss_fn(s, t, labels=small), expected)  # CPU: not refused

@@ -142,16 +142,17 @@ def evaluate(
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_MODULE_CALL = os.path.join("torch", "nn", "modules", "module.py")
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside featkd and torch's module-call machinery,
-    however deep the call (KD2MLoss, GlobalBatch, a subclass...): the user's line."""
+    """The ``stacklevel`` of the first frame outside featkd and torch (its module call, its
+    custom-op dispatch, ``load_state_dict``), however deep the call (KD2MLoss, GlobalBatch, a
+    subclass...): the user's line."""
     frame, level = sys._getframe(1), 1
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
-        if not (name.startswith(_PACKAGE) or name.endswith(_MODULE_CALL)):
+        if not (name.startswith(_PACKAGE) or name.startswith(_TORCH)):
             break
         frame, level = frame.f_back, level + 1
     return level

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from featkd._loss import user_stacklevel
+
 __all__ = ["exact_transport_costs"]
 
 
@@ -34,9 +36,10 @@ def _optimal_assignment(cost, max_iter: int):
     Such a plan may always be taken a permutation over ``n`` (Birkhoff), so an optimal
     assignment is an exact solution, found several times faster than by the network simplex.
     ``max_iter > 0`` asks for POT's network simplex with that cap instead; its optimal plans
-    are vertices of the transport polytope, permutations here, read back row by row. One that
-    the cap stopped early is no coupling (rows without mass): the assignment replaces it, with
-    a :class:`UserWarning`.
+    are vertices of the transport polytope, permutations here, read back row by row. A run the
+    cap stopped early may end on a permutation that is not optimal (POT warns), or on no
+    coupling at all (rows without mass): the assignment then replaces it, with a
+    :class:`UserWarning`.
     """
     import numpy as np
 
@@ -46,7 +49,7 @@ def _optimal_assignment(cost, max_iter: int):
         # permutation meets each NaN row and column of the cost, so any one carries them
         # into the loss
         return np.arange(size)
-    if max_iter > 0:
+    if max_iter > 0 and np.isfinite(cost).all():  # POT calls a cost with +inf infeasible
         import ot
 
         mass = np.full(size, 1.0 / size)
@@ -60,7 +63,7 @@ def _optimal_assignment(cost, max_iter: int):
             "before its plan was a coupling; the exact assignment was used instead (leave "
             "max_iter=None for it, without the network simplex)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     from scipy.optimize import linear_sum_assignment
 

@@ -125,7 +125,8 @@ def wasserstein_loss(
         reg: entropic regularisation (sinkhorn), relative to the mean cost by default.
         relative_reg: scale ``reg`` by the mean cost (per class when conditional).
         max_iter: iteration cap of the solver (emd: ``None`` solves the assignment problem,
-            uncapped; an integer runs POT's network simplex with that cap; sinkhorn: 1000).
+            uncapped; an integer runs POT's network simplex with that cap, which may stop on a
+            plan that is not optimal; sinkhorn: 1000).
         tol: sinkhorn's stopping tolerance on the row-marginal L1 error, or None (a fixed
             ``max_iter`` iterations).
         check_every: sinkhorn iterations between tolerance checks.
