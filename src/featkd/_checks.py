@@ -47,6 +47,7 @@ __all__ = [
     "deferred_value_checks",
     "describe_shape",
     "finite_check_enabled",
+    "labels_outside",
     "set_finite_check",
     "validate_features",
 ]
@@ -147,6 +148,14 @@ def count_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
     return total
 
 
+def labels_outside(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """Where ``labels`` fall outside ``[0, limit)``, a bool tensor on their device, compared in
+    int64 so that a bound past a small dtype's range (int8 labels, 200 classes) does not wrap.
+    No host synchronisation."""
+    wide = labels.long()
+    return wide.clamp(0, limit - 1) != wide
+
+
 def count_bad_labels(labels: torch.Tensor | None, limit: int | None) -> torch.Tensor | None:
     """The number of ``labels`` outside ``[0, limit)``, as a float32 device tensor, when the
     ``"auto"`` policy deferred their range check (``None`` otherwise, or without labels or a
@@ -154,8 +163,7 @@ def count_bad_labels(labels: torch.Tensor | None, limit: int | None) -> torch.Te
     synchronisation."""
     if labels is None or limit is None or not _counted_on_device(labels):
         return None
-    labels = labels.long()  # a bound past a small dtype's range must not wrap
-    return (labels.clamp(0, limit - 1) != labels).sum(dtype=torch.float32)
+    return labels_outside(labels, limit).sum(dtype=torch.float32)
 
 
 def describe_shape(shape: Iterable[int]) -> str:

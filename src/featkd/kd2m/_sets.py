@@ -26,6 +26,7 @@ from featkd._checks import (
     check_same_device,
     check_width,
     describe_shape,
+    labels_outside,
     validate_features,
 )
 from featkd._options import check_choice, check_int
@@ -201,7 +202,7 @@ def make_groups(
     if num_classes is not None:
         # a label out of range (counted, not read, on accelerators) is keyed past every class:
         # it sorts last, and its rows go to the discarded slot instead of taking a class's
-        labels = torch.where(labels.clamp(0, num_classes - 1) == labels, labels, num_classes)
+        labels = torch.where(labels_outside(labels, num_classes), num_classes, labels)
     order, ordered, group, position = _sorted_positions(labels)
     if num_classes is None:
         n_groups, longest = torch.stack([group[-1] + 1, position.max() + 1]).tolist()
