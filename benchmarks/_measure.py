@@ -104,6 +104,16 @@ def time_once(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def host_time_once(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes to hand control back to the host, the device idle
+    before it: on a GPU what queuing its kernels costs the CPU (the wall clock on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def device_label(device: torch.device, quick: bool = False) -> tuple[str, str]:
     """The device's name for a report, and the slug of its results' file names (``quick`` for
     a smoke run, which must not overwrite the real results)."""

@@ -52,18 +52,16 @@ CASES = (
 
 
 class Objective(nn.Module):
-    """The scalar one step differentiates, as a module of tensor arguments only (what
-    ``torch.cuda.make_graphed_callables`` takes, with the loss's parameters as its own): a
-    head's output squared and averaged, or a loss with the labels bound."""
+    """The scalar one step differentiates (``gpu.step_scalar``), as a module of tensor
+    arguments only (what ``torch.cuda.make_graphed_callables`` takes, with the loss's
+    parameters as its own): the labels are bound."""
 
     def __init__(self, fn: nn.Module, kind: str, labels: torch.Tensor) -> None:
         super().__init__()
         self.fn, self.kind, self.labels = fn, kind, labels
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.kind.startswith("head"):
-            return self.fn(*inputs).square().mean()
-        return self.fn(*inputs, labels=self.labels)
+        return gpu.step_scalar(self.fn, self.kind, inputs, self.labels)
 
 
 def _warmed(build: Callable[[], Callable[[], None]], device) -> tuple[Callable | None, dict]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 import warnings
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import losses as pot_cases
 import orthogonal
 import overhead
-from _measure import PeakMemory, device_label, save_results
+from _measure import PeakMemory, device_label, host_time_once, save_results
 
 import featkd
 
@@ -240,14 +239,19 @@ def step_inputs(kind: str, raw: dict, device) -> tuple[torch.Tensor, ...]:
     return raw[kind][0].to(device).requires_grad_(), raw[kind][1].to(device)
 
 
+def step_scalar(fn, kind: str, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor):
+    """The scalar one step differentiates: a head's output squared and averaged, or a loss of
+    ``inputs`` with the labels."""
+    if kind.startswith("head"):
+        return fn(*inputs).square().mean()
+    return fn(*inputs, labels=labels)
+
+
 def forward_backward(fn, kind: str, raw: dict, labels: torch.Tensor, device) -> Callable[[], None]:
     """One forward+backward of ``fn`` (a loss or head module, or its compiled form) on the
-    inputs of ``kind`` from :func:`seeded_inputs`: a head's output squared and averaged, a
-    loss with the labels."""
+    inputs of ``kind`` from :func:`seeded_inputs` (:func:`step_scalar`)."""
     inputs = step_inputs(kind, raw, device)
-    if kind.startswith("head"):
-        return lambda: fn(*inputs).square().mean().backward()
-    return lambda: fn(*inputs, labels=labels).backward()
+    return lambda: step_scalar(fn, kind, inputs, labels).backward()
 
 
 def loss_and_head_steps(
@@ -271,20 +275,10 @@ def loss_and_head_steps(
 
 
 def host_times(fns: dict[str, Callable[[], None]], device, repeats: int) -> dict[str, float]:
-    """Median seconds each call takes to hand control back to the host, the device drained
-    before it, round-robin: on a GPU what queuing the call's kernels costs the CPU. Where it
-    is close to the device time, the call is bound by the host, not by its arithmetic."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds each call takes to hand control back to the host, round-robin
+    (:func:`_measure.host_time_once`). Where it is close to the device time, the call is bound
+    by the host, not by its arithmetic."""
+    return overhead.timed_round_robin(fns, device, repeats, warmup=0, timer=host_time_once)
 
 
 def losses_and_heads(device, batch: int, tokens: int, d_s: int, d_t: int, repeats: int) -> list:

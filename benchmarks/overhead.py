@@ -55,10 +55,15 @@ class TinyViT(nn.Module):
 
 
 def timed_round_robin(
-    fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
+    fns: dict[str, Callable[[], None]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    timer: Callable[[Callable[[], None], torch.device], float] = time_once,
 ) -> dict[str, float]:
-    """Median seconds of each function, the functions interleaved round by round so that a
-    slow spell of a shared machine hits the student step and the losses alike."""
+    """Median seconds of each function by ``timer`` (the device's time of a call by default),
+    the functions interleaved round by round so that a slow spell of a shared machine hits the
+    student step and the losses alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -67,7 +72,7 @@ def timed_round_robin(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+            times[name].append(timer(fn, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
